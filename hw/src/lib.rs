@@ -1,0 +1,5 @@
+//! The real backend. It imports the simulator's domain (KV block manager, routing, workload,
+//! metrics) so that the served system and the simulated one run the same bookkeeping.
+
+pub use models;
+pub use sim;

@@ -1,0 +1,4 @@
+//! Lays simulated runs beside real runs of the same workload.
+
+pub use hw;
+pub use sim;
