@@ -1,0 +1,11 @@
+//! KV-cache bookkeeping: token blocks, chained block hashes and the paged block manager.
+
+pub mod hash;
+
+pub use hash::{BlockHash, ROOT_HASH, chain, digest_tokens, token_block_hashes};
+
+/// Index of a block in a worker's KV pool.
+pub type BlockId = u32;
+
+/// Tokens per KV block unless a configuration says otherwise (vLLM's default).
+pub const DEFAULT_BLOCK_SIZE_TOKENS: u32 = 16;
