@@ -4,6 +4,9 @@
 //! The real backend (`hw`) imports these modules, so a simulated eviction is the eviction that
 //! happens and a property test of the router tests the router that serves.
 
+pub mod config;
+pub mod cost;
+pub mod hardware;
 pub mod kv;
 pub mod metrics;
 pub mod network;

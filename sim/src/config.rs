@@ -1,0 +1,646 @@
+//! Scenario files: a model, a workload, an SLO and one or more cluster setups to compare on
+//! that same workload. Parsing rejects unknown fields; every error is one line naming the file,
+//! the line and the field.
+
+use crate::hardware::HardwareSpec;
+use crate::kv::DEFAULT_BLOCK_SIZE_TOKENS;
+use crate::metrics::Slo;
+use crate::network::LinkSpec;
+use crate::routing::{Policy, Role};
+use crate::time::{Nanos, secs_to_ns};
+use crate::workload::WorkloadConfig;
+use models::{DType, ModelSpec};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use toml::de::{DeTable, DeValue};
+
+/// The scenario the binary runs when given none: the seed document's comparison table.
+pub const DEFAULT_SCENARIO: &str = include_str!("../../configs/scenarios/seed-table.toml");
+pub const DEFAULT_SCENARIO_NAME: &str = "configs/scenarios/seed-table.toml";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioFile {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub workload: WorkloadConfig,
+    #[serde(default = "default_slo")]
+    pub slo: Slo,
+    /// Accelerators defined here, beside the compiled-in presets.
+    #[serde(default)]
+    pub hardware: Vec<HardwareSpec>,
+    /// Links defined here, beside the compiled-in presets.
+    #[serde(default)]
+    pub link: Vec<LinkSpec>,
+    pub setup: Vec<SetupConfig>,
+}
+
+fn default_slo() -> Slo {
+    Slo {
+        ttft_ms: 1000.0,
+        tpot_ms: 100.0,
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// One of `ModelSpec::PRESETS`, or leave out and give `spec`.
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub spec: Option<ModelSpec>,
+    #[serde(default = "default_dtype")]
+    pub dtype: DType,
+    /// Element type of the KV cache; the weights' dtype when left out.
+    #[serde(default)]
+    pub kv_dtype: Option<DType>,
+}
+
+fn default_dtype() -> DType {
+    DType::Bf16
+}
+
+/// How prefill and decode are placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Every worker prefills and decodes its own requests.
+    Aggregated,
+    /// Prompts are prefilled on prefill workers and their KV shipped to decode workers.
+    Disaggregated,
+    /// As disaggregated, but a decode worker prefills locally when the part of the prompt it
+    /// does not hold is shorter than `conditional_threshold_tokens`.
+    Conditional,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetupConfig {
+    pub name: String,
+    /// A hardware preset or a `[[hardware]]` of this file, by name.
+    pub hardware: String,
+    /// The link from each GPU to the fabric, by name.
+    pub link: String,
+    /// The link between GPUs of one host (NVLink), when hosts have several.
+    #[serde(default)]
+    pub intra_link: Option<String>,
+    #[serde(default = "one")]
+    pub gpus_per_host: u32,
+    pub mode: Mode,
+    #[serde(default)]
+    pub aggregated_workers: u32,
+    #[serde(default)]
+    pub prefill_workers: u32,
+    #[serde(default)]
+    pub decode_workers: u32,
+    /// Picks the aggregated or decode worker of each request.
+    #[serde(default = "round_robin")]
+    pub router: Policy,
+    /// Picks the prefill worker; `router` when left out.
+    #[serde(default)]
+    pub prefill_router: Option<Policy>,
+    #[serde(default = "default_threshold")]
+    pub conditional_threshold_tokens: u32,
+    /// How long a worker's KV events take to reach the router's block index.
+    #[serde(default)]
+    pub registry_delay_ms: f64,
+    #[serde(default)]
+    pub engine: EngineConfig,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn round_robin() -> Policy {
+    Policy::RoundRobin
+}
+
+fn default_threshold() -> u32 {
+    512
+}
+
+/// The iteration scheduler of every worker in a setup (vLLM's knobs and defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    pub block_size_tokens: u32,
+    /// Sequences computing in one step at most.
+    pub max_num_seqs: u32,
+    /// Token budget of one step: one per decoding sequence, the rest for prefill chunks.
+    pub max_batched_tokens: u32,
+    /// Split long prompts across steps; without it a prompt's prefill runs in one step.
+    pub chunked_prefill: bool,
+    pub prefix_caching: bool,
+    /// Share of GPU memory for weights plus KV cache.
+    pub gpu_memory_utilization: f64,
+    /// Requests waiting at one worker beyond which new ones are rejected.
+    pub max_queue: u32,
+    /// Longest prompt plus output; the model's context length when left out.
+    pub max_model_len: Option<u32>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            block_size_tokens: DEFAULT_BLOCK_SIZE_TOKENS,
+            max_num_seqs: 256,
+            max_batched_tokens: 8192,
+            chunked_prefill: true,
+            prefix_caching: true,
+            gpu_memory_utilization: 0.9,
+            max_queue: 4096,
+            max_model_len: None,
+        }
+    }
+}
+
+/// A scenario with names resolved and every figure checked.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: String,
+    pub description: String,
+    pub seed: u64,
+    pub model: ModelSpec,
+    pub dtype: DType,
+    pub kv_dtype: DType,
+    pub workload: WorkloadConfig,
+    pub slo: Slo,
+    pub setups: Vec<Setup>,
+    /// Relative paths in the scenario (a trace) resolve against this directory.
+    pub base_dir: PathBuf,
+}
+
+/// One cluster to simulate.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    pub name: String,
+    pub hardware: HardwareSpec,
+    pub link: LinkSpec,
+    pub intra_link: Option<LinkSpec>,
+    pub gpus_per_host: u32,
+    pub mode: Mode,
+    /// Role of each worker, by worker id; worker i runs on GPU i.
+    pub workers: Vec<Role>,
+    pub router: Policy,
+    pub prefill_router: Policy,
+    pub conditional_threshold_tokens: u32,
+    pub registry_delay_ns: Nanos,
+    pub engine: EngineConfig,
+}
+
+impl Setup {
+    pub fn hosts(&self) -> u32 {
+        (self.workers.len() as u32).div_ceil(self.gpus_per_host)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {source}")]
+    Io {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl Scenario {
+    /// Reads and checks a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            file: file.clone(),
+            source,
+        })?;
+        let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Scenario::parse(&text, &file, base_dir)
+    }
+
+    /// The compiled-in default scenario.
+    pub fn default_scenario() -> Scenario {
+        Scenario::parse(DEFAULT_SCENARIO, DEFAULT_SCENARIO_NAME, PathBuf::from("."))
+            .expect("the compiled-in default scenario is valid")
+    }
+
+    /// Parses and checks scenario text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str, base_dir: PathBuf) -> Result<Scenario, ConfigError> {
+        let invalid = |offset: usize, message: String| {
+            let (line, column) = line_column(text, offset);
+            ConfigError::Invalid {
+                file: file.to_string(),
+                line,
+                column,
+                message,
+            }
+        };
+        let raw: ScenarioFile = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            let path = DeTable::parse(text)
+                .ok()
+                .and_then(|doc| path_at(doc.get_ref(), offset));
+            let message = e.message().trim().replace('\n', " ");
+            match path {
+                Some(path) => invalid(offset, format!("{path}: {message}")),
+                None => invalid(offset, message),
+            }
+        })?;
+        resolve(raw, base_dir).map_err(|(path, message)| {
+            let offset = DeTable::parse(text)
+                .ok()
+                .map_or(0, |doc| offset_of(doc.get_ref(), &path));
+            invalid(offset, format!("{path}: {message}"))
+        })
+    }
+}
+
+/// Names resolved and figures checked; an error is (field path, message).
+fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, String)> {
+    let err = |path: &str, msg: String| (path.to_string(), msg);
+    let model = match (&raw.model.preset, &raw.model.spec) {
+        (Some(name), None) => ModelSpec::preset(name).ok_or_else(|| {
+            err(
+                "model.preset",
+                format!(
+                    "unknown model `{name}`, expected one of {}",
+                    ModelSpec::PRESETS.join(", ")
+                ),
+            )
+        })?,
+        (None, Some(spec)) => spec.clone(),
+        _ => {
+            return Err(err(
+                "model",
+                "give exactly one of `preset` and `spec`".to_string(),
+            ));
+        }
+    };
+    if model.n_layers == 0
+        || model.n_heads == 0
+        || model.n_kv_heads == 0
+        || model.head_dim == 0
+        || model.hidden_size == 0
+    {
+        return Err(err(
+            "model.spec",
+            "layer, head and size counts must be positive".to_string(),
+        ));
+    }
+    raw.workload.validate().map_err(|e| split_path(&e.to_string(), "workload"))?;
+    if !(raw.slo.ttft_ms > 0.0) {
+        return Err(err("slo.ttft_ms", "must be positive".to_string()));
+    }
+    if !(raw.slo.tpot_ms > 0.0) {
+        return Err(err("slo.tpot_ms", "must be positive".to_string()));
+    }
+    for (i, hw) in raw.hardware.iter().enumerate() {
+        hw.validate()
+            .map_err(|e| split_path(&e, &format!("hardware[{i}]")))?;
+    }
+    for (i, link) in raw.link.iter().enumerate() {
+        link.validate()
+            .map_err(|e| split_path(&e, &format!("link[{i}]")))?;
+    }
+    if raw.setup.is_empty() {
+        return Err(err("setup", "at least one [[setup]] is required".to_string()));
+    }
+    let hardware = |name: &str| {
+        raw.hardware
+            .iter()
+            .find(|h| h.name == name)
+            .cloned()
+            .or_else(|| HardwareSpec::preset(name))
+    };
+    let link = |name: &str| {
+        raw.link
+            .iter()
+            .find(|l| l.name == name)
+            .cloned()
+            .or_else(|| LinkSpec::preset(name))
+    };
+    let dtype = raw.model.dtype;
+    let kv_dtype = raw.model.kv_dtype.unwrap_or(dtype);
+    let mut setups = Vec::with_capacity(raw.setup.len());
+    for (i, s) in raw.setup.iter().enumerate() {
+        let at = |field: &str| format!("setup[{i}].{field}");
+        let hw = hardware(&s.hardware).ok_or_else(|| {
+            err(
+                &at("hardware"),
+                format!(
+                    "unknown hardware `{}`, expected one of {} or a [[hardware]] of this file",
+                    s.hardware,
+                    HardwareSpec::PRESETS.join(", ")
+                ),
+            )
+        })?;
+        let unknown_link = |field: &str, name: &str| {
+            err(
+                &at(field),
+                format!(
+                    "unknown link `{name}`, expected one of {} or a [[link]] of this file",
+                    LinkSpec::PRESETS.join(", ")
+                ),
+            )
+        };
+        let fabric = link(&s.link).ok_or_else(|| unknown_link("link", &s.link))?;
+        let intra = match &s.intra_link {
+            Some(name) => Some(link(name).ok_or_else(|| unknown_link("intra_link", name))?),
+            None => None,
+        };
+        if s.gpus_per_host == 0 {
+            return Err(err(&at("gpus_per_host"), "must be at least 1".to_string()));
+        }
+        let workers: Vec<Role> = match s.mode {
+            Mode::Aggregated => {
+                if s.aggregated_workers == 0 {
+                    return Err(err(
+                        &at("aggregated_workers"),
+                        "mode = \"aggregated\" needs at least one".to_string(),
+                    ));
+                }
+                if s.prefill_workers + s.decode_workers > 0 {
+                    return Err(err(
+                        &at("prefill_workers"),
+                        "mode = \"aggregated\" takes aggregated_workers only".to_string(),
+                    ));
+                }
+                vec![Role::Aggregated; s.aggregated_workers as usize]
+            }
+            Mode::Disaggregated | Mode::Conditional => {
+                for (field, n) in [
+                    ("prefill_workers", s.prefill_workers),
+                    ("decode_workers", s.decode_workers),
+                ] {
+                    if n == 0 {
+                        return Err(err(
+                            &at(field),
+                            "a disaggregated setup needs at least one".to_string(),
+                        ));
+                    }
+                }
+                if s.aggregated_workers > 0 {
+                    return Err(err(
+                        &at("aggregated_workers"),
+                        "a disaggregated setup takes prefill_workers and decode_workers"
+                            .to_string(),
+                    ));
+                }
+                let mut roles = vec![Role::Prefill; s.prefill_workers as usize];
+                roles.extend(std::iter::repeat_n(Role::Decode, s.decode_workers as usize));
+                roles
+            }
+        };
+        if workers.len() > 100_000 {
+            return Err(err(&at("mode"), "at most 100000 workers".to_string()));
+        }
+        if intra.is_none() && s.gpus_per_host > 1 {
+            return Err(err(
+                &at("intra_link"),
+                "hosts with several GPUs need an intra_link (e.g. \"nvlink\")".to_string(),
+            ));
+        }
+        check_policy(&s.router).map_err(|m| err(&at("router"), m))?;
+        let prefill_router = s.prefill_router.clone().unwrap_or_else(|| s.router.clone());
+        check_policy(&prefill_router).map_err(|m| err(&at("prefill_router"), m))?;
+        if !(s.registry_delay_ms >= 0.0 && s.registry_delay_ms.is_finite()) {
+            return Err(err(&at("registry_delay_ms"), "must be >= 0".to_string()));
+        }
+        let e = &s.engine;
+        let engine_checks = [
+            ("block_size_tokens", e.block_size_tokens > 0 && e.block_size_tokens <= 1024),
+            ("max_num_seqs", e.max_num_seqs > 0),
+            ("max_batched_tokens", e.max_batched_tokens > 0),
+            ("max_queue", e.max_queue > 0),
+            (
+                "gpu_memory_utilization",
+                e.gpu_memory_utilization > 0.0 && e.gpu_memory_utilization <= 1.0,
+            ),
+            ("max_model_len", e.max_model_len != Some(0)),
+        ];
+        for (field, ok) in engine_checks {
+            if !ok {
+                return Err(err(
+                    &at(&format!("engine.{field}")),
+                    "out of range (block_size_tokens in 1..=1024, counts > 0, \
+                     gpu_memory_utilization in (0, 1])"
+                        .to_string(),
+                ));
+            }
+        }
+        let kv_block_bytes = model.kv_bytes_per_token(kv_dtype) * e.block_size_tokens as u64;
+        let kv_bytes =
+            hw.memory_bytes() * e.gpu_memory_utilization - model.weight_bytes(dtype) as f64;
+        if kv_bytes < kv_block_bytes as f64 {
+            return Err(err(
+                &at("hardware"),
+                format!(
+                    "{} ({} GiB x {}) cannot hold {} in {} ({:.1} GiB) and a KV block",
+                    hw.name,
+                    hw.memory_gib,
+                    e.gpu_memory_utilization,
+                    model.name,
+                    dtype.name(),
+                    model.weight_bytes(dtype) as f64 / (1u64 << 30) as f64
+                ),
+            ));
+        }
+        setups.push(Setup {
+            name: s.name.clone(),
+            hardware: hw,
+            link: fabric,
+            intra_link: intra,
+            gpus_per_host: s.gpus_per_host,
+            mode: s.mode,
+            workers,
+            router: s.router.clone(),
+            prefill_router,
+            conditional_threshold_tokens: s.conditional_threshold_tokens,
+            registry_delay_ns: secs_to_ns(s.registry_delay_ms / 1e3),
+            engine: s.engine.clone(),
+        });
+    }
+    Ok(Scenario {
+        name: raw.name,
+        description: raw.description,
+        seed: raw.seed,
+        model,
+        dtype,
+        kv_dtype,
+        workload: raw.workload,
+        slo: raw.slo,
+        setups,
+        base_dir,
+    })
+}
+
+fn check_policy(policy: &Policy) -> Result<(), String> {
+    if let Policy::KvAware {
+        overlap_weight,
+        temperature,
+    } = policy
+    {
+        if !(*overlap_weight >= 0.0 && overlap_weight.is_finite()) {
+            return Err("overlap_weight: must be >= 0".to_string());
+        }
+        if !(*temperature >= 0.0 && temperature.is_finite()) {
+            return Err("temperature: must be >= 0".to_string());
+        }
+    }
+    Ok(())
+}
+
+/// Splits a "field: message" error of a sub-schema into (prefix.field, message).
+fn split_path(error: &str, prefix: &str) -> (String, String) {
+    let error = error.strip_prefix(&format!("{prefix}.")).unwrap_or(error);
+    match error.split_once(": ") {
+        Some((field, message)) if !field.contains(' ') => {
+            (format!("{prefix}.{field}"), message.to_string())
+        }
+        _ => (prefix.to_string(), error.to_string()),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// The dotted path (`setup[1].engine.max_num_seqs`) of the deepest key whose entry spans
+/// `offset`.
+fn path_at(table: &DeTable, offset: usize) -> Option<String> {
+    fn walk(value: &DeValue, offset: usize, path: &mut String) {
+        match value {
+            DeValue::Table(table) => {
+                for (key, value) in table.iter() {
+                    let span = value.span();
+                    if key.span().contains(&offset) || span.contains(&offset) {
+                        if !path.is_empty() {
+                            path.push('.');
+                        }
+                        path.push_str(key.get_ref());
+                        walk(value.get_ref(), offset, path);
+                        return;
+                    }
+                }
+            }
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if item.span().contains(&offset) {
+                        path.push_str(&format!("[{i}]"));
+                        walk(item.get_ref(), offset, path);
+                        return;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut path = String::new();
+    walk(&DeValue::Table(table.clone()), offset, &mut path);
+    (!path.is_empty()).then_some(path)
+}
+
+/// Byte offset of the deepest existing entry along a dotted path, for locating errors found
+/// after parsing.
+fn offset_of(table: &DeTable, path: &str) -> usize {
+    let mut offset = 0;
+    let mut current: Option<&DeValue> = None;
+    let mut root = Some(table);
+    for part in path.split('.') {
+        let (name, index) = match part.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let table = match (root.take(), current) {
+            (Some(t), _) => t,
+            (None, Some(DeValue::Table(t))) => t,
+            _ => break,
+        };
+        let Some((key, value)) = table.iter().find(|(k, _)| k.get_ref() == name) else {
+            break;
+        };
+        offset = key.span().start;
+        current = Some(value.get_ref());
+        if let (Some(i), Some(DeValue::Array(items))) = (index, current) {
+            match items.get(i) {
+                Some(item) => {
+                    offset = item.span().start;
+                    current = Some(item.get_ref());
+                }
+                None => break,
+            }
+        }
+    }
+    offset
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Scenario, ConfigError> {
+        Scenario::parse(text, "test.toml", PathBuf::from("."))
+    }
+
+    #[test]
+    fn the_default_scenario_parses() {
+        let s = Scenario::default_scenario();
+        assert_eq!(s.setups.len(), 4);
+        assert_eq!(s.model.name, "tinyllama-1.1b");
+    }
+
+    #[test]
+    fn unknown_fields_name_the_field_and_line() {
+        let text = DEFAULT_SCENARIO.replacen("max_num_seqs", "max_seqs", 1);
+        let line = text.lines().position(|l| l.contains("max_seqs")).unwrap() + 1;
+        let msg = parse(&text).unwrap_err().to_string();
+        assert!(msg.starts_with(&format!("test.toml:{line}:")), "{msg}");
+        assert!(msg.contains("unknown field `max_seqs`"), "{msg}");
+        assert!(msg.contains(".engine"), "{msg}");
+        assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn wrong_types_and_values_name_the_field() {
+        let text = DEFAULT_SCENARIO.replacen("gpu_memory_utilization = 0.9", "gpu_memory_utilization = 1.5", 1);
+        if text != DEFAULT_SCENARIO {
+            let msg = parse(&text).unwrap_err().to_string();
+            assert!(msg.contains("engine.gpu_memory_utilization"), "{msg}");
+        }
+        let text = DEFAULT_SCENARIO.replacen("hardware = \"dgx-spark\"", "hardware = \"dgx-sprak\"", 1);
+        let line = text.lines().position(|l| l.contains("dgx-sprak")).unwrap() + 1;
+        let msg = parse(&text).unwrap_err().to_string();
+        assert!(msg.starts_with(&format!("test.toml:{line}:")), "{msg}");
+        assert!(msg.contains("setup[0].hardware: unknown hardware `dgx-sprak`"), "{msg}");
+        let text = DEFAULT_SCENARIO.replacen("seed = ", "seed = \"x\" #", 1);
+        let msg = parse(&text).unwrap_err().to_string();
+        assert!(msg.contains("seed"), "{msg}");
+    }
+
+    #[test]
+    fn a_model_too_large_for_the_gpu_is_refused() {
+        let text = DEFAULT_SCENARIO.replacen("preset = \"tinyllama-1.1b\"", "preset = \"llama-3.1-70b\"", 1);
+        let msg = parse(&text).unwrap_err().to_string();
+        assert!(msg.contains("cannot hold llama-3.1-70b"), "{msg}");
+    }
+
+    #[test]
+    fn line_columns_are_one_based() {
+        assert_eq!(line_column("ab\ncd", 0), (1, 1));
+        assert_eq!(line_column("ab\ncd", 4), (2, 2));
+    }
+}
