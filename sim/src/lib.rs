@@ -6,10 +6,12 @@
 
 pub mod config;
 pub mod cost;
+pub mod engine;
 pub mod hardware;
 pub mod kv;
 pub mod metrics;
 pub mod network;
+pub mod report;
 pub mod rng;
 pub mod routing;
 pub mod time;

@@ -22,7 +22,6 @@ use queue::{Event, EventQueue};
 use std::collections::VecDeque;
 use worker::{Phase, Seq, Worker};
 
-pub use queue::EventQueue as Queue;
 
 /// What a run records beyond the per-request records.
 #[derive(Clone, Debug, Default)]
@@ -65,15 +64,13 @@ pub struct RunOutput {
 pub enum SimError {
     #[error("workload: {0}")]
     Workload(#[from] WorkloadError),
-    #[error("network: {0}")]
-    Network(String),
 }
 
 /// Simulates one setup of a scenario.
 pub fn run(scenario: &Scenario, setup: &Setup, options: RunOptions) -> Result<RunOutput, SimError> {
     let workload = Workload::new(&scenario.workload, scenario.seed, &scenario.base_dir)?;
     let mut sim = Simulation::new(scenario, setup, workload, options);
-    sim.run()?;
+    sim.run();
     Ok(sim.finish())
 }
 
@@ -91,6 +88,8 @@ struct Simulation<'a> {
     workers: Vec<Worker>,
     loads: Vec<WorkerLoad>,
     seqs: Slab<Seq>,
+    /// Follow-up turns waiting for their arrival time.
+    follow_ups: Slab<Request>,
     router: Router,
     prefill_router: Router,
     index: BlockIndex,
@@ -110,9 +109,10 @@ struct Simulation<'a> {
     token_times: Vec<TokenTime>,
     requests: Vec<Request>,
     options: RunOptions,
-    admissions: u64,
     /// Workers whose scheduler must run once the current event is handled.
     wake: Vec<WorkerId>,
+    prefilled_scratch: Vec<u32>,
+    finished_scratch: Vec<u32>,
 }
 
 impl<'a> Simulation<'a> {
@@ -185,6 +185,7 @@ impl<'a> Simulation<'a> {
             workers,
             loads,
             seqs: Slab::default(),
+            follow_ups: Slab::default(),
             router: Router::new(
                 setup.router.clone(),
                 rng::substream(scenario.seed, Stream::Routing, 0),
@@ -207,12 +208,13 @@ impl<'a> Simulation<'a> {
             token_times: Vec::new(),
             requests: Vec::new(),
             options,
-            admissions: 0,
             wake: Vec::new(),
+            prefilled_scratch: Vec::new(),
+            finished_scratch: Vec::new(),
         }
     }
 
-    fn run(&mut self) -> Result<(), SimError> {
+    fn run(&mut self) {
         self.pull_arrival();
         while let Some((at, event)) = self.queue.pop() {
             debug_assert!(at >= self.now, "time never goes backwards");
@@ -226,11 +228,11 @@ impl<'a> Simulation<'a> {
                     self.pull_arrival();
                 }
                 Event::Arrive(slot) => {
-                    let req = self.seqs.remove(slot).req;
+                    let req = self.follow_ups.remove(slot);
                     self.arrive(req);
                 }
                 Event::StepDone(w) => self.step_done(w),
-                Event::TransferSent(slot) => self.transfer_sent(slot)?,
+                Event::TransferSent(slot) => self.transfer_sent(slot),
                 Event::TransferLanded(slot) => self.transfer_landed(slot),
                 Event::NetworkWake(version) => {
                     if version == self.network_version {
@@ -253,7 +255,6 @@ impl<'a> Simulation<'a> {
                 self.schedule(w);
             }
         }
-        Ok(())
     }
 
     fn pull_arrival(&mut self) {
@@ -293,4 +294,269 @@ impl<'a> Simulation<'a> {
         }
     }
 
+}
+
+/// Requests and conversations: arrival, placement, completion.
+impl Simulation<'_> {
+    fn arrive(&mut self, req: Request) {
+        if self.options.keep_requests {
+            self.requests.push(req.clone());
+        }
+        let bs = self.block_size;
+        let mut hashes: Vec<BlockHash> = Vec::with_capacity((req.prompt_tokens / bs) as usize + 8);
+        req.content.extend_block_hashes(&mut hashes, req.prompt_tokens, bs);
+        let prompt_blocks = req.prompt_tokens.div_ceil(bs) as u64;
+        let mut seq = Seq::new(req, hashes, prompt_blocks, self.now);
+        let total_tokens = seq.req.prompt_tokens as u64 + seq.req.output_tokens as u64;
+        if total_tokens > self.max_model_len as u64 {
+            return self.reject(seq, "prompt_too_long");
+        }
+        if total_tokens.div_ceil(bs as u64) > self.min_capacity_blocks as u64 {
+            return self.reject(seq, "exceeds_kv_capacity");
+        }
+        let Some((decode, prefill)) = self.place(&seq) else {
+            return self.reject(seq, "no_worker");
+        };
+        let max_queue = self.setup.engine.max_queue as usize;
+        if self.workers[decode as usize].waiting.len() >= max_queue
+            || self.workers[prefill as usize].waiting.len() >= max_queue
+        {
+            return self.reject(seq, "queue_full");
+        }
+        seq.decode_worker = decode;
+        seq.prefill_worker = prefill;
+        seq.remote_prefill = prefill != decode;
+        seq.rec.routed_ns = self.now;
+        seq.rec.decode_worker = Some(decode);
+        seq.rec.prefill_worker = Some(prefill);
+        for w in [decode, prefill] {
+            let load = &mut self.loads[w as usize];
+            load.active_requests += 1;
+            load.active_blocks += prompt_blocks;
+            if prefill == decode {
+                break;
+            }
+        }
+        let slot = self.seqs.insert(seq);
+        self.workers[decode as usize].waiting.push_back(slot);
+        self.wake.push(decode);
+    }
+
+    /// The (decode or aggregated worker, prefilling worker) of a request; they are the same
+    /// worker when it prefills locally.
+    fn place(&mut self, seq: &Seq) -> Option<(WorkerId, WorkerId)> {
+        let query = RouteRequest {
+            conversation: seq.req.conversation,
+            block_hashes: &seq.hashes,
+            prompt_blocks: seq.prompt_blocks,
+        };
+        let first_role = match self.setup.mode {
+            Mode::Aggregated => Role::Aggregated,
+            Mode::Disaggregated | Mode::Conditional => Role::Decode,
+        };
+        let decode = self
+            .router
+            .route(first_role, &query, &self.loads, &self.index)?
+            .worker;
+        match self.setup.mode {
+            Mode::Aggregated => return Some((decode, decode)),
+            Mode::Disaggregated => {}
+            Mode::Conditional => {
+                // What the decode worker holds, as far as the registry knows.
+                self.index.overlaps(&seq.hashes, &mut self.overlap_scratch);
+                let held = self.overlap_scratch[decode as usize] * self.block_size;
+                let uncached = seq.req.prompt_tokens.saturating_sub(held);
+                if uncached <= self.setup.conditional_threshold_tokens {
+                    return Some((decode, decode));
+                }
+            }
+        }
+        let prefill = self
+            .prefill_router
+            .route(Role::Prefill, &query, &self.loads, &self.index)?
+            .worker;
+        Some((decode, prefill))
+    }
+
+    fn reject(&mut self, mut seq: Seq, reason: &str) {
+        seq.rec.outcome = Outcome::Rejected;
+        seq.rec.reject_reason = Some(reason.to_string());
+        self.workload.abandon(seq.req.conversation);
+        self.router.forget(seq.req.conversation);
+        self.prefill_router.forget(seq.req.conversation);
+        self.records.push(seq.rec);
+        if let Some(bar) = &self.options.progress {
+            bar.inc(1);
+        }
+    }
+
+    fn release_load(&mut self, worker: WorkerId, blocks: u64) {
+        let load = &mut self.loads[worker as usize];
+        load.active_requests -= 1;
+        load.active_blocks -= blocks;
+    }
+
+    /// The request's last token is out: free its blocks, record it, start its next turn.
+    fn complete(&mut self, slot: u32) {
+        let mut seq = self.seqs.remove(slot);
+        let w = seq.decode_worker;
+        seq.rec.end_ns = self.now;
+        self.workers[w as usize].kv.free(&seq.blocks);
+        self.release_load(w, seq.prompt_blocks);
+        self.wake.push(w);
+        match self.workload.follow_up(&seq.req, self.now) {
+            Some(next) => {
+                let at = next.arrival_ns.max(self.now);
+                let slot = self.follow_ups.insert(next);
+                self.queue.push(at, Event::Arrive(slot));
+            }
+            None => {
+                self.router.forget(seq.req.conversation);
+                self.prefill_router.forget(seq.req.conversation);
+            }
+        }
+        self.records.push(seq.rec);
+        if let Some(bar) = &self.options.progress {
+            bar.inc(1);
+        }
+    }
+
+    /// The first token is out (locally after prefill, or with the KV on a decode worker).
+    fn first_token(&mut self, slot: u32) {
+        let seq = self.seqs.get_mut(slot);
+        seq.generated = 1;
+        seq.kv_len = seq.req.prompt_tokens;
+        seq.rec.first_token_ns = self.now;
+        seq.last_token_ns = self.now;
+        seq.phase = Phase::Decoding;
+        if self.options.token_times {
+            self.token_times.push(TokenTime {
+                request_id: seq.req.id,
+                token_index: 0,
+                time_ns: self.now,
+            });
+        }
+    }
+}
+
+/// KV transfers between a prefill and a decode worker.
+impl Simulation<'_> {
+    fn start_transfer(&mut self, slot: u32) {
+        let seq = self.seqs.get_mut(slot);
+        let tokens = seq.req.prompt_tokens - seq.decode_cached_tokens;
+        let bytes = tokens as u64 * self.kv_bytes_per_token;
+        let path = self
+            .network
+            .topology()
+            .path(seq.prefill_worker, seq.decode_worker)
+            .expect("a cluster topology connects every pair of GPUs");
+        seq.rec.transfer_start_ns = self.now;
+        seq.rec.transfer_bytes = bytes;
+        seq.phase = Phase::Transferring;
+        let sender_done = self.now + path.link.endpoint_ns(bytes);
+        seq.transfer_latency_ns = path.latency_ns;
+        self.queue.push(sender_done, Event::TransferSent(slot));
+    }
+
+    fn transfer_sent(&mut self, slot: u32) {
+        self.sync_network();
+        let seq = self.seqs.get(slot);
+        let (src, dst, bytes) = (seq.prefill_worker, seq.decode_worker, seq.rec.transfer_bytes);
+        self.network
+            .start_flow(self.now, src, dst, bytes, slot as u64)
+            .expect("a transfer moves at least one token between two GPUs");
+        self.schedule_network();
+    }
+
+    /// Moves the network to now, hands finished flows on to their last hop's latency, and
+    /// schedules the next completion.
+    fn sync_network(&mut self) {
+        self.network.advance(self.now, &mut self.flows_done);
+        for i in 0..self.flows_done.len() {
+            let slot = self.flows_done[i] as u32;
+            let latency = self.seqs.get(slot).transfer_latency_ns;
+            self.queue.push(self.now + latency, Event::TransferLanded(slot));
+        }
+        self.flows_done.clear();
+        self.schedule_network();
+    }
+
+    fn schedule_network(&mut self) {
+        self.network_version += 1;
+        if let Some(at) = self.network.next_completion_ns() {
+            self.queue
+                .push(at.max(self.now), Event::NetworkWake(self.network_version));
+        }
+    }
+
+    /// The KV is on the decode worker: the prefill worker lets go of its copy (still cached)
+    /// and the decode worker starts generating.
+    fn transfer_landed(&mut self, slot: u32) {
+        let now = self.now;
+        let seq = self.seqs.get_mut(slot);
+        seq.rec.transfer_end_ns = now;
+        let (p, d) = (seq.prefill_worker, seq.decode_worker);
+        let prefill_blocks = std::mem::take(&mut seq.prefill_blocks);
+        let prompt_blocks = seq.prompt_blocks;
+        // The transferred full blocks join the decode worker's prefix cache.
+        let full = (seq.req.prompt_tokens / self.block_size) as usize;
+        let kv = &mut self.workers[d as usize].kv;
+        for i in (seq.decode_cached_tokens / self.block_size) as usize..full {
+            kv.commit(seq.blocks[i], seq.hashes[i]);
+        }
+        self.workers[p as usize].kv.free(&prefill_blocks);
+        self.release_load(p, prompt_blocks);
+        self.wake.push(p);
+        self.first_token(slot);
+        if self.seqs.get(slot).req.output_tokens <= 1 {
+            self.complete(slot);
+        } else {
+            self.workers[d as usize].running.push(slot);
+            self.wake.push(d);
+        }
+    }
+}
+
+/// A slab of in-flight requests addressed by slot.
+struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<u32>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab {
+            items: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, item: T) -> u32 {
+        match self.free.pop() {
+            Some(slot) => {
+                self.items[slot as usize] = Some(item);
+                slot
+            }
+            None => {
+                self.items.push(Some(item));
+                (self.items.len() - 1) as u32
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: u32) -> T {
+        let item = self.items[slot as usize].take().expect("live slot");
+        self.free.push(slot);
+        item
+    }
+
+    fn get(&self, slot: u32) -> &T {
+        self.items[slot as usize].as_ref().expect("live slot")
+    }
+
+    fn get_mut(&mut self, slot: u32) -> &mut T {
+        self.items[slot as usize].as_mut().expect("live slot")
+    }
 }

@@ -1,0 +1,327 @@
+//! Whole-simulation properties: determinism, request accounting, causality of timestamps, and
+//! the effects a capacity planner relies on (KV-aware routing, faster links).
+
+use proptest::prelude::*;
+use sim::config::Scenario;
+use sim::engine::{self, RunOptions, RunOutput};
+use sim::metrics::{Outcome, write_requests_csv};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+fn parse(text: &str) -> Scenario {
+    Scenario::parse(text, "test.toml", PathBuf::from(".")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn run_all(scenario: &Scenario, options: RunOptions) -> Vec<RunOutput> {
+    scenario
+        .setups
+        .iter()
+        .map(|setup| engine::run(scenario, setup, options.clone()).unwrap())
+        .collect()
+}
+
+fn requests_csv(output: &RunOutput) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    write_requests_csv(&mut bytes, &output.records).unwrap();
+    bytes
+}
+
+fn small_default() -> Scenario {
+    let mut scenario = Scenario::default_scenario();
+    scenario.workload.sessions = Some(60);
+    scenario
+}
+
+#[test]
+fn same_scenario_and_seed_give_byte_identical_csv() {
+    let scenario = small_default();
+    let a = run_all(&scenario, RunOptions::default());
+    let b = run_all(&scenario, RunOptions::default());
+    for (x, y) in a.iter().zip(&b) {
+        assert!(!x.records.is_empty());
+        assert_eq!(requests_csv(x), requests_csv(y), "setup {}", x.setup);
+        assert_eq!(x.events, y.events);
+    }
+    let mut other = scenario.clone();
+    other.seed += 1;
+    let c = run_all(&other, RunOptions::default());
+    assert_ne!(requests_csv(&a[0]), requests_csv(&c[0]), "the seed matters");
+}
+
+#[test]
+fn the_cli_writes_identical_files_twice() {
+    let bin = env!("CARGO_BIN_EXE_disagg-sim");
+    let dir = std::env::temp_dir().join(format!("disagg-sim-det-{}", std::process::id()));
+    let scenario = dir.join("scenario.toml");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = sim::config::DEFAULT_SCENARIO.replace("sessions = 600", "sessions = 40");
+    std::fs::write(&scenario, text).unwrap();
+    let mut outputs = Vec::new();
+    for run in ["a", "b"] {
+        let out = dir.join(run);
+        let status = std::process::Command::new(bin)
+            .args(["run", scenario.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .args(["--token-times", "--trace-out"])
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        let mut files = BTreeMap::new();
+        for entry in std::fs::read_dir(&out).unwrap() {
+            let path = entry.unwrap().path();
+            files.insert(
+                path.file_name().unwrap().to_string_lossy().to_string(),
+                std::fs::read(&path).unwrap(),
+            );
+        }
+        outputs.push((status.stdout, files));
+    }
+    assert_eq!(outputs[0].0, outputs[1].0, "stdout");
+    assert!(outputs[0].1.contains_key("requests-full.csv"));
+    assert!(outputs[0].1.contains_key("summary.csv"));
+    assert_eq!(outputs[0].1, outputs[1].1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_config_is_one_line_with_field_and_line_and_exit_code_2() {
+    let bin = env!("CARGO_BIN_EXE_disagg-sim");
+    let dir = std::env::temp_dir().join(format!("disagg-sim-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    let text = sim::config::DEFAULT_SCENARIO.replacen("rate_per_s", "rate_per_sec", 1);
+    let line = text.lines().position(|l| l.contains("rate_per_sec")).unwrap() + 1;
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["run", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&format!("bad.toml:{line}:")), "{stderr}");
+    assert!(stderr.contains("rate_per_sec"), "{stderr}");
+    let missing = std::process::Command::new(bin)
+        .args(["run", dir.join("absent.toml").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A scenario for property tests: small models and small KV pools, so queues fill, blocks are
+/// evicted and sequences preempted.
+fn random_scenario(
+    seed: u64,
+    mode: usize,
+    workers: (u32, u32),
+    policy: usize,
+    rate: f64,
+    memory_gib: f64,
+    delay_ms: f64,
+    chunked: bool,
+) -> String {
+    let policies = [
+        "{ policy = \"round_robin\" }",
+        "{ policy = \"least_loaded\" }",
+        "{ policy = \"session_affinity\" }",
+        "{ policy = \"kv_aware\" }",
+        "{ policy = \"kv_aware\", temperature = 0.5 }",
+    ];
+    let policy = policies[policy % policies.len()];
+    let pools = match mode % 3 {
+        0 => format!("mode = \"aggregated\"\naggregated_workers = {}", workers.0 + workers.1),
+        1 => format!(
+            "mode = \"disaggregated\"\nprefill_workers = {}\ndecode_workers = {}",
+            workers.0, workers.1
+        ),
+        _ => format!(
+            "mode = \"conditional\"\nprefill_workers = {}\ndecode_workers = {}\nconditional_threshold_tokens = 96",
+            workers.0, workers.1
+        ),
+    };
+    format!(
+        r#"
+name = "prop"
+seed = {seed}
+[model]
+preset = "smollm2-135m"
+[workload]
+arrival = {{ process = "gamma", rate_per_s = {rate}, cv = 2.0 }}
+sessions = 25
+turns = {{ dist = "uniform", min = 1, max = 4 }}
+system_prompt_tokens = 40
+system_prompts = 2
+user_tokens = {{ dist = "log_normal", mean = 120.0, cv = 1.0, min = 1, max = 700 }}
+output_tokens = {{ dist = "uniform", min = 1, max = 60 }}
+think_time = {{ dist = "exponential", mean_secs = 0.2 }}
+max_prompt_tokens = 1500
+[[hardware]]
+name = "small"
+bf16_dense_tflop_per_s = 20.0
+memory_gib = {memory_gib}
+memory_bandwidth_gb_per_s = 200.0
+flops_efficiency = 0.5
+bandwidth_efficiency = 0.8
+step_overhead_us = 200
+[[setup]]
+name = "prop"
+hardware = "small"
+link = "tcp-10g"
+{pools}
+router = {policy}
+registry_delay_ms = {delay_ms}
+[setup.engine]
+max_num_seqs = 8
+max_batched_tokens = 256
+chunked_prefill = {chunked}
+gpu_memory_utilization = 1.0
+max_queue = 12
+"#
+    )
+}
+
+/// Every request ends completed or rejected, exactly once; no timestamp goes backwards; a
+/// completed request produced all its tokens, in order.
+fn check_invariants(out: &RunOutput) {
+    let ids: Vec<u64> = out.requests.iter().map(|r| r.id).collect();
+    let recorded: Vec<u64> = out.records.iter().map(|r| r.request_id).collect();
+    assert_eq!(ids, recorded, "every arrived request has exactly one record");
+    let mut tokens: BTreeMap<u64, Vec<(u32, u64)>> = BTreeMap::new();
+    for t in &out.token_times {
+        tokens.entry(t.request_id).or_default().push((t.token_index, t.time_ns));
+    }
+    for r in &out.records {
+        match r.outcome {
+            Outcome::Rejected => {
+                assert!(r.reject_reason.is_some());
+                assert!(!tokens.contains_key(&r.request_id));
+            }
+            Outcome::Completed => {
+                let mut stages = vec![r.arrival_ns, r.routed_ns, r.prefill_start_ns, r.prefill_end_ns];
+                if r.transfer_end_ns > 0 {
+                    stages.extend([r.transfer_start_ns, r.transfer_end_ns]);
+                }
+                stages.extend([r.first_token_ns, r.end_ns]);
+                assert!(
+                    stages.windows(2).all(|w| w[0] <= w[1]),
+                    "timestamps go backwards: {r:?}"
+                );
+                let times = &tokens[&r.request_id];
+                assert_eq!(times.len(), r.output_tokens as usize, "{r:?}");
+                assert!(times.iter().enumerate().all(|(i, &(index, _))| index == i as u32));
+                assert!(times.windows(2).all(|w| w[0].1 <= w[1].1));
+                assert_eq!(times[0].1, r.first_token_ns);
+                assert_eq!(times.last().unwrap().1, r.end_ns);
+                assert!(r.cached_tokens < r.prompt_tokens);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_request_is_lost_and_time_never_runs_backwards(
+        seed in 0u64..1000,
+        mode in 0usize..3,
+        workers in (1u32..4, 1u32..4),
+        policy in 0usize..5,
+        rate in 0.5f64..40.0,
+        memory_gib in 0.27f64..0.6,
+        delay_ms in prop_oneof![Just(0.0), 0.0f64..20.0],
+        chunked in any::<bool>(),
+    ) {
+        let text = random_scenario(seed, mode, workers, policy, rate, memory_gib, delay_ms, chunked);
+        let scenario = parse(&text);
+        let options = RunOptions { token_times: true, keep_requests: true, progress: None };
+        let out = engine::run(&scenario, &scenario.setups[0], options.clone()).unwrap();
+        check_invariants(&out);
+        // Every worker's KV pool stayed within its capacity.
+        for w in &out.workers {
+            prop_assert!(w.peak_used_blocks <= w.capacity_blocks);
+        }
+        let again = engine::run(&scenario, &scenario.setups[0], options).unwrap();
+        prop_assert_eq!(requests_csv(&out), requests_csv(&again));
+    }
+}
+
+#[test]
+fn small_kv_pools_preempt_and_still_complete_everything() {
+    let text = random_scenario(3, 0, (1, 0), 0, 40.0, 0.27, 0.0, true);
+    let scenario = parse(&text);
+    let options = RunOptions {
+        token_times: true,
+        keep_requests: true,
+        progress: None,
+    };
+    let out = engine::run(&scenario, &scenario.setups[0], options).unwrap();
+    check_invariants(&out);
+    assert!(out.summary.preemptions > 0, "the pool is small enough to preempt");
+    assert!(out.summary.completed > 0);
+}
+
+fn multi_turn_on(decode_workers: u32, router: &str) -> String {
+    format!(
+        r#"
+name = "routing"
+seed = 11
+[model]
+preset = "llama-3.1-8b"
+[workload]
+arrival = {{ process = "poisson", rate_per_s = 4.0 }}
+sessions = 200
+turns = {{ dist = "constant", value = 5 }}
+system_prompt_tokens = 200
+user_tokens = {{ dist = "constant", value = 300 }}
+output_tokens = {{ dist = "constant", value = 64 }}
+think_time = {{ dist = "exponential", mean_secs = 3.0 }}
+[[setup]]
+name = "{router}"
+hardware = "h100-sxm"
+link = "rdma-100g"
+mode = "conditional"
+prefill_workers = 2
+decode_workers = {decode_workers}
+router = {{ policy = "{router}" }}
+registry_delay_ms = 1.0
+"#
+    )
+}
+
+#[test]
+fn kv_aware_routing_reuses_more_history_than_round_robin() {
+    let summary = |router: &str| {
+        let scenario = parse(&multi_turn_on(4, router));
+        engine::run(&scenario, &scenario.setups[0], RunOptions::default())
+            .unwrap()
+            .summary
+    };
+    let (rr, kv) = (summary("round_robin"), summary("kv_aware"));
+    assert!(
+        kv.history_hit_rate > rr.history_hit_rate + 0.3,
+        "kv-aware {} vs round-robin {}",
+        kv.history_hit_rate,
+        rr.history_hit_rate
+    );
+    assert!(kv.prefix_hit_rate > rr.prefix_hit_rate);
+    assert!(kv.mean_transfer_ms < rr.mean_transfer_ms);
+}
+
+#[test]
+fn the_seed_table_orders_its_setups_as_the_physics_says() {
+    let out = run_all(&small_default(), RunOptions::default());
+    let by_name = |name: &str| &out.iter().find(|o| o.setup == name).unwrap().summary;
+    let (base, tcp, rdma, full) = (
+        by_name("Baseline"),
+        by_name("Disagg + TCP"),
+        by_name("Disagg + RDMA"),
+        by_name("Full"),
+    );
+    assert_eq!(base.transfer_overhead_share, 0.0);
+    assert!(tcp.mean_transfer_ms > 5.0 * rdma.mean_transfer_ms);
+    assert!(tcp.transfer_overhead_share > rdma.transfer_overhead_share);
+    assert!(full.request_hit_rate > 0.5, "conversations reuse their history");
+    assert!(full.latency_hit_ms.unwrap() < full.latency_miss_ms.unwrap());
+    assert!(full.transfer_overhead_share < rdma.transfer_overhead_share);
+}
