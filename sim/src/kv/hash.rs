@@ -1,9 +1,36 @@
 //! Chained block hashes: a block's hash covers its own tokens and, through its parent's hash,
 //! every token before it, so equal hashes mean equal prefixes (as in vLLM's prefix cache).
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
 use crate::rng::mix64;
 
 pub type BlockHash = u64;
+
+/// A map keyed by block hashes. The keys are already mixed, so hashing them again (SipHash)
+/// would only cost time; lookups never depend on a per-process random seed either.
+pub type BlockHashMap<V> = HashMap<BlockHash, V, BuildHasherDefault<PremixedHasher>>;
+
+/// Passes a well-mixed `u64` key through as its own hash.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PremixedHasher(u64);
+
+impl Hasher for PremixedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = mix64(self.0 ^ b as u64);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = self.0.rotate_left(32) ^ n;
+    }
+}
 
 /// The parent hash of a sequence's first block.
 pub const ROOT_HASH: BlockHash = 0x243F_6A88_85A3_08D3;

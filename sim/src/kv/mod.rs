@@ -1,8 +1,10 @@
 //! KV-cache bookkeeping: token blocks, chained block hashes and the paged block manager.
 
 pub mod hash;
+pub mod manager;
 
-pub use hash::{BlockHash, ROOT_HASH, chain, digest_tokens, token_block_hashes};
+pub use hash::{BlockHash, BlockHashMap, ROOT_HASH, chain, digest_tokens, token_block_hashes};
+pub use manager::{Allocation, BlockManager, KvError, KvEvent};
 
 /// Index of a block in a worker's KV pool.
 pub type BlockId = u32;
