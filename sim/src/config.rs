@@ -410,9 +410,13 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
                 "hosts with several GPUs need an intra_link (e.g. \"nvlink\")".to_string(),
             ));
         }
-        check_policy(&s.router).map_err(|m| err(&at("router"), m))?;
+        s.router
+            .validate()
+            .map_err(|e| split_path(&e.to_string(), &at("router")))?;
         let prefill_router = s.prefill_router.clone().unwrap_or_else(|| s.router.clone());
-        check_policy(&prefill_router).map_err(|m| err(&at("prefill_router"), m))?;
+        prefill_router
+            .validate()
+            .map_err(|e| split_path(&e.to_string(), &at("prefill_router")))?;
         if !(s.registry_delay_ms >= 0.0 && s.registry_delay_ms.is_finite()) {
             return Err(err(&at("registry_delay_ms"), "must be >= 0".to_string()));
         }
@@ -482,22 +486,6 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
         setups,
         base_dir,
     })
-}
-
-fn check_policy(policy: &Policy) -> Result<(), String> {
-    if let Policy::KvAware {
-        overlap_weight,
-        temperature,
-    } = policy
-    {
-        if !(*overlap_weight >= 0.0 && overlap_weight.is_finite()) {
-            return Err("overlap_weight: must be >= 0".to_string());
-        }
-        if !(*temperature >= 0.0 && temperature.is_finite()) {
-            return Err("temperature: must be >= 0".to_string());
-        }
-    }
-    Ok(())
 }
 
 /// Splits a "field: message" error of a sub-schema into (prefix.field, message).

@@ -33,7 +33,7 @@ fn percentile_rows(rows: &mut Vec<Row>, name: &str, runs: &[(&str, &Summary)], g
 /// Renders the table for `runs` (setup name, summary), setups as columns.
 pub fn table(runs: &[(&str, &Summary)]) -> String {
     let mut rows: Vec<Row> = Vec::new();
-    let mut row = |label: &str, cell: &dyn Fn(&Summary) -> String| Row {
+    let row = |label: &str, cell: &dyn Fn(&Summary) -> String| Row {
         label: label.to_string(),
         cells: runs.iter().map(|(_, s)| cell(s)).collect(),
     };
@@ -65,7 +65,7 @@ pub fn table(runs: &[(&str, &Summary)]) -> String {
     percentile_rows(&mut rows, "ITL", runs, |s| s.itl_ms);
     percentile_rows(&mut rows, "TPOT", runs, |s| s.tpot_ms);
     percentile_rows(&mut rows, "E2E", runs, |s| s.e2e_ms);
-    let mut row = |label: &str, cell: &dyn Fn(&Summary) -> String| Row {
+    let row = |label: &str, cell: &dyn Fn(&Summary) -> String| Row {
         label: label.to_string(),
         cells: runs.iter().map(|(_, s)| cell(s)).collect(),
     };

@@ -10,7 +10,7 @@ mod queue;
 mod worker;
 
 use crate::config::{Mode, Scenario, Setup};
-use crate::cost::{CostModel, Roofline};
+use crate::cost::Roofline;
 use crate::kv::{BlockHash, KvEvent};
 use crate::metrics::{self, Outcome, RequestRecord, Summary, TokenGaps, WorkerStats};
 use crate::network::{EdgeStats, Network, Topology};
