@@ -297,12 +297,19 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             "layer, head and size counts must be positive".to_string(),
         ));
     }
-    raw.workload.validate().map_err(|e| split_path(&e.to_string(), "workload"))?;
-    if !(raw.slo.ttft_ms > 0.0) {
-        return Err(err("slo.ttft_ms", "must be positive".to_string()));
-    }
-    if !(raw.slo.tpot_ms > 0.0) {
-        return Err(err("slo.tpot_ms", "must be positive".to_string()));
+    raw.workload
+        .validate()
+        .map_err(|e| split_path(&e.to_string(), "workload"))?;
+    for (field, value) in [
+        ("slo.ttft_ms", raw.slo.ttft_ms),
+        ("slo.tpot_ms", raw.slo.tpot_ms),
+    ] {
+        if !(value.is_finite() && value > 0.0) {
+            return Err(err(
+                field,
+                format!("must be a positive number, got {value}"),
+            ));
+        }
     }
     for (i, hw) in raw.hardware.iter().enumerate() {
         hw.validate()
@@ -313,7 +320,10 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             .map_err(|e| split_path(&e, &format!("link[{i}]")))?;
     }
     if raw.setup.is_empty() {
-        return Err(err("setup", "at least one [[setup]] is required".to_string()));
+        return Err(err(
+            "setup",
+            "at least one [[setup]] is required".to_string(),
+        ));
     }
     let hardware = |name: &str| {
         raw.hardware
@@ -422,7 +432,10 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
         }
         let e = &s.engine;
         let engine_checks = [
-            ("block_size_tokens", e.block_size_tokens > 0 && e.block_size_tokens <= 1024),
+            (
+                "block_size_tokens",
+                e.block_size_tokens > 0 && e.block_size_tokens <= 1024,
+            ),
             ("max_num_seqs", e.max_num_seqs > 0),
             ("max_batched_tokens", e.max_batched_tokens > 0),
             ("max_queue", e.max_queue > 0),
@@ -507,39 +520,41 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// The dotted path (`setup[1].engine.max_num_seqs`) of the deepest key whose entry spans
-/// `offset`.
+/// The dotted path (`setup[1].engine.max_num_seqs`) of the entry an error at `offset` is
+/// about: the key or table header that starts last at or before it. (Spans of tables cover
+/// only their headers, so containment cannot be used.)
 fn path_at(table: &DeTable, offset: usize) -> Option<String> {
-    fn walk(value: &DeValue, offset: usize, path: &mut String) {
-        match value {
-            DeValue::Table(table) => {
-                for (key, value) in table.iter() {
-                    let span = value.span();
-                    if key.span().contains(&offset) || span.contains(&offset) {
-                        if !path.is_empty() {
-                            path.push('.');
-                        }
-                        path.push_str(key.get_ref());
-                        walk(value.get_ref(), offset, path);
-                        return;
-                    }
-                }
-            }
-            DeValue::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    if item.span().contains(&offset) {
-                        path.push_str(&format!("[{i}]"));
-                        walk(item.get_ref(), offset, path);
-                        return;
-                    }
-                }
-            }
-            _ => {}
+    fn consider(best: &mut Option<(usize, String)>, offset: usize, start: usize, path: String) {
+        if start <= offset && best.as_ref().is_none_or(|(b, _)| start >= *b) {
+            *best = Some((start, path));
         }
     }
-    let mut path = String::new();
-    walk(&DeValue::Table(table.clone()), offset, &mut path);
-    (!path.is_empty()).then_some(path)
+    fn walk(table: &DeTable, prefix: &str, offset: usize, best: &mut Option<(usize, String)>) {
+        for (key, value) in table.iter() {
+            let path = if prefix.is_empty() {
+                key.get_ref().to_string()
+            } else {
+                format!("{prefix}.{}", key.get_ref())
+            };
+            consider(best, offset, key.span().start, path.clone());
+            match value.get_ref() {
+                DeValue::Table(inner) => walk(inner, &path, offset, best),
+                DeValue::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let item_path = format!("{path}[{i}]");
+                        consider(best, offset, item.span().start, item_path.clone());
+                        if let DeValue::Table(inner) = item.get_ref() {
+                            walk(inner, &item_path, offset, best);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut best = None;
+    walk(table, "", offset, &mut best);
+    best.map(|(_, path)| path)
 }
 
 /// Byte offset of the deepest existing entry along a dotted path, for locating errors found
@@ -593,27 +608,39 @@ mod tests {
 
     #[test]
     fn unknown_fields_name_the_field_and_line() {
-        let text = DEFAULT_SCENARIO.replacen("max_num_seqs", "max_seqs", 1);
-        let line = text.lines().position(|l| l.contains("max_seqs")).unwrap() + 1;
+        let text = DEFAULT_SCENARIO.replacen("prefix_caching", "prefix_cache", 1);
+        let line = text
+            .lines()
+            .position(|l| l.contains("prefix_cache "))
+            .unwrap()
+            + 1;
         let msg = parse(&text).unwrap_err().to_string();
         assert!(msg.starts_with(&format!("test.toml:{line}:")), "{msg}");
-        assert!(msg.contains("unknown field `max_seqs`"), "{msg}");
+        assert!(msg.contains("unknown field `prefix_cache`"), "{msg}");
         assert!(msg.contains(".engine"), "{msg}");
         assert!(!msg.contains('\n'));
     }
 
     #[test]
     fn wrong_types_and_values_name_the_field() {
-        let text = DEFAULT_SCENARIO.replacen("gpu_memory_utilization = 0.9", "gpu_memory_utilization = 1.5", 1);
+        let text = DEFAULT_SCENARIO.replacen(
+            "gpu_memory_utilization = 0.9",
+            "gpu_memory_utilization = 1.5",
+            1,
+        );
         if text != DEFAULT_SCENARIO {
             let msg = parse(&text).unwrap_err().to_string();
             assert!(msg.contains("engine.gpu_memory_utilization"), "{msg}");
         }
-        let text = DEFAULT_SCENARIO.replacen("hardware = \"dgx-spark\"", "hardware = \"dgx-sprak\"", 1);
+        let text =
+            DEFAULT_SCENARIO.replacen("hardware = \"dgx-spark\"", "hardware = \"dgx-sprak\"", 1);
         let line = text.lines().position(|l| l.contains("dgx-sprak")).unwrap() + 1;
         let msg = parse(&text).unwrap_err().to_string();
         assert!(msg.starts_with(&format!("test.toml:{line}:")), "{msg}");
-        assert!(msg.contains("setup[0].hardware: unknown hardware `dgx-sprak`"), "{msg}");
+        assert!(
+            msg.contains("setup[0].hardware: unknown hardware `dgx-sprak`"),
+            "{msg}"
+        );
         let text = DEFAULT_SCENARIO.replacen("seed = ", "seed = \"x\" #", 1);
         let msg = parse(&text).unwrap_err().to_string();
         assert!(msg.contains("seed"), "{msg}");
@@ -621,7 +648,11 @@ mod tests {
 
     #[test]
     fn a_model_too_large_for_the_gpu_is_refused() {
-        let text = DEFAULT_SCENARIO.replacen("preset = \"tinyllama-1.1b\"", "preset = \"llama-3.1-70b\"", 1);
+        let text = DEFAULT_SCENARIO.replacen(
+            "preset = \"tinyllama-1.1b\"",
+            "preset = \"llama-3.1-70b\"",
+            1,
+        );
         let msg = parse(&text).unwrap_err().to_string();
         assert!(msg.contains("cannot hold llama-3.1-70b"), "{msg}");
     }

@@ -77,7 +77,8 @@ impl Roofline {
     pub fn flops(&self, w: &StepWork) -> f64 {
         let tokens = (w.prefill_tokens + w.decode_seqs as u64) as f64;
         let sampled = (w.prefill_seqs + w.decode_seqs) as f64;
-        let pairs = w.prefill_attention_pairs + (w.decode_context_tokens + w.decode_seqs as u64) as f64;
+        let pairs =
+            w.prefill_attention_pairs + (w.decode_context_tokens + w.decode_seqs as u64) as f64;
         tokens * self.linear_flops_per_token
             + sampled * self.lm_head_flops
             + pairs * self.attention_flops_per_pair

@@ -29,8 +29,14 @@ const PRESET_FILES: [(&str, &str); 3] = [
         "dgx-spark",
         include_str!("../../configs/hardware/dgx-spark.toml"),
     ),
-    ("h100-sxm", include_str!("../../configs/hardware/h100-sxm.toml")),
-    ("h200-sxm", include_str!("../../configs/hardware/h200-sxm.toml")),
+    (
+        "h100-sxm",
+        include_str!("../../configs/hardware/h100-sxm.toml"),
+    ),
+    (
+        "h200-sxm",
+        include_str!("../../configs/hardware/h200-sxm.toml"),
+    ),
 ];
 
 impl HardwareSpec {

@@ -69,7 +69,13 @@ fn main() -> ExitCode {
             seed,
             token_times,
             trace_out,
-        }) => run(scenario.as_deref(), out.as_deref(), seed, token_times, trace_out),
+        }) => run(
+            scenario.as_deref(),
+            out.as_deref(),
+            seed,
+            token_times,
+            trace_out,
+        ),
         Some(Command::Bench { requests, scenario }) => bench(requests, scenario.as_deref()),
         Some(Command::Presets) => {
             presets();
@@ -98,8 +104,10 @@ fn progress_bar(setup: &str) -> Option<indicatif::ProgressBar> {
     }
     let bar = indicatif::ProgressBar::new_spinner().with_message(setup.to_string());
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg}: {human_pos} requests [{elapsed}]")
-            .expect("valid progress template"),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg}: {human_pos} requests [{elapsed}]",
+        )
+        .expect("valid progress template"),
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     Some(bar)
@@ -243,17 +251,24 @@ fn bench(requests: u64, path: Option<&Path>) -> Result<(), String> {
         scenario.workload.sessions.unwrap_or(0)
     );
     let start = Instant::now();
-    let output = engine::run(&scenario, &setup, RunOptions::default()).map_err(|e| e.to_string())?;
+    let output =
+        engine::run(&scenario, &setup, RunOptions::default()).map_err(|e| e.to_string())?;
     let wall_s = start.elapsed().as_secs_f64();
     let simulated = output.records.len() as f64;
     println!("simulated requests   {}", output.records.len());
     println!("events               {}", output.events);
-    println!("simulated time       {:.1} s", sim::time::ns_to_secs(output.end_ns));
+    println!(
+        "simulated time       {:.1} s",
+        sim::time::ns_to_secs(output.end_ns)
+    );
     println!("wall time            {wall_s:.2} s");
     println!("requests per second  {:.0}", simulated / wall_s);
     println!("events per second    {:.0}", output.events as f64 / wall_s);
     if let Some(peak) = peak_rss_bytes() {
-        println!("peak memory          {:.0} MiB", peak as f64 / (1u64 << 20) as f64);
+        println!(
+            "peak memory          {:.0} MiB",
+            peak as f64 / (1u64 << 20) as f64
+        );
     }
     let s = &output.summary;
     println!(
@@ -265,6 +280,9 @@ fn bench(requests: u64, path: Option<&Path>) -> Result<(), String> {
 
 fn presets() {
     println!("models:   {}", models::ModelSpec::PRESETS.join(", "));
-    println!("hardware: {}", sim::hardware::HardwareSpec::PRESETS.join(", "));
+    println!(
+        "hardware: {}",
+        sim::hardware::HardwareSpec::PRESETS.join(", ")
+    );
     println!("links:    {}", sim::network::LinkSpec::PRESETS.join(", "));
 }

@@ -17,7 +17,12 @@ fn pct(v: f64) -> String {
     format!("{:.1}%", v * 100.0)
 }
 
-fn percentile_rows(rows: &mut Vec<Row>, name: &str, runs: &[(&str, &Summary)], get: fn(&Summary) -> Percentiles) {
+fn percentile_rows(
+    rows: &mut Vec<Row>,
+    name: &str,
+    runs: &[(&str, &Summary)],
+    get: fn(&Summary) -> Percentiles,
+) {
     for (label, pick) in [
         ("p50", (|p: &Percentiles| p.p50) as fn(&Percentiles) -> f64),
         ("p90", |p: &Percentiles| p.p90),
@@ -70,10 +75,18 @@ pub fn table(runs: &[(&str, &Summary)]) -> String {
         cells: runs.iter().map(|(_, s)| cell(s)).collect(),
     };
     let mut tail = vec![
-        row("Throughput", &|s| format!("{:.2} req/s", s.throughput_req_per_s)),
-        row("Output tokens", &|s| format!("{:.0} tok/s", s.output_tokens_per_s)),
+        row("Throughput", &|s| {
+            format!("{:.2} req/s", s.throughput_req_per_s)
+        }),
+        row("Output tokens", &|s| {
+            format!("{:.0} tok/s", s.output_tokens_per_s)
+        }),
         row("Goodput (SLO)", &|s| {
-            format!("{:.2} req/s ({})", s.goodput_req_per_s, pct(s.slo_attainment))
+            format!(
+                "{:.2} req/s ({})",
+                s.goodput_req_per_s,
+                pct(s.slo_attainment)
+            )
         }),
         row("Completed / rejected", &|s| {
             format!("{} / {}", s.completed, s.rejected)
@@ -130,7 +143,11 @@ fn render(runs: &[(&str, &Summary)], rows: &[Row]) -> String {
     out.push_str(&"-".repeat(rule));
     out.push('\n');
     for row in rows {
-        line(&mut out, &row.label, &mut row.cells.iter().map(String::as_str));
+        line(
+            &mut out,
+            &row.label,
+            &mut row.cells.iter().map(String::as_str),
+        );
     }
     out
 }

@@ -22,7 +22,6 @@ use queue::{Event, EventQueue};
 use std::collections::VecDeque;
 use worker::{Phase, Seq, Worker};
 
-
 /// What a run records beyond the per-request records.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -259,7 +258,8 @@ impl<'a> Simulation<'a> {
 
     fn pull_arrival(&mut self) {
         if let Some(req) = self.workload.next_arrival() {
-            self.queue.push(req.arrival_ns.max(self.now), Event::NextArrival);
+            self.queue
+                .push(req.arrival_ns.max(self.now), Event::NextArrival);
             self.pending_arrival = Some(req);
         }
     }
@@ -268,11 +268,7 @@ impl<'a> Simulation<'a> {
         self.records.sort_by_key(|r| r.request_id);
         self.requests.sort_by_key(|r| r.id);
         let end_ns = self.now;
-        let workers: Vec<WorkerStats> = self
-            .workers
-            .iter()
-            .map(|w| w.stats(end_ns))
-            .collect();
+        let workers: Vec<WorkerStats> = self.workers.iter().map(|w| w.stats(end_ns)).collect();
         let summary = metrics::summarize(
             &self.records,
             &self.gaps,
@@ -293,7 +289,6 @@ impl<'a> Simulation<'a> {
             end_ns,
         }
     }
-
 }
 
 /// Requests and conversations: arrival, placement, completion.
@@ -304,7 +299,8 @@ impl Simulation<'_> {
         }
         let bs = self.block_size;
         let mut hashes: Vec<BlockHash> = Vec::with_capacity((req.prompt_tokens / bs) as usize + 8);
-        req.content.extend_block_hashes(&mut hashes, req.prompt_tokens, bs);
+        req.content
+            .extend_block_hashes(&mut hashes, req.prompt_tokens, bs);
         let prompt_blocks = req.prompt_tokens.div_ceil(bs) as u64;
         let mut seq = Seq::new(req, hashes, prompt_blocks, self.now);
         let total_tokens = seq.req.prompt_tokens as u64 + seq.req.output_tokens as u64;
@@ -453,15 +449,19 @@ impl Simulation<'_> {
         seq.rec.transfer_start_ns = self.now;
         seq.rec.transfer_bytes = bytes;
         seq.phase = Phase::Transferring;
-        let sender_done = self.now + path.link.endpoint_ns(bytes);
-        seq.transfer_latency_ns = path.latency_ns;
+        let sender_done = self.now + path.link().endpoint_ns(bytes);
+        seq.transfer_latency_ns = path.latency_ns();
         self.queue.push(sender_done, Event::TransferSent(slot));
     }
 
     fn transfer_sent(&mut self, slot: u32) {
         self.sync_network();
         let seq = self.seqs.get(slot);
-        let (src, dst, bytes) = (seq.prefill_worker, seq.decode_worker, seq.rec.transfer_bytes);
+        let (src, dst, bytes) = (
+            seq.prefill_worker,
+            seq.decode_worker,
+            seq.rec.transfer_bytes,
+        );
         self.network
             .start_flow(self.now, src, dst, bytes, slot as u64)
             .expect("a transfer moves at least one token between two GPUs");
@@ -475,7 +475,8 @@ impl Simulation<'_> {
         for i in 0..self.flows_done.len() {
             let slot = self.flows_done[i] as u32;
             let latency = self.seqs.get(slot).transfer_latency_ns;
-            self.queue.push(self.now + latency, Event::TransferLanded(slot));
+            self.queue
+                .push(self.now + latency, Event::TransferLanded(slot));
         }
         self.flows_done.clear();
         self.schedule_network();

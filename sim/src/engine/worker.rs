@@ -209,7 +209,10 @@ impl Simulation<'_> {
                 if worker.kv.append(&mut seq.blocks).is_ok() {
                     continue;
                 }
-                let victim = worker.running.pop().expect("the sequence itself is running");
+                let victim = worker
+                    .running
+                    .pop()
+                    .expect("the sequence itself is running");
                 preempt(worker, self.seqs.get_mut(victim), victim, bs);
                 if victim == slot {
                     preempted_self = true;
@@ -353,7 +356,7 @@ impl Simulation<'_> {
                         time_ns: now,
                     });
                 }
-                if seq.kv_len % bs == 0 {
+                if seq.kv_len.is_multiple_of(bs) {
                     let block = (seq.kv_len / bs - 1) as usize;
                     if seq.hashes.len() <= block {
                         seq.req
@@ -374,8 +377,10 @@ impl Simulation<'_> {
                 };
                 let before = (seq.computed / bs) as usize;
                 seq.computed += chunk;
-                for b in before..(seq.computed / bs) as usize {
-                    kv.commit(blocks[b], seq.hashes[b]);
+                let after = (seq.computed / bs) as usize;
+                for (&block, &hash) in blocks[before..after].iter().zip(&seq.hashes[before..after])
+                {
+                    kv.commit(block, hash);
                 }
                 if seq.computed == seq.prefill_target {
                     prefilled.push(slot);
@@ -405,9 +410,9 @@ impl Simulation<'_> {
             }
         }
         let seqs = &self.seqs;
-        self.workers[wi].running.retain(|&slot| {
-            matches!(seqs.get(slot).phase, Phase::Prefilling | Phase::Decoding)
-        });
+        self.workers[wi]
+            .running
+            .retain(|&slot| matches!(seqs.get(slot).phase, Phase::Prefilling | Phase::Decoding));
         for &slot in &finished {
             self.complete(slot);
         }

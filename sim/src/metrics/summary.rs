@@ -76,9 +76,10 @@ pub struct Summary {
     pub history_hit_rate: f64,
     /// Share of all completed requests that reused their history (turn 0 never does).
     pub request_hit_rate: f64,
-    /// Mean end-to-end latency of requests that did not reuse their history (`None` if none).
+    /// Mean end-to-end latency of follow-up turns that did not reuse their history (`None` if
+    /// none). First turns have no history to find, so they count in neither this nor the next.
     pub latency_miss_ms: Option<f64>,
-    /// Mean end-to-end latency of requests that did (`None` if none).
+    /// Mean end-to-end latency of follow-up turns that did (`None` if none).
     pub latency_hit_ms: Option<f64>,
     pub mean_latency_ms: f64,
     /// Per role, sorted by role name: mean over its workers of busy time over `duration_s`.
@@ -148,12 +149,12 @@ pub fn summarize(
         cached_tokens += u64::from(r.cached_tokens);
         prompt_tokens += u64::from(r.prompt_tokens);
         let is_hit = r.history_hit(block_size_tokens);
+        let e2e_ns = r.e2e_ns();
         if r.turn > 0 {
             follow_ups += 1;
             follow_up_hits += u64::from(is_hit);
+            if is_hit { &mut hit } else { &mut miss }.add(e2e_ns);
         }
-        let e2e_ns = r.e2e_ns();
-        if is_hit { &mut hit } else { &mut miss }.add(e2e_ns);
         all.add(e2e_ns);
         ttft.push(r.ttft_ns());
         tpot.extend(r.tpot_ns());
@@ -434,7 +435,7 @@ mod tests {
         assert_eq!(s.history_hit_rate, 2.0 / 3.0);
         assert_eq!(s.request_hit_rate, 2.0 / 5.0);
         assert_eq!(s.latency_hit_ms, Some(50.0));
-        assert_eq!(s.latency_miss_ms, Some(100.0));
+        assert_eq!(s.latency_miss_ms, Some(110.0), "follow-up turns only");
         assert_eq!(s.mean_latency_ms, 80.0);
     }
 
