@@ -136,14 +136,16 @@ impl RequestRecord {
         self.prefill_start_ns.saturating_sub(self.arrival_ns)
     }
 
-    /// The turn reused its conversation's history from a prefix cache: the history holds at
-    /// least one full block and `cached_tokens` covers every full block of it. A history
-    /// shorter than a block cannot be cached, so it counts as no reuse. A block size of 0 is
-    /// read as token granularity.
+    /// The turn reused its conversation's history from a prefix cache: `cached_tokens` covers
+    /// every full block of the history's KV. The history's last token (the previous answer's
+    /// last) never had its KV computed, so the blocks that count are those of the first
+    /// `history_tokens - 1` tokens, and there must be at least one. A block size of 0 is read
+    /// as token granularity.
     pub fn history_hit(&self, block_size_tokens: u32) -> bool {
-        let full_tokens = match self.history_tokens.checked_div(block_size_tokens) {
+        let with_kv = self.history_tokens.saturating_sub(1);
+        let full_tokens = match with_kv.checked_div(block_size_tokens) {
             Some(blocks) => blocks * block_size_tokens,
-            None => self.history_tokens,
+            None => with_kv,
         };
         full_tokens > 0 && self.cached_tokens >= full_tokens
     }
@@ -235,10 +237,16 @@ mod tests {
         assert!(!r.history_hit(16));
         r.cached_tokens = 112;
         assert!(r.history_hit(16));
+        r.cached_tokens = 98;
+        assert!(!r.history_hit(0), "token granularity needs the 99 with KV");
         r.cached_tokens = 99;
-        assert!(!r.history_hit(0), "token granularity needs all 100");
-        r.cached_tokens = 100;
         assert!(r.history_hit(0));
+        r.history_tokens = 97;
+        r.cached_tokens = 96;
+        assert!(r.history_hit(16), "the 97th token's KV does not exist yet");
+        r.history_tokens = 17;
+        r.cached_tokens = 0;
+        assert!(!r.history_hit(16));
         r.history_tokens = 10;
         assert!(!r.history_hit(16), "no full block: nothing to reuse");
         r.history_tokens = 0;
