@@ -4,3 +4,6 @@
 mod spec;
 
 pub use spec::{DType, ModelSpec};
+
+#[cfg(feature = "runtime")]
+pub mod runtime;
