@@ -243,9 +243,7 @@ impl<'a> Simulation<'a> {
                         .registry
                         .pop_front()
                         .expect("a registry event has a batch");
-                    for &event in &batch {
-                        self.index.apply(worker, event);
-                    }
+                    self.index.apply_all(worker, &batch);
                     batch.clear();
                     self.spare_event_bufs.push(batch);
                 }

@@ -433,9 +433,7 @@ impl Simulation<'_> {
         if buf.is_empty() {
             self.spare_event_bufs.push(buf);
         } else if self.setup.registry_delay_ns == 0 {
-            for &event in &buf {
-                self.index.apply(w, event);
-            }
+            self.index.apply_all(w, &buf);
             buf.clear();
             self.spare_event_bufs.push(buf);
         } else {

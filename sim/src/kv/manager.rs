@@ -3,9 +3,9 @@
 //!
 //! Every operation is O(1) per block touched: the free list is a stack, the evictable blocks
 //! form an intrusive doubly linked list threaded through the block table, and the prefix cache
-//! is a hash map from block hash to block id.
+//! is a flat hash table from block hash to block id.
 
-use super::{BlockHash, BlockHashMap, BlockId};
+use super::{BlockHash, BlockId, BlockTable};
 
 /// A change to the set of blocks a worker holds in its prefix cache, as a KV-aware router
 /// sees it.
@@ -61,7 +61,7 @@ pub struct BlockManager {
     /// Most recently used evictable block.
     lru_tail: BlockId,
     used: u32,
-    cache: BlockHashMap<BlockId>,
+    cache: BlockTable<BlockId>,
     prefix_caching: bool,
     events: Vec<KvEvent>,
     events_enabled: bool,
@@ -86,7 +86,7 @@ impl BlockManager {
             lru_head: NIL,
             lru_tail: NIL,
             used: 0,
-            cache: BlockHashMap::default(),
+            cache: BlockTable::default(),
             prefix_caching,
             events: Vec::new(),
             events_enabled: true,
@@ -176,8 +176,7 @@ impl BlockManager {
         if b.ref_count == 0 || b.hash.is_some() {
             return;
         }
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.cache.entry(hash) {
-            slot.insert(block);
+        if self.cache.insert_new(hash, block) {
             b.hash = Some(hash);
             if self.events_enabled {
                 self.events.push(KvEvent::Stored(hash));
@@ -229,8 +228,8 @@ impl BlockManager {
         }
         let mut unreferenced = 0;
         for (i, hash) in hashes.iter().enumerate() {
-            match self.cache.get(hash) {
-                Some(&id) => {
+            match self.cache.get(*hash) {
+                Some(id) => {
                     unreferenced += u32::from(self.blocks[id as usize].ref_count == 0);
                     visit(id);
                 }
@@ -285,7 +284,7 @@ impl BlockManager {
                 let id = self.lru_head;
                 self.unlink(id);
                 if let Some(hash) = self.blocks[id as usize].hash.take() {
-                    self.cache.remove(&hash);
+                    self.cache.remove(hash);
                     if self.events_enabled {
                         self.events.push(KvEvent::Removed(hash));
                     }
