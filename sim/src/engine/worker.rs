@@ -378,10 +378,7 @@ impl Simulation<'_> {
                 let before = (seq.computed / bs) as usize;
                 seq.computed += chunk;
                 let after = (seq.computed / bs) as usize;
-                for (&block, &hash) in blocks[before..after].iter().zip(&seq.hashes[before..after])
-                {
-                    kv.commit(block, hash);
-                }
+                kv.commit_all(&blocks[before..after], &seq.hashes[before..after]);
                 if seq.computed == seq.prefill_target {
                     prefilled.push(slot);
                 }
