@@ -435,8 +435,9 @@ impl Simulation<'_> {
             self.spare_event_bufs.push(buf);
         } else {
             self.registry.push_back((w, buf));
+            // A fixed delay after a clock that never goes back: deliveries come in time order.
             self.queue
-                .push(self.now + self.setup.registry_delay_ns, Event::Registry);
+                .push_in_order(self.now + self.setup.registry_delay_ns, Event::Registry);
         }
     }
 }

@@ -222,6 +222,11 @@ impl BlockManager {
     /// head), an unregistered one returns to the free list. Ids that are unknown or already
     /// unreferenced are ignored.
     pub fn free(&mut self, seq: &[BlockId]) {
+        for &id in seq {
+            if let Some(b) = self.blocks.get(id as usize) {
+                prefetch(b);
+            }
+        }
         for &id in seq.iter().rev() {
             let Some(b) = self.blocks.get_mut(id as usize) else {
                 continue;
