@@ -243,9 +243,7 @@ impl<'a> Simulation<'a> {
                         .registry
                         .pop_front()
                         .expect("a registry event has a batch");
-                    for &event in &batch {
-                        self.index.apply(worker, event);
-                    }
+                    self.index.apply_all(worker, &batch);
                     batch.clear();
                     self.spare_event_bufs.push(batch);
                 }
@@ -502,9 +500,8 @@ impl Simulation<'_> {
         // The transferred full blocks join the decode worker's prefix cache.
         let full = (seq.req.prompt_tokens / self.block_size) as usize;
         let kv = &mut self.workers[d as usize].kv;
-        for i in (seq.decode_cached_tokens / self.block_size) as usize..full {
-            kv.commit(seq.blocks[i], seq.hashes[i]);
-        }
+        let first = (seq.decode_cached_tokens / self.block_size) as usize;
+        kv.commit_all(&seq.blocks[first..full], &seq.hashes[first..full]);
         self.workers[p as usize].kv.free(&prefill_blocks);
         self.release_load(p, prompt_blocks);
         self.wake.push(p);

@@ -3,7 +3,7 @@
 
 use crate::time::Nanos;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Event {
@@ -27,6 +27,10 @@ pub enum Event {
 #[derive(Default)]
 pub struct EventQueue {
     heap: BinaryHeap<Reverse<(Nanos, u64, Event)>>,
+    /// Events pushed in time order (a fixed delay after the current time): a FIFO merged
+    /// with the heap by (time, insertion order) pops them exactly when the heap would, without
+    /// the heap's cost. KV registry deliveries, a fifth of all events, go here.
+    in_order: VecDeque<(Nanos, u64, Event)>,
     next_seq: u64,
 }
 
@@ -36,8 +40,25 @@ impl EventQueue {
         self.next_seq += 1;
     }
 
+    /// `push` for an event due no earlier than every event pushed here before.
+    pub fn push_in_order(&mut self, at: Nanos, event: Event) {
+        debug_assert!(self.in_order.back().is_none_or(|&(last, _, _)| last <= at));
+        self.in_order.push_back((at, self.next_seq, event));
+        self.next_seq += 1;
+    }
+
     pub fn pop(&mut self) -> Option<(Nanos, Event)> {
-        self.heap.pop().map(|Reverse((at, _, event))| (at, event))
+        let fifo_first = match (self.in_order.front(), self.heap.peek()) {
+            (Some(&(at, seq, _)), Some(Reverse((heap_at, heap_seq, _)))) => {
+                (at, seq) < (*heap_at, *heap_seq)
+            }
+            (front, _) => front.is_some(),
+        };
+        if fifo_first {
+            self.in_order.pop_front().map(|(at, _, event)| (at, event))
+        } else {
+            self.heap.pop().map(|Reverse((at, _, event))| (at, event))
+        }
     }
 }
 
@@ -60,6 +81,29 @@ mod tests {
                 (5, Event::StepDone(2)),
                 (5, Event::StepDone(1)),
                 (5, Event::NextArrival)
+            ]
+        );
+    }
+
+    #[test]
+    fn in_order_events_merge_by_time_then_insertion() {
+        let mut q = EventQueue::default();
+        q.push_in_order(4, Event::Registry);
+        q.push(5, Event::StepDone(1));
+        q.push_in_order(5, Event::Registry);
+        q.push(4, Event::StepDone(2));
+        q.push(9, Event::StepDone(3));
+        q.push_in_order(9, Event::NextArrival);
+        let order: Vec<_> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(
+            order,
+            vec![
+                (4, Event::Registry),
+                (4, Event::StepDone(2)),
+                (5, Event::StepDone(1)),
+                (5, Event::Registry),
+                (9, Event::StepDone(3)),
+                (9, Event::NextArrival)
             ]
         );
     }

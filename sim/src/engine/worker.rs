@@ -378,10 +378,7 @@ impl Simulation<'_> {
                 let before = (seq.computed / bs) as usize;
                 seq.computed += chunk;
                 let after = (seq.computed / bs) as usize;
-                for (&block, &hash) in blocks[before..after].iter().zip(&seq.hashes[before..after])
-                {
-                    kv.commit(block, hash);
-                }
+                kv.commit_all(&blocks[before..after], &seq.hashes[before..after]);
                 if seq.computed == seq.prefill_target {
                     prefilled.push(slot);
                 }
@@ -433,15 +430,14 @@ impl Simulation<'_> {
         if buf.is_empty() {
             self.spare_event_bufs.push(buf);
         } else if self.setup.registry_delay_ns == 0 {
-            for &event in &buf {
-                self.index.apply(w, event);
-            }
+            self.index.apply_all(w, &buf);
             buf.clear();
             self.spare_event_bufs.push(buf);
         } else {
             self.registry.push_back((w, buf));
+            // A fixed delay after a clock that never goes back: deliveries come in time order.
             self.queue
-                .push(self.now + self.setup.registry_delay_ns, Event::Registry);
+                .push_in_order(self.now + self.setup.registry_delay_ns, Event::Registry);
         }
     }
 }

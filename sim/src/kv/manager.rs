@@ -3,9 +3,11 @@
 //!
 //! Every operation is O(1) per block touched: the free list is a stack, the evictable blocks
 //! form an intrusive doubly linked list threaded through the block table, and the prefix cache
-//! is a hash map from block hash to block id.
+//! is a flat hash table from block hash to block id.
 
-use super::{BlockHash, BlockHashMap, BlockId};
+use std::collections::VecDeque;
+
+use super::{BlockHash, BlockId, BlockTable};
 
 /// A change to the set of blocks a worker holds in its prefix cache, as a KV-aware router
 /// sees it.
@@ -34,17 +36,31 @@ pub struct Allocation {
     pub cached_blocks: usize,
 }
 
-/// Marks the end of the LRU list; never a block id, since ids are below the capacity.
-const NIL: BlockId = BlockId::MAX;
+/// Eviction-queue entries a block table looks ahead of the one being evicted: the block's
+/// own entry at the longer distance, its hash's prefix-cache slot at the shorter (by then
+/// the block has arrived, so its hash is known without waiting).
+const PREFETCH_BLOCK_AHEAD: usize = 8;
+const PREFETCH_SLOT_AHEAD: usize = 4;
 
-#[derive(Clone, Copy, Debug)]
+/// Bit of `Block::tag` set while the block is registered in the prefix cache under its hash.
+const REGISTERED: u32 = 1 << 31;
+/// The other bits of `Block::tag`: the stamp of the block's latest eviction-queue entry.
+const STAMP_MASK: u32 = REGISTERED - 1;
+
+#[derive(Clone, Copy, Debug, Default)]
 struct Block {
-    /// The hash under which the block is registered in the prefix cache.
-    hash: Option<BlockHash>,
+    /// The hash under which the block is registered in the prefix cache (when it is).
+    hash: BlockHash,
     ref_count: u32,
-    /// LRU neighbours; meaningful only while the block is evictable (registered, ref 0).
-    prev: BlockId,
-    next: BlockId,
+    /// REGISTERED, plus the stamp of the queue entry that makes it evictable (meaningful only
+    /// while the block is evictable: registered, ref 0).
+    tag: u32,
+}
+
+impl Block {
+    fn registered(&self) -> bool {
+        self.tag & REGISTERED != 0
+    }
 }
 
 /// The paged KV block manager of one worker.
@@ -52,16 +68,23 @@ struct Block {
 /// A block is in exactly one state: referenced (ref_count > 0), free (unreferenced and not in
 /// the prefix cache) or evictable (unreferenced but still cached, so a later request with the
 /// same prefix can reuse it until its space is needed).
+///
+/// Evictable blocks are kept in least-recently-used order as a queue of (block, stamp)
+/// entries rather than a linked list: a block becoming evictable appends an entry with a new
+/// stamp, and an entry counts only while its block is still evictable with that stamp, so
+/// reusing a block needs no unlinking. Evicting walks an array, whose next entries (and their
+/// blocks and cache slots) can be fetched ahead; a linked list would wait on every hop. The
+/// order is exactly the linked list's.
 #[derive(Clone, Debug)]
 pub struct BlockManager {
     blocks: Vec<Block>,
     free: Vec<BlockId>,
-    /// Least recently used evictable block: the next to go.
-    lru_head: BlockId,
-    /// Most recently used evictable block.
-    lru_tail: BlockId,
+    /// Evictable blocks, least recently used first, among stale entries.
+    lru: VecDeque<(BlockId, u32)>,
+    /// The stamp of the next queue entry.
+    next_stamp: u32,
     used: u32,
-    cache: BlockHashMap<BlockId>,
+    cache: BlockTable<BlockId>,
     prefix_caching: bool,
     events: Vec<KvEvent>,
     events_enabled: bool,
@@ -69,24 +92,16 @@ pub struct BlockManager {
 
 impl BlockManager {
     pub fn new(capacity_blocks: u32, prefix_caching: bool) -> Self {
-        let blocks = vec![
-            Block {
-                hash: None,
-                ref_count: 0,
-                prev: NIL,
-                next: NIL,
-            };
-            capacity_blocks as usize
-        ];
+        let blocks = vec![Block::default(); capacity_blocks as usize];
         // Reversed so that blocks are handed out in id order, which keeps tests readable.
         let free = (0..capacity_blocks).rev().collect();
         BlockManager {
             blocks,
             free,
-            lru_head: NIL,
-            lru_tail: NIL,
+            lru: VecDeque::new(),
+            next_stamp: 0,
             used: 0,
-            cache: BlockHashMap::default(),
+            cache: BlockTable::default(),
             prefix_caching,
             events: Vec::new(),
             events_enabled: true,
@@ -173,15 +188,32 @@ impl BlockManager {
         let Some(b) = self.blocks.get_mut(block as usize) else {
             return;
         };
-        if b.ref_count == 0 || b.hash.is_some() {
+        if b.ref_count == 0 || b.registered() {
             return;
         }
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.cache.entry(hash) {
-            slot.insert(block);
-            b.hash = Some(hash);
+        if self.cache.insert_new(hash, block) {
+            b.hash = hash;
+            b.tag |= REGISTERED;
             if self.events_enabled {
                 self.events.push(KvEvent::Stored(hash));
             }
+        }
+    }
+
+    /// `commit` of each (block, hash) pair in order, with every block and cache slot fetched
+    /// ahead so that their memory accesses overlap.
+    pub fn commit_all(&mut self, blocks: &[BlockId], hashes: &[BlockHash]) {
+        if !self.prefix_caching {
+            return;
+        }
+        for (&block, &hash) in blocks.iter().zip(hashes) {
+            if let Some(b) = self.blocks.get(block as usize) {
+                prefetch(b);
+            }
+            self.cache.prefetch(hash);
+        }
+        for (&block, &hash) in blocks.iter().zip(hashes) {
+            self.commit(block, hash);
         }
     }
 
@@ -190,6 +222,11 @@ impl BlockManager {
     /// head), an unregistered one returns to the free list. Ids that are unknown or already
     /// unreferenced are ignored.
     pub fn free(&mut self, seq: &[BlockId]) {
+        for &id in seq {
+            if let Some(b) = self.blocks.get(id as usize) {
+                prefetch(b);
+            }
+        }
         for &id in seq.iter().rev() {
             let Some(b) = self.blocks.get_mut(id as usize) else {
                 continue;
@@ -202,8 +239,12 @@ impl BlockManager {
                 continue;
             }
             self.used -= 1;
-            if b.hash.is_some() {
-                self.push_lru_tail(id);
+            if b.registered() {
+                let stamp = self.next_stamp;
+                self.next_stamp = (stamp + 1) & STAMP_MASK;
+                b.tag = REGISTERED | stamp;
+                self.lru.push_back((id, stamp));
+                self.compact_lru();
             } else {
                 self.free.push(id);
             }
@@ -227,10 +268,13 @@ impl BlockManager {
         if !self.prefix_caching {
             return (0, 0);
         }
+        for &hash in hashes {
+            self.cache.prefetch(hash);
+        }
         let mut unreferenced = 0;
         for (i, hash) in hashes.iter().enumerate() {
-            match self.cache.get(hash) {
-                Some(&id) => {
+            match self.cache.get(*hash) {
+                Some(id) => {
                     unreferenced += u32::from(self.blocks[id as usize].ref_count == 0);
                     visit(id);
                 }
@@ -270,7 +314,7 @@ impl BlockManager {
     /// One more reference to a cached block, taking it off the LRU list if it was evictable.
     fn pin(&mut self, id: BlockId) {
         if self.blocks[id as usize].ref_count == 0 {
-            self.unlink(id);
+            // Its queue entry goes stale now that the block is referenced.
             self.used += 1;
         }
         self.blocks[id as usize].ref_count += 1;
@@ -281,52 +325,62 @@ impl BlockManager {
     fn take(&mut self) -> BlockId {
         let id = match self.free.pop() {
             Some(id) => id,
-            None => {
-                let id = self.lru_head;
-                self.unlink(id);
-                if let Some(hash) = self.blocks[id as usize].hash.take() {
-                    self.cache.remove(&hash);
-                    if self.events_enabled {
-                        self.events.push(KvEvent::Removed(hash));
-                    }
-                }
-                id
-            }
+            None => self.evict(),
         };
         self.blocks[id as usize].ref_count = 1;
         self.used += 1;
         id
     }
 
-    fn push_lru_tail(&mut self, id: BlockId) {
-        let tail = self.lru_tail;
-        let b = &mut self.blocks[id as usize];
-        b.prev = tail;
-        b.next = NIL;
-        if tail == NIL {
-            self.lru_head = id;
-        } else {
-            self.blocks[tail as usize].next = id;
+    /// Takes the least recently used evictable block out of the cache (emits Removed).
+    fn evict(&mut self) -> BlockId {
+        loop {
+            let (id, stamp) = self
+                .lru
+                .pop_front()
+                .expect("an evictable block exists when none is free");
+            let b = self.blocks[id as usize];
+            if b.ref_count != 0 || b.tag != REGISTERED | stamp {
+                continue;
+            }
+            if let Some(&(ahead, _)) = self.lru.get(PREFETCH_BLOCK_AHEAD) {
+                prefetch(&self.blocks[ahead as usize]);
+            }
+            if let Some(&(ahead, _)) = self.lru.get(PREFETCH_SLOT_AHEAD) {
+                self.cache.prefetch(self.blocks[ahead as usize].hash);
+            }
+            self.blocks[id as usize].tag = 0;
+            self.cache.remove(b.hash);
+            if self.events_enabled {
+                self.events.push(KvEvent::Removed(b.hash));
+            }
+            return id;
         }
-        self.lru_tail = id;
     }
 
-    fn unlink(&mut self, id: BlockId) {
-        let Block { prev, next, .. } = self.blocks[id as usize];
-        if prev == NIL {
-            self.lru_head = next;
-        } else {
-            self.blocks[prev as usize].next = next;
+    /// Drops stale queue entries once they outnumber the blocks (a block reused and released
+    /// many times between evictions leaves one per release), keeping the queue O(capacity).
+    fn compact_lru(&mut self) {
+        if self.lru.len() <= 2 * self.blocks.len() + 16 {
+            return;
         }
-        if next == NIL {
-            self.lru_tail = prev;
-        } else {
-            self.blocks[next as usize].prev = prev;
-        }
-        let b = &mut self.blocks[id as usize];
-        b.prev = NIL;
-        b.next = NIL;
+        let blocks = &self.blocks;
+        self.lru.retain(|&(id, stamp)| {
+            blocks[id as usize].ref_count == 0 && blocks[id as usize].tag == REGISTERED | stamp
+        });
     }
+}
+
+/// Starts loading `block` into the cache ahead of use; a hint with no effect on results.
+#[inline]
+fn prefetch(block: &Block) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint that never faults; the reference is valid anyway.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            (block as *const Block).cast::<i8>(),
+        )
+    };
 }
 
 #[cfg(test)]

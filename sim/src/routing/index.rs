@@ -4,61 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::WorkerId;
-use crate::kv::{BlockHash, BlockHashMap, KvEvent};
-
-/// The workers holding one block: a bitset indexed by worker id. The first word is inline, so
-/// a cluster of up to 64 workers costs no allocation per block.
-#[derive(Clone, Debug, Default)]
-struct WorkerSet {
-    low: u64,
-    /// Words 1.., without trailing zero words (so an empty set is `low == 0 && high.is_empty()`).
-    high: Vec<u64>,
-}
-
-impl WorkerSet {
-    fn insert(&mut self, worker: WorkerId) {
-        let (word, bit) = split(worker);
-        if word == 0 {
-            self.low |= bit;
-        } else {
-            if self.high.len() < word {
-                self.high.resize(word, 0);
-            }
-            self.high[word - 1] |= bit;
-        }
-    }
-
-    fn remove(&mut self, worker: WorkerId) {
-        let (word, bit) = split(worker);
-        if word == 0 {
-            self.low &= !bit;
-        } else if let Some(w) = self.high.get_mut(word - 1) {
-            *w &= !bit;
-            while self.high.last() == Some(&0) {
-                self.high.pop();
-            }
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.low == 0 && self.high.is_empty()
-    }
-
-    fn word(&self, i: usize) -> u64 {
-        if i == 0 {
-            self.low
-        } else {
-            self.high.get(i - 1).copied().unwrap_or(0)
-        }
-    }
-
-    fn workers(&self) -> impl Iterator<Item = WorkerId> + '_ {
-        std::iter::once(self.low)
-            .chain(self.high.iter().copied())
-            .enumerate()
-            .flat_map(|(i, word)| bits(word).map(move |b| (i * 64 + b) as WorkerId))
-    }
-}
+use crate::kv::{BlockHash, BlockHashMap, BlockTable, KvEvent};
 
 /// Word index and bit mask of a worker.
 fn split(worker: WorkerId) -> (usize, u64) {
@@ -79,10 +25,17 @@ fn bits(mut word: u64) -> impl Iterator<Item = usize> {
 /// Words of an overlap walk kept on the stack: clusters of up to 1024 workers allocate nothing.
 const STACK_WORDS: usize = 16;
 
-/// Which workers hold which block hash.
+/// Which workers hold which block hash: per hash, a bitset indexed by worker id.
+///
+/// The first word (workers 0..64) sits in a flat table slot beside its hash, so a cluster of up
+/// to 64 workers costs one 16-byte slot per block and one memory access per lookup; the words
+/// of higher workers live in a side map, empty in such clusters. A hash is in `low` exactly
+/// when some worker holds it (its word may be 0 when only higher workers do).
 #[derive(Clone, Debug, Default)]
 pub struct BlockIndex {
-    holders: BlockHashMap<WorkerSet>,
+    low: BlockTable<u64>,
+    /// Words 1.. of a hash's set, without trailing zero words; absent when all are zero.
+    high: BlockHashMap<Vec<u64>>,
 }
 
 impl BlockIndex {
@@ -93,34 +46,110 @@ impl BlockIndex {
     /// Stored twice by the same worker is idempotent; Removed of a hash the worker does not
     /// hold is ignored.
     pub fn apply(&mut self, worker: WorkerId, event: KvEvent) {
+        let (word, bit) = split(worker);
         match event {
-            KvEvent::Stored(hash) => self.holders.entry(hash).or_default().insert(worker),
-            KvEvent::Removed(hash) => {
-                if let Some(set) = self.holders.get_mut(&hash) {
-                    set.remove(worker);
-                    if set.is_empty() {
-                        self.holders.remove(&hash);
+            KvEvent::Stored(hash) => {
+                let low = self.low.get_or_default(hash);
+                if word == 0 {
+                    *low |= bit;
+                } else {
+                    let high = self.high.entry(hash).or_default();
+                    if high.len() < word {
+                        high.resize(word, 0);
                     }
+                    high[word - 1] |= bit;
+                }
+            }
+            KvEvent::Removed(hash) => {
+                let Some(low) = self.low.get_mut(hash) else {
+                    return;
+                };
+                if word == 0 {
+                    *low &= !bit;
+                    if *low != 0 {
+                        return;
+                    }
+                } else {
+                    let Some(high) = self.high.get_mut(&hash) else {
+                        return;
+                    };
+                    if let Some(w) = high.get_mut(word - 1) {
+                        *w &= !bit;
+                    }
+                    while high.last() == Some(&0) {
+                        high.pop();
+                    }
+                    if high.is_empty() {
+                        self.high.remove(&hash);
+                    }
+                    if *low != 0 {
+                        return;
+                    }
+                }
+                if !self.high.contains_key(&hash) {
+                    self.low.remove(hash);
                 }
             }
         }
     }
 
+    /// Applies a batch of one worker's events in order, fetching their table slots ahead so
+    /// that the lookups overlap their memory accesses instead of waiting on each in turn.
+    pub fn apply_all(&mut self, worker: WorkerId, events: &[KvEvent]) {
+        for &event in events {
+            let (KvEvent::Stored(hash) | KvEvent::Removed(hash)) = event;
+            self.low.prefetch(hash);
+        }
+        for &event in events {
+            self.apply(worker, event);
+        }
+    }
+
     /// Forget everything a worker held (it died or left). O(blocks indexed).
     pub fn remove_worker(&mut self, worker: WorkerId) {
-        self.holders.retain(|_, set| {
-            set.remove(worker);
-            !set.is_empty()
+        let (word, bit) = split(worker);
+        if word == 0 {
+            let high = &self.high;
+            self.low.retain(|hash, low| {
+                *low &= !bit;
+                *low != 0 || high.contains_key(&hash)
+            });
+            return;
+        }
+        self.high.retain(|_, high| {
+            if let Some(w) = high.get_mut(word - 1) {
+                *w &= !bit;
+            }
+            while high.last() == Some(&0) {
+                high.pop();
+            }
+            !high.is_empty()
         });
+        let high = &self.high;
+        self.low
+            .retain(|hash, low| *low != 0 || high.contains_key(&hash));
     }
 
     /// Distinct hashes held by at least one worker.
     pub fn len(&self) -> usize {
-        self.holders.len()
+        self.low.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.holders.is_empty()
+        self.low.is_empty()
+    }
+
+    /// Word `i` of the set of `hash`, whose first word is `low`.
+    fn word(&self, hash: BlockHash, low: u64, i: usize) -> u64 {
+        if i == 0 {
+            low
+        } else {
+            self.high
+                .get(&hash)
+                .and_then(|h| h.get(i - 1))
+                .copied()
+                .unwrap_or(0)
+        }
     }
 
     /// overlap[w] = number of leading blocks of `hashes` that worker w holds, for every
@@ -132,9 +161,12 @@ impl BlockIndex {
     /// workers per depth plus one write per worker that matched at all.
     pub fn overlaps(&self, hashes: &[BlockHash], overlap: &mut [u32]) {
         overlap.fill(0);
-        let Some(first) = hashes.first().and_then(|h| self.holders.get(h)) else {
+        let Some(first) = hashes.first().and_then(|&h| self.low.get(h)) else {
             return;
         };
+        for &h in &hashes[1..] {
+            self.low.prefetch(h);
+        }
         let words = overlap.len().div_ceil(64);
         let mut stack = [0u64; STACK_WORDS];
         let mut heap = Vec::new();
@@ -145,7 +177,7 @@ impl BlockIndex {
             &mut heap
         };
         for (i, a) in alive.iter_mut().enumerate() {
-            *a = first.word(i);
+            *a = self.word(hashes[0], first, i);
         }
         if !overlap.len().is_multiple_of(64) {
             alive[words - 1] &= (1u64 << (overlap.len() % 64)) - 1;
@@ -155,10 +187,11 @@ impl BlockIndex {
 
         let mut depth = 1;
         while depth < hashes.len() && live_words > 0 {
-            let set = self.holders.get(&hashes[depth]);
+            let hash = hashes[depth];
+            let set = self.low.get(hash);
             let mut last_live = 0;
             for (i, a) in alive[..live_words].iter_mut().enumerate() {
-                let next = set.map_or(0, |s| s.word(i)) & *a;
+                let next = set.map_or(0, |low| self.word(hash, low, i)) & *a;
                 for b in bits(*a & !next) {
                     overlap[i * 64 + b] = depth as u32;
                 }
@@ -179,9 +212,17 @@ impl BlockIndex {
 
     /// Sorted (hash, sorted workers) view, for tests and debugging.
     pub fn snapshot(&self) -> BTreeMap<BlockHash, Vec<WorkerId>> {
-        self.holders
+        self.low
             .iter()
-            .map(|(&hash, set)| (hash, set.workers().collect()))
+            .map(|(hash, low)| {
+                let high = self.high.get(&hash).map_or(&[][..], |h| &h[..]);
+                let workers = std::iter::once(low)
+                    .chain(high.iter().copied())
+                    .enumerate()
+                    .flat_map(|(i, word)| bits(word).map(move |b| (i * 64 + b) as WorkerId))
+                    .collect();
+                (hash, workers)
+            })
             .collect()
     }
 }
