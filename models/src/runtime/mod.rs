@@ -5,10 +5,17 @@
 //! each sequence's block table, so the same bookkeeping that the simulator runs (sim's block
 //! manager) decides which blocks a sequence owns.
 
+mod cache;
 mod error;
+mod model;
+mod rope;
+mod sampling;
 mod weights;
 
+pub use cache::{DEFAULT_BLOCK_SIZE_TOKENS, KvCache};
 pub use error::RuntimeError;
+pub use model::{Model, SeqInput};
+pub use sampling::{FinishReason, Sampler, SamplingParams, Stop};
 pub use weights::{LayerWeights, RopeStyle, Weights};
 
 /// The candle device and dtype types, re-exported so that callers need no direct dependency.

@@ -1,0 +1,442 @@
+//! The paged KV cache: per layer one K and one V pool of fixed-size token blocks, addressed
+//! through each sequence's block table. Whole blocks export to bytes and import back, so a
+//! sequence's KV can leave the process (prefill node to decode node) and skip recomputation.
+
+use super::RuntimeError;
+use crate::ModelSpec;
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+
+/// Tokens per block unless the caller picks otherwise (vLLM's and the simulator's default).
+pub const DEFAULT_BLOCK_SIZE_TOKENS: usize = 16;
+
+/// Paged K and V pools for every layer.
+///
+/// A sequence's token at position `p` lives in slot `block_table[p / bs] * bs + p % bs`.
+///
+/// The pools are head-major, `(n_kv_heads, num_blocks * block_size, head_dim)`: gathering a
+/// sequence's blocks along the slot axis yields the `(kv_head, token, head_dim)` operand that
+/// attention multiplies by, so a step copies each context once. The export layout is
+/// token-major (see [`KvCache::export_blocks`]); that transpose is paid per transfer, not per
+/// step.
+#[derive(Debug)]
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    num_blocks: usize,
+    block_size_tokens: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl KvCache {
+    /// Zeroed pools of `num_blocks` blocks of `block_size_tokens` tokens for every layer of
+    /// `spec`, in `dtype` (f32, f16 or bf16) on `device`.
+    pub fn new(
+        spec: &ModelSpec,
+        num_blocks: usize,
+        block_size_tokens: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<KvCache, RuntimeError> {
+        if num_blocks == 0 || block_size_tokens == 0 {
+            return Err(RuntimeError::Invalid(format!(
+                "KV cache: num_blocks ({num_blocks}) and block_size_tokens \
+                 ({block_size_tokens}) must be positive"
+            )));
+        }
+        // Slot ids travel as u32 index tensors.
+        let slots = num_blocks
+            .checked_mul(block_size_tokens)
+            .filter(|&s| s <= u32::MAX as usize)
+            .ok_or_else(|| {
+                RuntimeError::Invalid(format!(
+                    "KV cache: {num_blocks} blocks of {block_size_tokens} tokens exceed 2^32 slots"
+                ))
+            })?;
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(RuntimeError::Invalid(format!(
+                "KV cache: dtype {dtype:?} is not supported (f32, f16 or bf16)"
+            )));
+        }
+        let (n_kv_heads, head_dim) = (spec.n_kv_heads as usize, spec.head_dim as usize);
+        if spec.n_layers == 0 || n_kv_heads == 0 || head_dim == 0 {
+            return Err(RuntimeError::Invalid(format!(
+                "KV cache: model {} needs n_layers, n_kv_heads and head_dim > 0",
+                spec.name
+            )));
+        }
+        let pool = || Tensor::zeros((n_kv_heads, slots, head_dim), dtype, device);
+        let mut k = Vec::with_capacity(spec.n_layers as usize);
+        let mut v = Vec::with_capacity(spec.n_layers as usize);
+        for _ in 0..spec.n_layers {
+            k.push(pool()?);
+            v.push(pool()?);
+        }
+        Ok(KvCache {
+            k,
+            v,
+            num_blocks,
+            block_size_tokens,
+            n_kv_heads,
+            head_dim,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn block_size_tokens(&self) -> usize {
+        self.block_size_tokens
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.k.len()
+    }
+
+    pub fn n_kv_heads(&self) -> usize {
+        self.n_kv_heads
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of one block over all layers, K and V: what [`KvCache::export_blocks`] yields per
+    /// block.
+    pub fn bytes_per_block(&self) -> usize {
+        self.n_layers() * 2 * self.layer_block_bytes()
+    }
+
+    /// Bytes of one block of one layer's K (or V).
+    fn layer_block_bytes(&self) -> usize {
+        self.block_size_tokens * self.n_kv_heads * self.head_dim * self.dtype.size_in_bytes()
+    }
+
+    /// Fails with a message naming the first block id outside the pool.
+    pub(crate) fn check_block_ids(&self, blocks: &[u32], what: &str) -> Result<(), RuntimeError> {
+        match blocks.iter().find(|&&b| b as usize >= self.num_blocks) {
+            Some(b) => Err(RuntimeError::Invalid(format!(
+                "{what}: block id {b} out of range (the cache has {} blocks)",
+                self.num_blocks
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes new K and V, each `(n_kv_heads, n, head_dim)`, into the slots named by `slots`:
+    /// `(n_kv_heads, n, head_dim)` u32, every row holding the token's slot id (as scatter
+    /// wants one index per element). Slot ids must be in range and distinct.
+    pub(crate) fn write(
+        &self,
+        layer: usize,
+        slots: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(), RuntimeError> {
+        self.k[layer].scatter_set(slots, &k.to_dtype(self.dtype)?, 1)?;
+        self.v[layer].scatter_set(slots, &v.to_dtype(self.dtype)?, 1)?;
+        Ok(())
+    }
+
+    /// The first `len_tokens` tokens of the context held in `blocks` (u32, checked ids), as K
+    /// and V of shape `(n_kv_heads, len_tokens, head_dim)`.
+    pub(crate) fn gather(
+        &self,
+        layer: usize,
+        blocks: &Tensor,
+        len_tokens: usize,
+    ) -> Result<(Tensor, Tensor), RuntimeError> {
+        let n = blocks.dim(0)?;
+        let gather = |pool: &Tensor| -> Result<Tensor, RuntimeError> {
+            Ok(self
+                .blocked(pool)?
+                .index_select(blocks, 1)?
+                .reshape((self.n_kv_heads, n * self.block_size_tokens, self.head_dim))?
+                .narrow(1, 0, len_tokens)?)
+        };
+        Ok((gather(&self.k[layer])?, gather(&self.v[layer])?))
+    }
+
+    /// A pool viewed as `(n_kv_heads, num_blocks, block_size, head_dim)`.
+    fn blocked(&self, pool: &Tensor) -> Result<Tensor, RuntimeError> {
+        Ok(pool.reshape((
+            self.n_kv_heads,
+            self.num_blocks,
+            self.block_size_tokens,
+            self.head_dim,
+        ))?)
+    }
+
+    /// Each block's bytes, [`KvCache::bytes_per_block`] long, in a fixed layout: layer-major;
+    /// within a layer K then V, each `(block_size, n_kv_heads, head_dim)` row-major in the
+    /// cache dtype, little-endian. Whole blocks travel, the unused tail of a partly filled
+    /// last block included.
+    pub fn export_blocks(&self, blocks: &[u32]) -> Result<Vec<Vec<u8>>, RuntimeError> {
+        self.check_block_ids(blocks, "export")?;
+        let mut out = vec![Vec::with_capacity(self.bytes_per_block()); blocks.len()];
+        if blocks.is_empty() {
+            return Ok(out);
+        }
+        let ids = Tensor::from_slice(blocks, blocks.len(), &self.device)?;
+        let chunk = self.layer_block_bytes();
+        for (k, v) in self.k.iter().zip(&self.v) {
+            for pool in [k, v] {
+                // (kv_heads, n, bs, head_dim) -> (n, bs, kv_heads, head_dim)
+                let t = self
+                    .blocked(pool)?
+                    .index_select(&ids, 1)?
+                    .permute((1, 2, 0, 3))?
+                    .contiguous()?;
+                let bytes = le_bytes(&t)?;
+                for (block, part) in out.iter_mut().zip(bytes.chunks_exact(chunk)) {
+                    block.extend_from_slice(part);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes blocks exported by [`KvCache::export_blocks`] (from a cache of the same model,
+    /// block size and dtype) into the blocks `blocks`, pairwise.
+    pub fn import_blocks(&mut self, blocks: &[u32], data: &[Vec<u8>]) -> Result<(), RuntimeError> {
+        if blocks.len() != data.len() {
+            return Err(RuntimeError::Invalid(format!(
+                "import: {} block ids for {} blocks of data",
+                blocks.len(),
+                data.len()
+            )));
+        }
+        self.check_block_ids(blocks, "import")?;
+        let expected = self.bytes_per_block();
+        if let Some((b, d)) = blocks.iter().zip(data).find(|(_, d)| d.len() != expected) {
+            return Err(RuntimeError::Invalid(format!(
+                "import: data for block {b} is {} bytes, a block is {expected} bytes \
+                 ({} layers, block size {}, {} kv heads x {} head_dim, {:?})",
+                d.len(),
+                self.n_layers(),
+                self.block_size_tokens,
+                self.n_kv_heads,
+                self.head_dim,
+                self.dtype
+            )));
+        }
+        let mut sorted = blocks.to_vec();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(RuntimeError::Invalid(format!(
+                "import: block id {} given twice",
+                w[0]
+            )));
+        }
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let (n, bs) = (blocks.len(), self.block_size_tokens);
+        let slots: Vec<u32> = blocks
+            .iter()
+            .flat_map(|&b| (0..bs as u32).map(move |j| b * bs as u32 + j))
+            .collect();
+        let shape = (self.n_kv_heads, n * bs, self.head_dim);
+        let slots = Tensor::from_vec(slots, (1, n * bs, 1), &self.device)?
+            .broadcast_as(shape)?
+            .contiguous()?;
+        let chunk = self.layer_block_bytes();
+        let mut buf = Vec::with_capacity(n * chunk);
+        for layer in 0..self.n_layers() {
+            for (kind, pool) in [&self.k[layer], &self.v[layer]].into_iter().enumerate() {
+                let offset = (layer * 2 + kind) * chunk;
+                buf.clear();
+                for d in data {
+                    buf.extend_from_slice(&d[offset..offset + chunk]);
+                }
+                let dims = [n, bs, self.n_kv_heads, self.head_dim];
+                // (n, bs, kv_heads, head_dim) -> (kv_heads, n * bs, head_dim)
+                let t = Tensor::from_raw_buffer(&buf, self.dtype, &dims, &self.device)?
+                    .permute((2, 0, 1, 3))?
+                    .contiguous()?
+                    .reshape(shape)?;
+                pool.scatter_set(&slots, &t, 1)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A contiguous f32/f16/bf16 tensor's elements as little-endian bytes.
+fn le_bytes(t: &Tensor) -> Result<Vec<u8>, RuntimeError> {
+    fn encode<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(v.len() * N);
+        for &x in v {
+            out.extend_from_slice(&f(x));
+        }
+        out
+    }
+    let t = t.to_device(&Device::Cpu)?;
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| RuntimeError::Invalid("export: tensor not contiguous".into()))?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(encode(&v[start..end], |x| x.to_le_bytes())),
+        Storage::Cpu(CpuStorage::F16(v)) => Ok(encode(&v[start..end], |x| x.to_le_bytes())),
+        Storage::Cpu(CpuStorage::BF16(v)) => Ok(encode(&v[start..end], |x| x.to_le_bytes())),
+        _ => Err(RuntimeError::Invalid(format!(
+            "export: dtype {:?} is not supported",
+            t.dtype()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small_spec() -> ModelSpec {
+        ModelSpec {
+            name: "tiny".into(),
+            n_layers: 3,
+            hidden_size: 64,
+            intermediate_size: 128,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            vocab_size: 100,
+            max_position_embeddings: 256,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: false,
+        }
+    }
+
+    fn spec_dtype(dtype: DType) -> crate::DType {
+        match dtype {
+            DType::F32 => crate::DType::F32,
+            DType::F16 => crate::DType::F16,
+            DType::BF16 => crate::DType::Bf16,
+            other => panic!("no spec dtype for {other:?}"),
+        }
+    }
+
+    #[test]
+    fn block_bytes_per_token_equal_spec_kv_bytes_per_token() {
+        let smollm = ModelSpec::preset("smollm2-135m").unwrap();
+        for spec in [small_spec(), smollm] {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let cache = KvCache::new(&spec, 3, 16, dtype, &Device::Cpu).unwrap();
+                let exported = cache.export_blocks(&[2]).unwrap();
+                assert_eq!(exported[0].len(), cache.bytes_per_block());
+                assert_eq!(
+                    (exported[0].len() / 16) as u64,
+                    spec.kv_bytes_per_token(spec_dtype(dtype)),
+                    "{} {dtype:?}",
+                    spec.name
+                );
+            }
+        }
+    }
+
+    /// Fills every slot of every pool with a distinct value so that misplaced bytes show.
+    fn filled(cache: &KvCache, seed: f32) {
+        for (l, (k, v)) in cache.k.iter().zip(&cache.v).enumerate() {
+            for (kind, pool) in [k, v].into_iter().enumerate() {
+                let n = pool.elem_count();
+                let base = seed + (l * 2 + kind) as f32 * n as f32;
+                let values = Tensor::arange(base, base + n as f32, &Device::Cpu)
+                    .unwrap()
+                    .reshape(pool.dims())
+                    .unwrap()
+                    .to_dtype(cache.dtype)
+                    .unwrap();
+                pool.slice_set(&values, 0, 0).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn export_layout_is_token_major_per_layer_k_then_v() {
+        let spec = small_spec();
+        let cache = KvCache::new(&spec, 4, 8, DType::F32, &Device::Cpu).unwrap();
+        filled(&cache, 0.0);
+        let block = 2u32;
+        let bytes = &cache.export_blocks(&[block]).unwrap()[0];
+        let floats: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let bs = 8;
+        let mut want = Vec::new();
+        for layer in 0..3 {
+            for pool in [&cache.k[layer], &cache.v[layer]] {
+                // pool[head][slot][d]; the export walks slot, then head, then d.
+                let pool = pool.to_vec3::<f32>().unwrap();
+                for t in 0..bs {
+                    for head in &pool {
+                        want.extend_from_slice(&head[block as usize * bs + t]);
+                    }
+                }
+            }
+        }
+        assert_eq!(floats, want);
+    }
+
+    #[test]
+    fn import_writes_exported_blocks_under_other_ids() {
+        let spec = small_spec();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let a = KvCache::new(&spec, 6, 4, dtype, &Device::Cpu).unwrap();
+            filled(&a, 0.0);
+            let mut b = KvCache::new(&spec, 5, 4, dtype, &Device::Cpu).unwrap();
+            filled(&b, 0.5);
+            let untouched = b.export_blocks(&[0, 2]).unwrap();
+            let sent = a.export_blocks(&[5, 1, 3]).unwrap();
+            b.import_blocks(&[4, 1, 3], &sent).unwrap();
+            assert_eq!(b.export_blocks(&[4, 1, 3]).unwrap(), sent, "{dtype:?}");
+            assert_eq!(b.export_blocks(&[0, 2]).unwrap(), untouched, "{dtype:?}");
+        }
+    }
+
+    fn invalid(r: Result<impl std::fmt::Debug, RuntimeError>) -> String {
+        match r {
+            Err(RuntimeError::Invalid(m)) => m,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_ids_lengths_and_parameters_are_errors() {
+        let spec = small_spec();
+        let mut cache = KvCache::new(&spec, 4, 4, DType::F32, &Device::Cpu).unwrap();
+        let msg = invalid(cache.export_blocks(&[1, 4]));
+        assert!(msg.contains("block id 4"), "{msg}");
+        let block = cache.export_blocks(&[1]).unwrap();
+        let msg = invalid(cache.import_blocks(&[7], &block));
+        assert!(msg.contains("block id 7"), "{msg}");
+        let msg = invalid(cache.import_blocks(&[0, 1], &block));
+        assert!(msg.contains("2 block ids for 1"), "{msg}");
+        let short = vec![block[0][..100].to_vec()];
+        let msg = invalid(cache.import_blocks(&[0], &short));
+        assert!(msg.contains("block 0 is 100 bytes"), "{msg}");
+        let twice = vec![block[0].clone(), block[0].clone()];
+        let msg = invalid(cache.import_blocks(&[2, 2], &twice));
+        assert!(msg.contains("block id 2 given twice"), "{msg}");
+        assert!(cache.export_blocks(&[]).unwrap().is_empty());
+        cache.import_blocks(&[], &[]).unwrap();
+        invalid(KvCache::new(&spec, 0, 4, DType::F32, &Device::Cpu));
+        invalid(KvCache::new(&spec, 4, 0, DType::F32, &Device::Cpu));
+        let msg = invalid(KvCache::new(&spec, 4, 4, DType::U8, &Device::Cpu));
+        assert!(msg.contains("U8"), "{msg}");
+    }
+}

@@ -1,0 +1,419 @@
+//! The Llama forward pass (RMSNorm, RoPE, grouped-query attention, SwiGLU) over a paged KV
+//! cache, for a batch that mixes prefills and decodes of different lengths in one step.
+//!
+//! All new tokens of a step are packed into one (T, hidden) activation, so every matmul runs
+//! once per layer for the whole batch; only attention runs per sequence, on the context
+//! gathered from that sequence's blocks.
+
+use super::cache::KvCache;
+use super::rope::Rope;
+use super::{RuntimeError, Weights};
+use crate::ModelSpec;
+use candle_core::{DType, Device, Tensor};
+
+/// One sequence's share of a forward step.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqInput<'a> {
+    /// The new tokens: a prompt (or a chunk of one), or the last sampled token.
+    pub tokens: &'a [u32],
+    /// Tokens of this sequence already in the cache; the new ones take positions from here.
+    pub start_pos: usize,
+    /// The sequence's blocks in position order; must cover `start_pos + tokens.len()`.
+    pub block_table: &'a [u32],
+}
+
+/// A layer's weights, with Q/K/V and gate/up fused so that each is one matmul.
+#[derive(Debug, Clone)]
+struct Layer {
+    /// (hidden) f32
+    attn_norm: Tensor,
+    /// (q_dim + 2 kv_dim, hidden)
+    wqkv: Tensor,
+    /// (hidden, q_dim)
+    wo: Tensor,
+    /// (hidden) f32
+    ffn_norm: Tensor,
+    /// (2 intermediate, hidden)
+    w_gate_up: Tensor,
+    /// (hidden, intermediate)
+    w_down: Tensor,
+}
+
+/// A Llama-family model ready to run: weights on their device, RoPE tables precomputed.
+#[derive(Debug, Clone)]
+pub struct Model {
+    spec: ModelSpec,
+    dtype: DType,
+    device: Device,
+    /// (vocab, hidden)
+    embed: Tensor,
+    layers: Vec<Layer>,
+    /// (hidden) f32
+    norm: Tensor,
+    /// (vocab, hidden)
+    lm_head: Tensor,
+    rope: Rope,
+}
+
+/// A sequence's place in the packed batch and what its attention reads.
+struct SeqPlan {
+    /// First row of its new tokens in the packed batch.
+    offset: usize,
+    n_tokens: usize,
+    context_tokens: usize,
+    /// The blocks covering its context, u32.
+    blocks: Tensor,
+    /// Additive causal mask (n_tokens, context_tokens), f32; none for a single new token,
+    /// which sees its whole context.
+    mask: Option<Tensor>,
+}
+
+impl Model {
+    /// Checks every tensor against the spec, fuses Q/K/V and gate/up, and precomputes RoPE
+    /// tables for every position up to `max_position_embeddings`.
+    pub fn new(weights: Weights) -> Result<Model, RuntimeError> {
+        let spec = weights.spec.clone();
+        let dtype = weights.dtype();
+        let device = weights.device().clone();
+        check_spec(&spec)?;
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(RuntimeError::Invalid(format!(
+                "model {}: weights dtype {dtype:?} is not supported (f32, f16 or bf16)",
+                spec.name
+            )));
+        }
+        if weights.layers.len() != spec.n_layers as usize {
+            return Err(RuntimeError::Invalid(format!(
+                "model {}: {} layers of weights, the spec says {}",
+                spec.name,
+                weights.layers.len(),
+                spec.n_layers
+            )));
+        }
+        let h = spec.hidden_size as usize;
+        let q = (spec.n_heads * spec.head_dim) as usize;
+        let kv = (spec.n_kv_heads * spec.head_dim) as usize;
+        let inter = spec.intermediate_size as usize;
+        let vocab = spec.vocab_size as usize;
+        let check = |name: &str, t: &Tensor, dims: &[usize]| -> Result<(), RuntimeError> {
+            if t.dims() != dims {
+                return Err(RuntimeError::Shape {
+                    name: name.to_string(),
+                    expected: dims.to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            if t.dtype() != dtype || !t.device().same_device(&device) {
+                return Err(RuntimeError::Invalid(format!(
+                    "tensor {name}: {:?} on {:?}, the embedding is {dtype:?} on {:?}",
+                    t.dtype(),
+                    t.device().location(),
+                    device.location()
+                )));
+            }
+            Ok(())
+        };
+        check("embed", &weights.embed, &[vocab, h])?;
+        check("norm", &weights.norm, &[h])?;
+        check("lm_head", &weights.lm_head, &[vocab, h])?;
+        let mut layers = Vec::with_capacity(weights.layers.len());
+        for (i, l) in weights.layers.iter().enumerate() {
+            let name = |t: &str| format!("layers.{i}.{t}");
+            check(&name("attn_norm"), &l.attn_norm, &[h])?;
+            check(&name("wq"), &l.wq, &[q, h])?;
+            check(&name("wk"), &l.wk, &[kv, h])?;
+            check(&name("wv"), &l.wv, &[kv, h])?;
+            check(&name("wo"), &l.wo, &[h, q])?;
+            check(&name("ffn_norm"), &l.ffn_norm, &[h])?;
+            check(&name("w_gate"), &l.w_gate, &[inter, h])?;
+            check(&name("w_up"), &l.w_up, &[inter, h])?;
+            check(&name("w_down"), &l.w_down, &[h, inter])?;
+            layers.push(Layer {
+                attn_norm: l.attn_norm.to_dtype(DType::F32)?,
+                wqkv: Tensor::cat(&[&l.wq, &l.wk, &l.wv], 0)?,
+                wo: l.wo.clone(),
+                ffn_norm: l.ffn_norm.to_dtype(DType::F32)?,
+                w_gate_up: Tensor::cat(&[&l.w_gate, &l.w_up], 0)?,
+                w_down: l.w_down.clone(),
+            });
+        }
+        let rope = Rope::new(&spec, weights.rope, dtype, &device)?;
+        Ok(Model {
+            norm: weights.norm.to_dtype(DType::F32)?,
+            embed: weights.embed,
+            lm_head: weights.lm_head,
+            layers,
+            rope,
+            spec,
+            dtype,
+            device,
+        })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The dtype of weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs one step: writes every sequence's new K/V into its blocks and returns the logits
+    /// of each sequence's last new token, (batch, vocab) f32, in batch order.
+    ///
+    /// Sequences may mix prefills, prefill chunks and single-token decodes. The batch is
+    /// validated whole before the cache is touched; two sequences may share read-only blocks
+    /// (a common prefix) but never write the same slot.
+    pub fn forward(&self, cache: &mut KvCache, batch: &[SeqInput]) -> Result<Tensor, RuntimeError> {
+        self.check_cache(cache)?;
+        let packed = self.pack(cache, batch)?;
+        let dev = &self.device;
+        let t = packed.tokens.len();
+        let (kvh, hd) = (cache.n_kv_heads(), cache.head_dim());
+        let nh = self.spec.n_heads as usize;
+        let group = nh / kvh;
+        let (q_dim, kv_dim) = (nh * hd, kvh * hd);
+        let inter = self.spec.intermediate_size as usize;
+        let eps = self.spec.rms_norm_eps as f32;
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        let tokens = Tensor::from_vec(packed.tokens, t, dev)?;
+        let positions = Tensor::from_vec(packed.positions, t, dev)?;
+        let (cos, sin) = self.rope.at(&positions)?;
+        let slots = Tensor::from_vec(packed.slots, (1, t, 1), dev)?
+            .broadcast_as((kvh, t, hd))?
+            .contiguous()?;
+
+        let mut x = self.embed.index_select(&tokens, 0)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.attn_norm, eps)?;
+            let qkv = h.matmul(&layer.wqkv.t()?)?;
+            let q = qkv
+                .narrow(1, 0, q_dim)?
+                .contiguous()?
+                .reshape((t, nh, 1, hd))?;
+            let k = qkv.narrow(1, q_dim, kv_dim)?.contiguous()?;
+            let k = k.reshape((t, kvh, 1, hd))?;
+            let q = self.rope.apply(&q, &cos, &sin)?;
+            let k = self.rope.apply(&k, &cos, &sin)?;
+            // (T, kv_heads, head_dim) -> (kv_heads, T, head_dim), the pools' layout.
+            let k = k.reshape((t, kvh, hd))?.transpose(0, 1)?.contiguous()?;
+            let v = qkv
+                .narrow(1, q_dim + kv_dim, kv_dim)?
+                .reshape((t, kvh, hd))?;
+            let v = v.transpose(0, 1)?.contiguous()?;
+            cache.write(li, &slots, &k, &v)?;
+
+            // Head h attends with kv head h / group: view Q as (T, kv_heads, group, head_dim).
+            let q = q.reshape((t, kvh, group, hd))?;
+            let mut outs = Vec::with_capacity(packed.seqs.len());
+            for s in &packed.seqs {
+                let n = s.n_tokens;
+                let qs = q
+                    .narrow(0, s.offset, n)?
+                    .permute((1, 2, 0, 3))?
+                    .contiguous()?
+                    .reshape((kvh, group * n, hd))?;
+                let (ks, vs) = cache.gather(li, &s.blocks, s.context_tokens)?;
+                let (ks, vs) = (ks.to_dtype(self.dtype)?, vs.to_dtype(self.dtype)?);
+                let scores = qs
+                    .matmul(&ks.t()?)?
+                    .to_dtype(DType::F32)?
+                    .affine(scale, 0.0)?;
+                let scores = match &s.mask {
+                    Some(mask) => scores
+                        .reshape((kvh, group, n, s.context_tokens))?
+                        .broadcast_add(mask)?
+                        .reshape((kvh, group * n, s.context_tokens))?,
+                    None => scores,
+                };
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+                let o = probs
+                    .matmul(&vs)?
+                    .reshape((kvh, group, n, hd))?
+                    .permute((2, 0, 1, 3))?
+                    .contiguous()?
+                    .reshape((n, q_dim))?;
+                outs.push(o);
+            }
+            let attn = Tensor::cat(&outs, 0)?;
+            x = (x + attn.matmul(&layer.wo.t()?)?)?;
+
+            let h = rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gate_up = h.matmul(&layer.w_gate_up.t()?)?;
+            let act = (gate_up.narrow(1, 0, inter)?.silu()? * gate_up.narrow(1, inter, inter)?)?;
+            x = (x + act.matmul(&layer.w_down.t()?)?)?;
+        }
+        let last = Tensor::from_vec(packed.last_rows, batch.len(), dev)?;
+        let h = rms_norm(&x.index_select(&last, 0)?, &self.norm, eps)?;
+        Ok(h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    fn check_cache(&self, cache: &KvCache) -> Result<(), RuntimeError> {
+        let spec = &self.spec;
+        if cache.n_layers() != spec.n_layers as usize
+            || cache.n_kv_heads() != spec.n_kv_heads as usize
+            || cache.head_dim() != spec.head_dim as usize
+        {
+            return Err(RuntimeError::Invalid(format!(
+                "KV cache of {} layers x {} kv heads x {} head_dim does not fit model {} \
+                 ({} x {} x {})",
+                cache.n_layers(),
+                cache.n_kv_heads(),
+                cache.head_dim(),
+                spec.name,
+                spec.n_layers,
+                spec.n_kv_heads,
+                spec.head_dim
+            )));
+        }
+        if !cache.device().same_device(&self.device) {
+            return Err(RuntimeError::Invalid(format!(
+                "KV cache on {:?}, model on {:?}",
+                cache.device().location(),
+                self.device.location()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Validates the batch and lays it out: packed token ids, positions and slots, each
+    /// sequence's blocks and mask, and the row of each sequence's last token.
+    fn pack(&self, cache: &KvCache, batch: &[SeqInput]) -> Result<Packed, RuntimeError> {
+        if batch.is_empty() {
+            return Err(RuntimeError::Invalid("forward: empty batch".into()));
+        }
+        let bs = cache.block_size_tokens();
+        let max_pos = self.spec.max_position_embeddings as usize;
+        let vocab = self.spec.vocab_size;
+        let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let mut p = Packed {
+            tokens: Vec::with_capacity(total),
+            positions: Vec::with_capacity(total),
+            slots: Vec::with_capacity(total),
+            seqs: Vec::with_capacity(batch.len()),
+            last_rows: Vec::with_capacity(batch.len()),
+        };
+        for (i, s) in batch.iter().enumerate() {
+            let n = s.tokens.len();
+            if n == 0 {
+                return Err(RuntimeError::Invalid(format!(
+                    "forward: sequence {i} has no new tokens"
+                )));
+            }
+            if let Some(tok) = s.tokens.iter().find(|&&tok| tok >= vocab) {
+                return Err(RuntimeError::Invalid(format!(
+                    "forward: sequence {i}: token id {tok} out of range (vocab {vocab})"
+                )));
+            }
+            let context = s.start_pos.saturating_add(n);
+            if context > max_pos {
+                return Err(RuntimeError::Invalid(format!(
+                    "forward: sequence {i}: {} cached + {n} new tokens exceed \
+                     max_position_embeddings {max_pos}",
+                    s.start_pos
+                )));
+            }
+            let needed = context.div_ceil(bs);
+            if s.block_table.len() < needed {
+                return Err(RuntimeError::Invalid(format!(
+                    "forward: sequence {i}: {context} tokens need {needed} blocks of {bs}, \
+                     the block table has {}",
+                    s.block_table.len()
+                )));
+            }
+            let blocks = &s.block_table[..needed];
+            cache.check_block_ids(blocks, &format!("forward: sequence {i}"))?;
+            let offset = p.tokens.len();
+            p.tokens.extend_from_slice(s.tokens);
+            for pos in s.start_pos..context {
+                p.positions.push(pos as u32);
+                p.slots
+                    .push(blocks[pos / bs] * bs as u32 + (pos % bs) as u32);
+            }
+            let mask = if n > 1 {
+                Some(causal_mask(s.start_pos, n, &self.device)?)
+            } else {
+                None
+            };
+            p.seqs.push(SeqPlan {
+                offset,
+                n_tokens: n,
+                context_tokens: context,
+                blocks: Tensor::from_slice(blocks, needed, &self.device)?,
+                mask,
+            });
+            p.last_rows.push((offset + n - 1) as u32);
+        }
+        let mut sorted = p.slots.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(RuntimeError::Invalid(format!(
+                "forward: two new tokens of the batch write slot {} (block {})",
+                w[0],
+                w[0] as usize / bs
+            )));
+        }
+        Ok(p)
+    }
+}
+
+struct Packed {
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    slots: Vec<u32>,
+    seqs: Vec<SeqPlan>,
+    last_rows: Vec<u32>,
+}
+
+fn check_spec(spec: &ModelSpec) -> Result<(), RuntimeError> {
+    let bad = |why: &str| {
+        Err(RuntimeError::Invalid(format!(
+            "model {}: {why} (n_heads {}, n_kv_heads {}, head_dim {}, hidden_size {})",
+            spec.name, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.hidden_size
+        )))
+    };
+    if spec.n_heads == 0 || spec.n_kv_heads == 0 || spec.hidden_size == 0 {
+        return bad("head counts and hidden_size must be positive");
+    }
+    if !spec.n_heads.is_multiple_of(spec.n_kv_heads) {
+        return bad("n_heads must be a multiple of n_kv_heads");
+    }
+    if spec.head_dim == 0 || !spec.head_dim.is_multiple_of(2) {
+        return bad("head_dim must be even and positive for RoPE");
+    }
+    if spec.max_position_embeddings == 0 || spec.vocab_size == 0 {
+        return Err(RuntimeError::Invalid(format!(
+            "model {}: max_position_embeddings and vocab_size must be positive",
+            spec.name
+        )));
+    }
+    Ok(())
+}
+
+/// RMSNorm in f32 whatever the activations' dtype, returned in that dtype.
+fn rms_norm(x: &Tensor, weight_f32: &Tensor, eps: f32) -> Result<Tensor, RuntimeError> {
+    let dtype = x.dtype();
+    Ok(candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, weight_f32, eps)?.to_dtype(dtype)?)
+}
+
+/// 0 where new token i (at position start + i) may see key j (j <= start + i), -inf elsewhere;
+/// (n, start + n) f32, built with tensor ops on the device.
+fn causal_mask(start: usize, n: usize, device: &Device) -> Result<Tensor, RuntimeError> {
+    let context = start + n;
+    let queries = Tensor::arange(start as u32, context as u32, device)?.reshape((n, 1))?;
+    let keys = Tensor::arange(0u32, context as u32, device)?.reshape((1, context))?;
+    let visible = keys.broadcast_le(&queries)?;
+    let zeros = Tensor::zeros((n, context), DType::F32, device)?;
+    let blocked = Tensor::full(f32::NEG_INFINITY, (n, context), device)?;
+    Ok(visible.where_cond(&zeros, &blocked)?)
+}
+
+#[cfg(test)]
+#[path = "model_tests.rs"]
+mod tests;
