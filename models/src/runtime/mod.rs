@@ -8,8 +8,16 @@
 mod error;
 mod weights;
 
+mod gguf;
+mod safetensors;
+mod tokenizer;
+
 pub use error::RuntimeError;
 pub use weights::{LayerWeights, RopeStyle, Weights};
+
+pub use gguf::{GgufFile, SMOLLM2_GGUF_RELPATH, default_cache_dir, test_gguf_path};
+pub use safetensors::spec_from_hf_config;
+pub use tokenizer::{ChatMessage, SMOLLM2_DEFAULT_SYSTEM, Tokenizer};
 
 /// The candle device and dtype types, re-exported so that callers need no direct dependency.
 pub use candle_core::{DType as TensorDType, Device, Tensor};
