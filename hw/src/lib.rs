@@ -1,5 +1,8 @@
 //! The real backend. It imports the simulator's domain (KV block manager, routing, workload,
 //! metrics) so that the served system and the simulated one run the same bookkeeping.
 
+pub mod fetch;
+pub mod paged;
+
 pub use models;
 pub use sim;

@@ -7,9 +7,12 @@
 
 mod cache;
 mod error;
+mod gguf;
 mod model;
 mod rope;
+mod safetensors;
 mod sampling;
+mod tokenizer;
 mod weights;
 
 pub use cache::{DEFAULT_BLOCK_SIZE_TOKENS, KvCache};
@@ -17,6 +20,10 @@ pub use error::RuntimeError;
 pub use model::{Model, SeqInput};
 pub use sampling::{FinishReason, Sampler, SamplingParams, Stop};
 pub use weights::{LayerWeights, RopeStyle, Weights};
+
+pub use gguf::{GgufFile, SMOLLM2_GGUF_RELPATH, default_cache_dir, test_gguf_path};
+pub use safetensors::spec_from_hf_config;
+pub use tokenizer::{ChatMessage, SMOLLM2_DEFAULT_SYSTEM, Tokenizer};
 
 /// The candle device and dtype types, re-exported so that callers need no direct dependency.
 pub use candle_core::{DType as TensorDType, Device, Tensor};
