@@ -7,7 +7,9 @@
 //! instance, which reuses whatever prefix it already holds and receives only the rest.
 
 use models::runtime::{Model, RuntimeError, SeqInput, Tensor};
-use sim::kv::{BlockHash, BlockId, BlockManager, KvError, KvEvent, ROOT_HASH, chain, digest_tokens};
+use sim::kv::{
+    BlockHash, BlockId, BlockManager, KvError, KvEvent, ROOT_HASH, chain, digest_tokens,
+};
 use std::collections::BTreeMap;
 
 pub type SeqId = u64;
@@ -176,7 +178,10 @@ impl PagedModel {
         let bs = self.block_size;
         let mut feeds = Vec::with_capacity(work.len());
         for &(id, max_tokens) in work {
-            let seq = self.seqs.get_mut(&id).ok_or(PagedError::UnknownSequence(id))?;
+            let seq = self
+                .seqs
+                .get_mut(&id)
+                .ok_or(PagedError::UnknownSequence(id))?;
             let n = (seq.tokens.len() - seq.kv_len).min(max_tokens);
             if n == 0 {
                 return Err(PagedError::Invalid(format!(
@@ -214,14 +219,19 @@ impl PagedModel {
         let seq = self.seqs.get_mut(&id).expect("live sequence");
         let full = seq.kv_len / self.block_size;
         extend_hashes(&mut seq.hashes, &seq.tokens[..seq.kv_len], self.block_size);
-        self.blocks
-            .commit_all(&seq.blocks[seq.committed..full], &seq.hashes[seq.committed..full]);
+        self.blocks.commit_all(
+            &seq.blocks[seq.committed..full],
+            &seq.hashes[seq.committed..full],
+        );
         seq.committed = full;
     }
 
     /// Frees a sequence's blocks; its full blocks stay in the prefix cache until evicted.
     pub fn release(&mut self, id: SeqId) -> Result<(), PagedError> {
-        let seq = self.seqs.remove(&id).ok_or(PagedError::UnknownSequence(id))?;
+        let seq = self
+            .seqs
+            .remove(&id)
+            .ok_or(PagedError::UnknownSequence(id))?;
         self.blocks.free(&seq.blocks);
         Ok(())
     }
@@ -396,12 +406,18 @@ mod tests {
 
         let mut decode = PagedModel::new(tiny(), 48, 16, true).unwrap();
         // Another sequence already resident, so the import lands on other block ids.
-        let (_other, _) = decode.admit(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]).unwrap();
+        let (_other, _) = decode
+            .admit(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17])
+            .unwrap();
         let export = prefill.export(p, 0).unwrap();
         assert_eq!(export.blocks.len(), 3);
         assert_eq!(
             export.payload_bytes(),
-            3 * 16 * prefill.model().spec().kv_bytes_per_token(models::DType::F32) as usize
+            3 * 16
+                * prefill
+                    .model()
+                    .spec()
+                    .kv_bytes_per_token(models::DType::F32) as usize
         );
         let d = decode.import(&export).unwrap();
         let mut out = vec![first];
@@ -435,7 +451,10 @@ mod tests {
         prefill.push_token(p, first).unwrap();
         let hashes = prefill.export(p, 0).unwrap().block_hashes;
         let have = decode.cached_prefix_blocks(&hashes);
-        assert_eq!(have, 2, "both system-prompt blocks are cached on the decode side");
+        assert_eq!(
+            have, 2,
+            "both system-prompt blocks are cached on the decode side"
+        );
         let suffix = prefill.export(p, have).unwrap();
         assert_eq!(suffix.blocks.len(), 2, "only the turn's blocks travel");
         let d = decode.import(&suffix).unwrap();
