@@ -1,6 +1,7 @@
 //! The real backend. It imports the simulator's domain (KV block manager, routing, workload,
 //! metrics) so that the served system and the simulated one run the same bookkeeping.
 
+pub mod bench_model;
 pub mod fetch;
 pub mod paged;
 

@@ -1,7 +1,7 @@
 //! `disagg-hw`: the real backend of disagg.
 
 use clap::{Parser, Subcommand};
-use hw::fetch;
+use hw::{bench_model, fetch};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -27,12 +27,57 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
     },
+    /// Prefill tokens/s by prompt length and decode tokens/s by batch size on the CPU.
+    BenchModel {
+        /// smollm2-135m (the fetched GGUF) or any preset with seeded random weights.
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        /// Seeded random weights even where a GGUF exists.
+        #[arg(long)]
+        random: bool,
+        /// A GGUF file to load instead.
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+        /// f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
+        prompt_lens: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+        batch_sizes: Vec<usize>,
+        #[arg(long, default_value_t = 256)]
+        context: usize,
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::FetchModel { name, cache_dir } => fetch_model(&name, cache_dir),
+        Command::BenchModel {
+            model,
+            random,
+            gguf,
+            dtype,
+            prompt_lens,
+            batch_sizes,
+            context,
+            steps,
+            repeats,
+        } => {
+            let plan = bench_model::BenchPlan {
+                prompt_lens,
+                batch_sizes,
+                decode_context_tokens: context,
+                decode_steps: steps,
+                repeats,
+            };
+            bench(&model, random, gguf, &dtype, &plan)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -50,5 +95,39 @@ fn fetch_model(name: &str, cache_dir: Option<PathBuf>) -> Result<(), String> {
     };
     let path = fetch::fetch_model(name, &cache_dir).map_err(|e| e.to_string())?;
     println!("{}", path.display());
+    Ok(())
+}
+
+fn bench(
+    model: &str,
+    random: bool,
+    gguf: Option<PathBuf>,
+    dtype: &str,
+    plan: &bench_model::BenchPlan,
+) -> Result<(), String> {
+    use models::runtime::{Device, TensorDType};
+    let dtype = match dtype {
+        "f32" => TensorDType::F32,
+        "f16" => TensorDType::F16,
+        "bf16" => TensorDType::BF16,
+        other => return Err(format!("--dtype: expected f32, f16 or bf16, got `{other}`")),
+    };
+    let device = Device::Cpu;
+    let loaded = bench_model::load_model(model, random, gguf.as_deref(), dtype, &device)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "{} ({}), {dtype:?} on cpu, {} threads; decode at {} tokens of context, {} steps",
+        loaded.spec().name,
+        if random || model != "smollm2-135m" {
+            "random weights"
+        } else {
+            "GGUF"
+        },
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        plan.decode_context_tokens,
+        plan.decode_steps
+    );
+    let rows = bench_model::run(loaded, plan).map_err(|e| e.to_string())?;
+    print!("{}", bench_model::table(&rows));
     Ok(())
 }
