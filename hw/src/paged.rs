@@ -352,14 +352,7 @@ mod tests {
     }
 
     fn argmax(logits: &Tensor, row: usize) -> u32 {
-        let row: Vec<f32> = logits.get(row).unwrap().to_vec1().unwrap();
-        let mut best = 0;
-        for (i, v) in row.iter().enumerate() {
-            if *v > row[best] {
-                best = i;
-            }
-        }
-        best as u32
+        models::runtime::argmax(&logits.get(row).unwrap().to_vec1::<f32>().unwrap())
     }
 
     /// Prefills `id` whole, then decodes `n` greedy tokens; returns them.

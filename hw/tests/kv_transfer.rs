@@ -6,14 +6,7 @@ use hw::paged::{PagedModel, SeqId};
 use models::runtime::{ChatMessage, Device, GgufFile, Model, Tensor, TensorDType, test_gguf_path};
 
 fn argmax(logits: &Tensor, row: usize) -> u32 {
-    let row: Vec<f32> = logits.get(row).unwrap().to_vec1().unwrap();
-    let mut best = 0;
-    for (i, v) in row.iter().enumerate() {
-        if *v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
+    models::runtime::argmax(&logits.get(row).unwrap().to_vec1::<f32>().unwrap())
 }
 
 /// Greedy decoding of `ids` together for `steps` tokens after their first; returns each

@@ -11,22 +11,13 @@
 use candle_core::quantized::gguf_file;
 use candle_transformers::models::quantized_llama::ModelWeights;
 use models::runtime::{
-    ChatMessage, Device, GgufFile, KvCache, Model, SeqInput, Tensor, TensorDType, test_gguf_path,
+    ChatMessage, Device, GgufFile, KvCache, Model, SeqInput, Tensor, TensorDType, argmax,
+    test_gguf_path,
 };
 
 /// Max |ours - reference| over a row of logits, relative to the row's largest |reference|.
 const LOGIT_TOLERANCE: f32 = 1e-4;
 const GREEDY_TOKENS: usize = 32;
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in row.iter().enumerate() {
-        if *v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 fn relative_error(ours: &[f32], reference: &[f32]) -> f32 {
     let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));

@@ -18,7 +18,7 @@ mod weights;
 pub use cache::{DEFAULT_BLOCK_SIZE_TOKENS, KvCache};
 pub use error::RuntimeError;
 pub use model::{Model, SeqInput};
-pub use sampling::{FinishReason, Sampler, SamplingParams, Stop};
+pub use sampling::{FinishReason, Sampler, SamplingParams, Stop, argmax};
 pub use weights::{LayerWeights, RopeStyle, Weights};
 
 pub use gguf::{GgufFile, SMOLLM2_GGUF_RELPATH, default_cache_dir, test_gguf_path};

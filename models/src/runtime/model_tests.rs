@@ -2,7 +2,7 @@
 //! one-shot, and KV moved between instances against an uninterrupted run.
 
 use super::*;
-use crate::runtime::RopeStyle;
+use crate::runtime::{RopeStyle, argmax};
 use candle_transformers::models::llama as reference;
 use std::collections::HashMap;
 
@@ -119,16 +119,6 @@ fn scattered(num_blocks: u32, count: usize, stride: u32) -> Vec<u32> {
     unique.dedup();
     assert_eq!(unique.len(), count, "stride must be coprime to num_blocks");
     ids
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// max |a - b| / max |b|.

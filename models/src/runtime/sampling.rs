@@ -219,8 +219,8 @@ impl Sampler {
     }
 }
 
-/// Index of the largest logit, the lowest among equals.
-fn argmax(logits: &[f32]) -> u32 {
+/// Index of the largest logit, the lowest among equals (greedy decoding).
+pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
         if l > logits[best] {
