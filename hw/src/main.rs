@@ -41,6 +41,9 @@ enum Command {
         /// f32, f16 or bf16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// cpu, or cuda:N (a build with feature `cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
         prompt_lens: Vec<usize>,
         #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
             random,
             gguf,
             dtype,
+            device,
             prompt_lens,
             batch_sizes,
             context,
@@ -76,7 +80,7 @@ fn main() -> ExitCode {
                 decode_steps: steps,
                 repeats,
             };
-            bench(&model, random, gguf, &dtype, &plan)
+            bench(&model, random, gguf, &dtype, &device, &plan)
         }
     };
     match result {
@@ -103,6 +107,7 @@ fn bench(
     random: bool,
     gguf: Option<PathBuf>,
     dtype: &str,
+    device: &str,
     plan: &bench_model::BenchPlan,
 ) -> Result<(), String> {
     use models::runtime::{Device, TensorDType};
@@ -112,11 +117,20 @@ fn bench(
         "bf16" => TensorDType::BF16,
         other => return Err(format!("--dtype: expected f32, f16 or bf16, got `{other}`")),
     };
-    let device = Device::Cpu;
+    let device = match device.strip_prefix("cuda:") {
+        None if device == "cpu" => Device::Cpu,
+        Some(n) => {
+            let ordinal = n
+                .parse()
+                .map_err(|_| format!("--device: bad GPU ordinal in `{device}`"))?;
+            Device::new_cuda(ordinal).map_err(|e| format!("--device {device}: {e}"))?
+        }
+        None => return Err(format!("--device: expected cpu or cuda:N, got `{device}`")),
+    };
     let loaded = bench_model::load_model(model, random, gguf.as_deref(), dtype, &device)
         .map_err(|e| e.to_string())?;
     println!(
-        "{} ({}), {dtype:?} on cpu, {} threads; decode at {} tokens of context, {} steps",
+        "{} ({}), {dtype:?} on {device:?}, {} threads; decode at {} tokens of context, {} steps",
         loaded.spec().name,
         if random || model != "smollm2-135m" {
             "random weights"
