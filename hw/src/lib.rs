@@ -4,6 +4,7 @@
 pub mod bench_model;
 pub mod fetch;
 pub mod paged;
+pub mod transport;
 
 pub use models;
 pub use sim;

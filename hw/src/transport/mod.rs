@@ -1,0 +1,111 @@
+//! Moving a sequence's KV from the worker that computed it to the worker that continues it.
+//!
+//! A [`KvTransport`] sends [`KvTransfer`]s to an [`Endpoint`]; on the receiving side each
+//! transport delivers accepted transfers into a tokio channel that the worker drains (its engine
+//! thread can `blocking_recv`). Implementations: in-process ([`local`]) and TCP ([`tcp`]).
+//! Whole transfers travel as one frame; streaming layers as they are computed is not done yet.
+
+pub mod local;
+pub mod tcp;
+pub mod wire;
+
+pub use wire::{KvTransfer, WireError, WireLimits, model_fingerprint};
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+
+/// Where a transfer goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// A TCP listener (`tcp::TcpKvListener`).
+    Tcp(SocketAddr),
+    /// A named inbox of a `local::LocalTransport`.
+    Local(String),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "tcp://{addr}"),
+            Endpoint::Local(name) => write!(f, "local://{name}"),
+        }
+    }
+}
+
+/// What the sender learns once the receiver has accepted a transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransferReceipt {
+    pub request_id: u64,
+    pub payload_bytes: u64,
+    /// Bytes on the wire for the accepted attempt (payload plus framing); equal to
+    /// `payload_bytes` for transports without framing.
+    pub wire_bytes: u64,
+    /// 1, or 2 when the first attempt was refused for a checksum mismatch.
+    pub attempts: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("the {transport} transport cannot send to {endpoint}")]
+    UnsupportedEndpoint {
+        transport: &'static str,
+        endpoint: Endpoint,
+    },
+    #[error("no receiver registered at {0}")]
+    UnknownEndpoint(Endpoint),
+    #[error("cannot encode request {request_id}: {source}")]
+    Encode { request_id: u64, source: WireError },
+    #[error("connecting to {endpoint} failed: {source}")]
+    Connect {
+        endpoint: Endpoint,
+        source: std::io::Error,
+    },
+    #[error("{endpoint}: no progress for {timeout_ms} ms while {during}")]
+    Timeout {
+        endpoint: Endpoint,
+        during: &'static str,
+        timeout_ms: u128,
+    },
+    #[error(
+        "{endpoint} dropped the connection before acknowledging request {request_id}: {reason}"
+    )]
+    Dropped {
+        endpoint: Endpoint,
+        request_id: u64,
+        reason: String,
+    },
+    #[error(
+        "{endpoint} refused request {request_id}: model fingerprint mismatch (sent {sent:#018x}, receiver serves {receiver:#018x})"
+    )]
+    FingerprintMismatch {
+        endpoint: Endpoint,
+        request_id: u64,
+        sent: u64,
+        receiver: u64,
+    },
+    #[error("{endpoint} refused request {request_id}: {reason}")]
+    Refused {
+        endpoint: Endpoint,
+        request_id: u64,
+        reason: &'static str,
+    },
+    #[error(
+        "{endpoint} saw a checksum mismatch for request {request_id} on all {attempts} attempts"
+    )]
+    Checksum {
+        endpoint: Endpoint,
+        request_id: u64,
+        attempts: u32,
+    },
+}
+
+/// Sends KV to other workers. Async: tokio runs the I/O around the synchronous engine thread.
+pub trait KvTransport: Send + Sync {
+    /// Delivers `transfer` into the receiver's channel, or says clearly why not.
+    fn send(
+        &self,
+        to: &Endpoint,
+        transfer: KvTransfer,
+    ) -> impl Future<Output = Result<TransferReceipt, TransportError>> + Send;
+}

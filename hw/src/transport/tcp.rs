@@ -1,0 +1,731 @@
+//! KV over TCP: one connection per transfer on the sending side; a listener (loopback by
+//! default) that reads frames within [`WireLimits`], delivers them and acknowledges each.
+//!
+//! A frame the listener cannot accept (garbage, over the limits, inconsistent, failed
+//! checksum, another model's fingerprint) gets a refusing ack when it can be written, and the
+//! connection is dropped; the listener goes on serving others. A sender whose frame failed the
+//! checksum sends it once more on a new connection, then gives up with an error.
+
+use super::wire::{self, Ack, AckStatus};
+use super::{Endpoint, KvTransfer, KvTransport, TransferReceipt, TransportError, WireLimits};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, Sleep};
+
+/// Attempts per transfer when the receiver reports a checksum mismatch.
+const MAX_ATTEMPTS: u32 = 2;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpConfig {
+    pub connect_timeout: Duration,
+    /// A connection that makes no progress (no byte read or written) for this long fails.
+    pub idle_timeout: Duration,
+    pub limits: WireLimits,
+}
+
+impl Default for TcpConfig {
+    fn default() -> TcpConfig {
+        TcpConfig {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            limits: WireLimits::default(),
+        }
+    }
+}
+
+/// A stream whose reads and writes fail with `TimedOut` after `timeout` without progress, so
+/// that a large transfer may take as long as it needs but a stalled peer cannot hang anyone.
+struct IdleTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl<S> IdleTimeout<S> {
+    fn new(inner: S, timeout: Duration) -> IdleTimeout<S> {
+        IdleTimeout {
+            inner,
+            timeout,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+
+    /// Maps the inner poll's result: progress pushes the deadline back, waiting past it fails.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.deadline.as_mut().reset(Instant::now() + self.timeout);
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                ready!(self.deadline.as_mut().poll(cx));
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no progress for {} ms", self.timeout.as_millis()),
+                )))
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for IdleTimeout<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.watch(cx, polled)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.watch(cx, polled)
+    }
+}
+
+/// Sends transfers over TCP, one connection each.
+#[derive(Clone, Debug, Default)]
+pub struct TcpTransport {
+    pub config: TcpConfig,
+}
+
+impl TcpTransport {
+    pub fn new(config: TcpConfig) -> TcpTransport {
+        TcpTransport { config }
+    }
+
+    fn io_error(
+        &self,
+        to: &Endpoint,
+        request_id: u64,
+        during: &'static str,
+        e: io::Error,
+    ) -> TransportError {
+        if e.kind() == io::ErrorKind::TimedOut {
+            TransportError::Timeout {
+                endpoint: to.clone(),
+                during,
+                timeout_ms: self.config.idle_timeout.as_millis(),
+            }
+        } else {
+            TransportError::Dropped {
+                endpoint: to.clone(),
+                request_id,
+                reason: format!("{during}: {e}"),
+            }
+        }
+    }
+
+    /// One connection: write the frame, read the ack. A refusal may arrive while the frame is
+    /// still being written (the receiver stops reading), so the ack is read even then.
+    async fn attempt(
+        &self,
+        to: &Endpoint,
+        addr: SocketAddr,
+        transfer: &KvTransfer,
+    ) -> Result<(Ack, u64), TransportError> {
+        let request_id = transfer.request_id;
+        let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| TransportError::Timeout {
+                endpoint: to.clone(),
+                during: "connecting",
+                timeout_ms: self.config.connect_timeout.as_millis(),
+            })?
+            .map_err(|source| TransportError::Connect {
+                endpoint: to.clone(),
+                source,
+            })?;
+        stream.set_nodelay(true).ok();
+        let mut stream = IdleTimeout::new(stream, self.config.idle_timeout);
+        let written = wire::write_frame(&mut stream, transfer).await;
+        match (wire::read_ack(&mut stream).await, written) {
+            (Ok(ack), Ok(bytes)) => Ok((ack, bytes)),
+            (Ok(ack), Err(_)) if ack.status != AckStatus::Ok => Ok((ack, 0)),
+            (_, Err(wire::WireError::Io(e))) => Err(self.io_error(to, request_id, "sending", e)),
+            (Err(wire::WireError::Io(e)), _) => {
+                Err(self.io_error(to, request_id, "waiting for the ack", e))
+            }
+            (Err(e), _) | (_, Err(e)) => Err(TransportError::Dropped {
+                endpoint: to.clone(),
+                request_id,
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+impl KvTransport for TcpTransport {
+    async fn send(
+        &self,
+        to: &Endpoint,
+        transfer: KvTransfer,
+    ) -> Result<TransferReceipt, TransportError> {
+        let &Endpoint::Tcp(addr) = to else {
+            return Err(TransportError::UnsupportedEndpoint {
+                transport: "tcp",
+                endpoint: to.clone(),
+            });
+        };
+        let request_id = transfer.request_id;
+        wire::frame_len(&transfer)
+            .map_err(|source| TransportError::Encode { request_id, source })?;
+        for attempt in 1..=MAX_ATTEMPTS {
+            let (ack, wire_bytes) = self.attempt(to, addr, &transfer).await?;
+            let refused = |reason| TransportError::Refused {
+                endpoint: to.clone(),
+                request_id,
+                reason,
+            };
+            match ack.status {
+                AckStatus::Ok if ack.request_id == request_id => {
+                    return Ok(TransferReceipt {
+                        request_id,
+                        payload_bytes: transfer.kv.payload_bytes() as u64,
+                        wire_bytes,
+                        attempts: attempt,
+                    });
+                }
+                AckStatus::Ok => return Err(refused("acknowledged another request id")),
+                AckStatus::ChecksumMismatch => continue,
+                AckStatus::FingerprintMismatch => {
+                    return Err(TransportError::FingerprintMismatch {
+                        endpoint: to.clone(),
+                        request_id,
+                        sent: transfer.model_fingerprint,
+                        receiver: ack.receiver_fingerprint,
+                    });
+                }
+                AckStatus::InvalidFrame => {
+                    return Err(refused("invalid frame (over its limits or inconsistent)"));
+                }
+                AckStatus::Unavailable => return Err(refused("the receiving worker is gone")),
+            }
+        }
+        Err(TransportError::Checksum {
+            endpoint: to.clone(),
+            request_id,
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+}
+
+/// Counters of a listener, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    pub delivered: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+/// Accepts KV transfers on a TCP port and delivers them into a channel. Dropping it stops the
+/// listener and its connections.
+pub struct TcpKvListener {
+    local_addr: SocketAddr,
+    stats: Arc<ListenerStats>,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpKvListener {
+    /// Listens on 127.0.0.1 on a free port.
+    pub async fn bind_loopback(
+        model_fingerprint: u64,
+        config: TcpConfig,
+        deliver: mpsc::Sender<KvTransfer>,
+    ) -> io::Result<TcpKvListener> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        TcpKvListener::bind(addr, model_fingerprint, config, deliver).await
+    }
+
+    /// Listens on `addr`, accepting transfers made for `model_fingerprint`. Must run inside a
+    /// tokio runtime, which serves the connections.
+    pub async fn bind(
+        addr: SocketAddr,
+        model_fingerprint: u64,
+        config: TcpConfig,
+        deliver: mpsc::Sender<KvTransfer>,
+    ) -> io::Result<TcpKvListener> {
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        let stats = Arc::new(ListenerStats::default());
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            Connection {
+                model_fingerprint,
+                config,
+                deliver,
+                stats: stats.clone(),
+            },
+        ));
+        Ok(TcpKvListener {
+            local_addr,
+            stats,
+            accept_task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::Tcp(self.local_addr)
+    }
+
+    pub fn stats(&self) -> &ListenerStats {
+        &self.stats
+    }
+}
+
+impl Drop for TcpKvListener {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+    }
+}
+
+/// What every connection of a listener needs.
+#[derive(Clone)]
+struct Connection {
+    model_fingerprint: u64,
+    config: TcpConfig,
+    deliver: mpsc::Sender<KvTransfer>,
+    stats: Arc<ListenerStats>,
+}
+
+async fn accept_loop(listener: TcpListener, conn: Connection) {
+    // Owning the connection tasks here means aborting this task ends them too.
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                stream.set_nodelay(true).ok();
+                connections.spawn(conn.clone().serve(stream));
+            }
+            // Out of descriptors and the like: wait a little rather than spin.
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+impl Connection {
+    /// Serves frames until the peer closes, stalls, or sends one that is refused.
+    async fn serve(self, stream: TcpStream) {
+        let mut stream = IdleTimeout::new(stream, self.config.idle_timeout);
+        loop {
+            let (request_id, status) = match wire::read_frame(&mut stream, &self.config.limits)
+                .await
+            {
+                Err(wire::WireError::Closed) => return,
+                Err(wire::WireError::ChecksumMismatch { .. }) => (0, AckStatus::ChecksumMismatch),
+                Err(_) => (0, AckStatus::InvalidFrame),
+                Ok(t) if t.model_fingerprint != self.model_fingerprint => {
+                    (t.request_id, AckStatus::FingerprintMismatch)
+                }
+                Ok(t) => {
+                    let request_id = t.request_id;
+                    match self.deliver.send(t).await {
+                        Ok(()) => (request_id, AckStatus::Ok),
+                        Err(_) => (request_id, AckStatus::Unavailable),
+                    }
+                }
+            };
+            let counter = match status {
+                AckStatus::Ok => &self.stats.delivered,
+                _ => &self.stats.rejected,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let ack = Ack {
+                request_id,
+                status,
+                receiver_fingerprint: self.model_fingerprint,
+            };
+            if wire::write_ack(&mut stream, &ack).await.is_err() || status != AckStatus::Ok {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paged::KvExport;
+    use models::DType;
+    use sim::kv::token_block_hashes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const FINGERPRINT: u64 = 0xfeed;
+
+    fn quick() -> TcpConfig {
+        TcpConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(5),
+            limits: WireLimits::default(),
+        }
+    }
+
+    /// `n_blocks` full blocks of 16 tokens, `bytes_per_block` each, seeded content.
+    fn transfer(request_id: u64, n_blocks: usize, bytes_per_block: usize) -> KvTransfer {
+        let tokens: Vec<u32> = (0..16 * n_blocks as u32)
+            .map(|i| i.wrapping_mul(7919) ^ request_id as u32)
+            .collect();
+        KvTransfer {
+            request_id,
+            model_fingerprint: FINGERPRINT,
+            dtype: DType::F16,
+            n_layers: 30,
+            block_size_tokens: 16,
+            kv: KvExport {
+                block_hashes: token_block_hashes(&tokens, 16),
+                kv_len: tokens.len(),
+                tokens,
+                first_block: 0,
+                blocks: (0..n_blocks)
+                    .map(|b| {
+                        (0..bytes_per_block)
+                            .map(|i| (i as u64 * 131 + b as u64 * 7 + request_id) as u8)
+                            .collect()
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    async fn listener(capacity: usize) -> (TcpKvListener, mpsc::Receiver<KvTransfer>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let l = TcpKvListener::bind_loopback(FINGERPRINT, quick(), tx)
+            .await
+            .unwrap();
+        (l, rx)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_few_megabytes_arrive_intact() {
+        let (l, mut rx) = listener(4).await;
+        // 40 blocks of 96 KiB: 3.75 MiB.
+        let t = transfer(1, 40, 96 << 10);
+        let receipt = TcpTransport::new(quick())
+            .send(&l.endpoint(), t.clone())
+            .await
+            .unwrap();
+        assert_eq!(receipt.payload_bytes, 40 * (96 << 10));
+        assert_eq!(receipt.wire_bytes, wire::frame_len(&t).unwrap());
+        assert_eq!(receipt.attempts, 1);
+        assert_eq!(rx.recv().await.unwrap(), t);
+        assert_eq!(l.stats().delivered.load(Ordering::Relaxed), 1);
+    }
+
+    /// The seam end to end: a real paged KV export crosses the socket, is imported on
+    /// another instance, and the next step there gives the same logits as on the sender.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paged_export_crosses_and_continues_identically() {
+        use crate::paged::PagedModel;
+        use models::runtime::{Device, Model, TensorDType, Weights};
+        let spec = models::ModelSpec {
+            name: "tiny".into(),
+            n_layers: 2,
+            hidden_size: 64,
+            intermediate_size: 128,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            vocab_size: 97,
+            max_position_embeddings: 512,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: false,
+        };
+        let fingerprint = wire::model_fingerprint(&spec, DType::F32);
+        let weights = Weights::random(&spec, TensorDType::F32, &Device::Cpu, 3).unwrap();
+        let model = Model::new(weights).unwrap();
+        let mut prefill = PagedModel::new(model.clone(), 16, 16, true).unwrap();
+        let mut decode = PagedModel::new(model, 16, 16, true).unwrap();
+        let prompt: Vec<u32> = (0..37).map(|i| i * 5 % 97).collect();
+        let (p, _) = prefill.admit(&prompt).unwrap();
+        prefill.step(&[(p, prompt.len())]).unwrap();
+        prefill.push_token(p, 11).unwrap();
+
+        let (tx, mut rx) = mpsc::channel(1);
+        let l = TcpKvListener::bind_loopback(fingerprint, quick(), tx)
+            .await
+            .unwrap();
+        let t = KvTransfer {
+            request_id: 9,
+            model_fingerprint: fingerprint,
+            dtype: DType::F32,
+            n_layers: spec.n_layers,
+            block_size_tokens: 16,
+            kv: prefill.export(p, 0).unwrap(),
+        };
+        TcpTransport::new(quick())
+            .send(&l.endpoint(), t)
+            .await
+            .unwrap();
+        let d = decode.import(&rx.recv().await.unwrap().kv).unwrap();
+
+        let on_sender: Vec<f32> = prefill
+            .step(&[(p, 1)])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let on_receiver: Vec<f32> = decode
+            .step(&[(d, 1)])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(on_sender, on_receiver);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_drops_its_connection_and_the_listener_keeps_serving() {
+        let (l, mut rx) = listener(4).await;
+        // Exactly a preamble's worth: the listener reads it all, refuses it and closes.
+        let mut short = TcpStream::connect(l.local_addr()).await.unwrap();
+        short.write_all(b"GET / HTTP").await.unwrap();
+        let mut rest = Vec::new();
+        short.read_to_end(&mut rest).await.unwrap();
+        let ack = wire::read_ack(&mut &rest[..]).await.unwrap();
+        assert_eq!(ack.status, AckStatus::InvalidFrame);
+
+        // More than it reads: the connection ends, by a close or a reset.
+        let mut long = TcpStream::connect(l.local_addr()).await.unwrap();
+        let noise: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        long.write_all(&noise).await.ok();
+        let mut rest = Vec::new();
+        if let Err(e) = long.read_to_end(&mut rest).await {
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        }
+        assert_eq!(l.stats().rejected.load(Ordering::Relaxed), 2);
+
+        let t = transfer(2, 3, 1000);
+        TcpTransport::new(quick())
+            .send(&l.endpoint(), t.clone())
+            .await
+            .unwrap();
+        assert_eq!(rx.recv().await.unwrap(), t);
+        assert_eq!(l.stats().delivered.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupted_frame_gets_a_checksum_nack_each_time() {
+        let (l, _rx) = listener(4).await;
+        let t = transfer(3, 2, 64);
+        let mut bytes = wire::encode(&t).unwrap();
+        let last = bytes.len() - 5;
+        bytes[last] ^= 0x10;
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(l.local_addr()).await.unwrap();
+            s.write_all(&bytes).await.unwrap();
+            let ack = wire::read_ack(&mut s).await.unwrap();
+            assert_eq!(ack.status, AckStatus::ChecksumMismatch);
+        }
+        assert_eq!(l.stats().rejected.load(Ordering::Relaxed), 2);
+    }
+
+    /// Acks every frame with a checksum mismatch, counting the connections.
+    async fn always_checksum_nack() -> (SocketAddr, Arc<AtomicU64>) {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::Relaxed);
+                wire::read_frame(&mut s, &WireLimits::default())
+                    .await
+                    .unwrap();
+                let ack = Ack {
+                    request_id: 0,
+                    status: AckStatus::ChecksumMismatch,
+                    receiver_fingerprint: FINGERPRINT,
+                };
+                wire::write_ack(&mut s, &ack).await.unwrap();
+            }
+        });
+        (addr, connections)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sender_retries_a_checksum_nack_once_then_fails() {
+        let (addr, connections) = always_checksum_nack().await;
+        let err = TcpTransport::new(quick())
+            .send(&Endpoint::Tcp(addr), transfer(4, 2, 64))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::Checksum {
+                    attempts: 2,
+                    request_id: 4,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(connections.load(Ordering::Relaxed), 2);
+        assert!(err.to_string().contains("checksum mismatch"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_port_fails_clearly_within_the_timeout() {
+        // Bind then drop: nothing listens there any more.
+        let addr = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = TcpTransport::new(quick())
+            .send(&Endpoint::Tcp(addr), transfer(5, 1, 8))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Connect { .. }), "{err}");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_receiver_times_out_instead_of_hanging() {
+        // Accepts, then never reads nor answers.
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move { listener.accept().await.unwrap() });
+        let config = TcpConfig {
+            idle_timeout: Duration::from_millis(200),
+            ..quick()
+        };
+        let err = TcpTransport::new(config)
+            .send(&Endpoint::Tcp(addr), transfer(6, 1, 8))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::Timeout {
+                    during: "waiting for the ack",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        drop(held);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_models_kv_is_refused() {
+        let (l, mut rx) = listener(4).await;
+        let mut t = transfer(7, 2, 512);
+        t.model_fingerprint = 0xbad;
+        let err = TcpTransport::new(quick())
+            .send(&l.endpoint(), t)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::FingerprintMismatch {
+                    sent: 0xbad,
+                    receiver: FINGERPRINT,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("fingerprint mismatch"));
+        assert!(rx.try_recv().is_err(), "nothing was delivered");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frame_over_the_limits_is_refused() {
+        let (tx, _rx) = mpsc::channel(4);
+        let config = TcpConfig {
+            limits: WireLimits {
+                max_bytes_per_block: 1024,
+                ..WireLimits::default()
+            },
+            ..quick()
+        };
+        let l = TcpKvListener::bind_loopback(FINGERPRINT, config, tx)
+            .await
+            .unwrap();
+        let err = TcpTransport::new(quick())
+            .send(&l.endpoint(), transfer(8, 2, 4096))
+            .await
+            .unwrap_err();
+        // The listener stops reading mid-frame: the sender sees the refusal or the drop.
+        assert!(
+            matches!(
+                err,
+                TransportError::Refused { .. } | TransportError::Dropped { .. }
+            ),
+            "{err}"
+        );
+        assert_eq!(l.stats().rejected.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_senders_all_arrive() {
+        let (l, mut rx) = listener(2).await;
+        let transport = TcpTransport::new(quick());
+        let mut sends = JoinSet::new();
+        for id in 0..8u64 {
+            let (transport, to) = (transport.clone(), l.endpoint());
+            sends.spawn(async move {
+                transport
+                    .send(&to, transfer(100 + id, 1 + id as usize, 20_000))
+                    .await
+            });
+        }
+        let mut received = Vec::new();
+        for _ in 0..8 {
+            received.push(rx.recv().await.unwrap());
+        }
+        while let Some(result) = sends.join_next().await {
+            result.unwrap().unwrap();
+        }
+        received.sort_by_key(|t| t.request_id);
+        for (id, t) in (0..8u64).zip(&received) {
+            assert_eq!(*t, transfer(100 + id, 1 + id as usize, 20_000));
+        }
+    }
+}
