@@ -3,6 +3,7 @@
 
 pub mod bench_model;
 pub mod fetch;
+pub mod frontend;
 pub mod paged;
 pub mod transport;
 
