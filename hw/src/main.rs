@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use hw::{bench_model, fetch};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -55,6 +56,25 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         repeats: usize,
     },
+    /// Serve the OpenAI-compatible HTTP API from one aggregated engine (prefill and decode in
+    /// one continuous batch).
+    Serve {
+        /// The model id clients name: smollm2-135m.
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        /// The GGUF file; default: the fetched SmolLM2-135M-Instruct.
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+        /// Loopback by default: exposing the server is an explicit choice.
+        #[arg(long, default_value_t = hw::frontend::DEFAULT_ADDR)]
+        addr: SocketAddr,
+        /// f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Blocks of 16 tokens in the KV pool.
+        #[arg(long, default_value_t = hw::engine::EngineConfig::default().kv_blocks)]
+        kv_blocks: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -82,6 +102,13 @@ fn main() -> ExitCode {
             };
             bench(&model, random, gguf, &dtype, &device, &plan)
         }
+        Command::Serve {
+            model,
+            gguf,
+            addr,
+            dtype,
+            kv_blocks,
+        } => serve(&model, gguf, addr, &dtype, kv_blocks),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -110,13 +137,8 @@ fn bench(
     device: &str,
     plan: &bench_model::BenchPlan,
 ) -> Result<(), String> {
-    use models::runtime::{Device, TensorDType};
-    let dtype = match dtype {
-        "f32" => TensorDType::F32,
-        "f16" => TensorDType::F16,
-        "bf16" => TensorDType::BF16,
-        other => return Err(format!("--dtype: expected f32, f16 or bf16, got `{other}`")),
-    };
+    use models::runtime::Device;
+    let dtype = parse_dtype(dtype)?;
     let device = match device.strip_prefix("cuda:") {
         None if device == "cpu" => Device::Cpu,
         Some(n) => {
@@ -144,4 +166,55 @@ fn bench(
     let rows = bench_model::run(loaded, plan).map_err(|e| e.to_string())?;
     print!("{}", bench_model::table(&rows));
     Ok(())
+}
+
+fn parse_dtype(dtype: &str) -> Result<models::runtime::TensorDType, String> {
+    use models::runtime::TensorDType;
+    match dtype {
+        "f32" => Ok(TensorDType::F32),
+        "f16" => Ok(TensorDType::F16),
+        "bf16" => Ok(TensorDType::BF16),
+        other => Err(format!("--dtype: expected f32, f16 or bf16, got `{other}`")),
+    }
+}
+
+fn serve(
+    model: &str,
+    gguf: Option<PathBuf>,
+    addr: SocketAddr,
+    dtype: &str,
+    kv_blocks: u32,
+) -> Result<(), String> {
+    use hw::engine::{EngineBackend, EngineConfig};
+    use hw::frontend::{Metrics, ServerConfig};
+    use std::sync::Arc;
+    let dtype = parse_dtype(dtype)?;
+    let path = match gguf {
+        Some(path) => path,
+        None if model == "smollm2-135m" => {
+            models::runtime::test_gguf_path().map_err(|e| e.to_string())?
+        }
+        None => return Err(format!("--gguf is required for model `{model}`")),
+    };
+    let config = EngineConfig {
+        kv_blocks,
+        ..EngineConfig::default()
+    };
+    let backend =
+        EngineBackend::from_gguf(&path, model, dtype, &models::runtime::Device::Cpu, config)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    eprintln!(
+        "serving {model} ({}) on http://{addr}, context {} tokens",
+        path.display(),
+        backend.engine().context_tokens()
+    );
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    runtime
+        .block_on(hw::frontend::serve(
+            addr,
+            Arc::new(backend),
+            Arc::new(Metrics::new()),
+            ServerConfig::default(),
+        ))
+        .map_err(|e| format!("{addr}: {e}"))
 }

@@ -1,0 +1,196 @@
+//! The engine behind the HTTP router, on the real SmolLM2-135M-Instruct GGUF.
+
+use super::*;
+use crate::frontend::{Metrics, ServerConfig, router};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request as HttpRequest, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const MODEL: &str = "smollm2-135m";
+
+/// An app over a fresh engine with a 64-block (1024-token) pool.
+fn app() -> Router {
+    let config = EngineConfig {
+        kv_blocks: 64,
+        ..EngineConfig::default()
+    };
+    let path = models::runtime::test_gguf_path().unwrap();
+    let backend =
+        EngineBackend::from_gguf(&path, MODEL, TensorDType::F32, &Device::Cpu, config).unwrap();
+    assert_eq!(backend.engine().context_tokens(), 1024);
+    router(
+        Arc::new(backend),
+        Arc::new(Metrics::new()),
+        ServerConfig::default(),
+    )
+}
+
+async fn post(app: &Router, uri: &str, body: Value) -> (StatusCode, String) {
+    let req = HttpRequest::post(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let response = app.clone().oneshot(req).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": 24,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// The answer's text and its `usage.completion_tokens`.
+async fn answer(app: &Router, body: Value) -> (String, u64) {
+    let (status, text) = post(app, "/v1/chat/completions", body).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    (
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+    )
+}
+
+/// The concatenated content deltas of a streamed chat completion.
+async fn streamed(app: &Router, body: Value) -> String {
+    let (status, text) = post(app, "/v1/chat/completions", body).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let mut out = String::new();
+    for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if data == "[DONE]" {
+            return out;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        assert!(chunk.get("error").is_none(), "{data}");
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            out.push_str(piece);
+        }
+    }
+    panic!("the stream did not end with [DONE]: {text}");
+}
+
+const FRANCE: &str = "What is the capital of France?";
+
+#[tokio::test]
+async fn greedy_chat_answers_paris_and_streaming_gives_the_same_text() {
+    let app = app();
+    let (text, _) = answer(&app, chat(FRANCE, json!({}))).await;
+    assert!(text.contains("Paris"), "{text}");
+    let stream = streamed(&app, chat(FRANCE, json!({"stream": true}))).await;
+    assert_eq!(stream, text);
+}
+
+#[tokio::test]
+async fn concurrent_requests_get_the_text_they_get_alone() {
+    let app = app();
+    let prompts = [
+        FRANCE,
+        "Name three colours.",
+        "Write one sentence about the sea and the wind in the evening.",
+        "What is 2 + 2?",
+    ];
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(answer(&app, chat(p, json!({"max_tokens": 16}))).await);
+    }
+    let together = futures_util::future::join_all(
+        prompts
+            .iter()
+            .map(|p| answer(&app, chat(p, json!({"max_tokens": 16})))),
+    )
+    .await;
+    assert_eq!(together, alone);
+}
+
+#[tokio::test]
+async fn a_stop_string_truncates_and_max_tokens_is_respected() {
+    let app = app();
+    let (full, _) = answer(&app, chat(FRANCE, json!({}))).await;
+    let at = full.find("Paris").expect("the answer names Paris");
+    let (cut, _) = answer(&app, chat(FRANCE, json!({"stop": ["Paris"]}))).await;
+    assert_eq!(cut, full[..at]);
+
+    let (text, completion_tokens) = answer(
+        &app,
+        chat(
+            "Tell me a long story about a dragon.",
+            json!({"max_tokens": 5}),
+        ),
+    )
+    .await;
+    assert_eq!(completion_tokens, 5, "{text}");
+}
+
+#[tokio::test]
+async fn a_prompt_longer_than_the_context_is_a_400() {
+    let app = app();
+    let long = "word ".repeat(1100);
+    let (status, body) = post(&app, "/v1/chat/completions", chat(&long, json!({}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("context_length_exceeded"), "{body}");
+    // The engine still serves afterwards.
+    let (text, _) = answer(&app, chat(FRANCE, json!({}))).await;
+    assert!(text.contains("Paris"), "{text}");
+}
+
+/// Greedy text of a chat prompt straight from the engine.
+async fn generate(engine: &Engine, content: &str, max_tokens: usize) -> String {
+    let prompt = engine
+        .tokenizer()
+        .apply_chat_template(&[ChatMessage::new("user", content)], true);
+    let tokens = engine.tokenizer().encode(&prompt, false).unwrap();
+    let mut events = engine
+        .submit(tokens, SamplingParams::greedy(max_tokens))
+        .unwrap();
+    let mut text = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            GenerateEvent::Token { text: piece, .. } => text.push_str(&piece),
+            GenerateEvent::Done { .. } => return text,
+            GenerateEvent::Error(e) => panic!("{e}"),
+        }
+    }
+    panic!("the stream ended without Done");
+}
+
+#[tokio::test]
+async fn a_pool_too_small_for_every_sequence_preempts_and_recomputes_the_same_text() {
+    let gguf = GgufFile::open(&models::runtime::test_gguf_path().unwrap()).unwrap();
+    let model = || Model::new(gguf.weights(TensorDType::F32, &Device::Cpu).unwrap()).unwrap();
+    let prompts = [
+        "Name three colours.",
+        "Name three animals and describe them.",
+        "Write a short poem about the sea.",
+    ];
+    let roomy = Engine::new(model(), gguf.tokenizer().unwrap(), EngineConfig::default()).unwrap();
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(generate(&roomy, p, 40).await);
+    }
+    // 7 blocks of 16 tokens: two prompts fit, but not their 40 tokens of growth as well.
+    let tight = EngineConfig {
+        kv_blocks: 7,
+        prefix_caching: false,
+        ..EngineConfig::default()
+    };
+    let small = Engine::new(model(), gguf.tokenizer().unwrap(), tight).unwrap();
+    let together =
+        futures_util::future::join_all(prompts.iter().map(|p| generate(&small, p, 40))).await;
+    assert_eq!(together, alone);
+    assert!(small.preemptions() > 0, "{alone:?}");
+}
