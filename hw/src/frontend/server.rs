@@ -500,25 +500,18 @@ impl<B: Backend> App<B> {
                 Self::check_max_tokens("max_tokens", req.max_tokens, context_tokens).map(|()| s)
             })
             .map_err(IntoResponse::into_response)?;
-        let prompt = req.prompt_text().map_err(IntoResponse::into_response)?;
+        let prompt = req
+            .prompt_text()
+            .map_err(IntoResponse::into_response)?
+            .to_owned();
         let gen_req = GenerateRequest {
-            request_id: request_id.clone(),
-            model: req.model.clone(),
-            input: GenerateInput::Text(prompt.to_owned()),
+            request_id,
+            model: req.model,
+            input: GenerateInput::Text(prompt),
             sampling,
             conversation_id: conversation_id(headers, req.user.as_deref()),
         };
-        let events = self
-            .backend
-            .generate(gen_req)
-            .await
-            .map_err(|e| ApiError::from(e).into_response())?;
-        let clock = self.clock(arrived);
-        let chunk = ChunkHeader {
-            id: request_id,
-            created: unix_now_s(),
-            model: req.model,
-        };
+        let (events, clock, chunk) = self.start(arrived, gen_req).await?;
         if req.stream.unwrap_or(false) {
             let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
             return Ok(stream_response(
@@ -548,6 +541,32 @@ impl<B: Backend> App<B> {
         .into_response())
     }
 
+    /// Hands a validated request to the backend; the header names the response's chunks.
+    async fn start(
+        &self,
+        arrived: Instant,
+        req: GenerateRequest,
+    ) -> Result<
+        (
+            tokio::sync::mpsc::Receiver<GenerateEvent>,
+            TokenClock,
+            ChunkHeader,
+        ),
+        Response,
+    > {
+        let chunk = ChunkHeader {
+            id: req.request_id.clone(),
+            created: unix_now_s(),
+            model: req.model.clone(),
+        };
+        let events = self
+            .backend
+            .generate(req)
+            .await
+            .map_err(|e| ApiError::from(e).into_response())?;
+        Ok((events, self.clock(arrived), chunk))
+    }
+
     async fn chat_completion(
         &self,
         arrived: Instant,
@@ -571,23 +590,13 @@ impl<B: Backend> App<B> {
             .and_then(|s| Self::check_max_tokens(field, requested, context_tokens).map(|()| s))
             .map_err(IntoResponse::into_response)?;
         let gen_req = GenerateRequest {
-            request_id: request_id.clone(),
-            model: req.model.clone(),
+            request_id,
+            model: req.model,
             input: GenerateInput::Chat(req.messages),
             sampling,
             conversation_id: conversation_id(headers, req.user.as_deref()),
         };
-        let events = self
-            .backend
-            .generate(gen_req)
-            .await
-            .map_err(|e| ApiError::from(e).into_response())?;
-        let clock = self.clock(arrived);
-        let chunk = ChunkHeader {
-            id: request_id,
-            created: unix_now_s(),
-            model: req.model,
-        };
+        let (events, clock, chunk) = self.start(arrived, gen_req).await?;
         if req.stream.unwrap_or(false) {
             let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
             return Ok(stream_response(
