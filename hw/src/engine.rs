@@ -1,29 +1,29 @@
-//! An aggregated worker: one OS thread owns a [`PagedModel`] and runs continuous batching
-//! (prefill and decode in the same step), and [`EngineBackend`] puts it behind the HTTP
-//! frontend.
-//!
-//! Each iteration takes new requests off a channel, admits waiting ones FCFS while the block
-//! manager has room, and runs one step: every decoding sequence feeds one token, then prefill
-//! chunks fill what is left of the token budget. When a decoding sequence needs a block and
-//! none is free, the most recently admitted sequence is preempted: its blocks are released and
-//! it waits again at the front of the queue with its prompt and generated tokens, to be
-//! recomputed (the prefix cache usually keeps most of it).
+//! A worker's engine: one OS thread owns a [`PagedModel`] and runs continuous batching
+//! ([`batch`]); the rest of the process (tokio: HTTP, KV transport) talks to it through
+//! channels. The same engine serves the three roles: aggregated (prefill and decode in one
+//! batch), prefill (a job ends with its first token and its KV exported) and decode (a request
+//! is admitted, its KV comes from a prefill worker, then it decodes). [`EngineBackend`] puts an
+//! aggregated engine behind the HTTP frontend in one process.
+
+mod batch;
 
 use crate::frontend::{
-    Backend, BackendError, FinishReason, GenerateEvent, GenerateInput, GenerateRequest, ModelInfo,
-    Role, TokenUsage,
+    Backend, BackendError, GenerateEvent, GenerateInput, GenerateRequest, ModelInfo, Role,
+    ServeTrace,
 };
-use crate::paged::{PagedError, PagedModel, SeqId};
+use crate::paged::{KvExport, PagedError, PagedModel};
 use models::runtime::{
-    ChatMessage, DEFAULT_BLOCK_SIZE_TOKENS, Device, GgufFile, Model, RuntimeError, Sampler,
-    SamplingParams, TensorDType, Tokenizer,
+    ChatMessage, DEFAULT_BLOCK_SIZE_TOKENS, Device, GgufFile, Model, Sampler, SamplingParams,
+    TensorDType, Tokenizer,
 };
-use std::collections::VecDeque;
+use sim::kv::KvEvent;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use tokio::sync::mpsc;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
 
 /// How the engine batches and how much it queues.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +38,9 @@ pub struct EngineConfig {
     /// Requests waiting for admission beyond which a submission is refused with QueueFull.
     pub max_waiting: usize,
     pub prefix_caching: bool,
+    /// A decode worker prefills a prompt itself when at most this many of its tokens are not
+    /// in its prefix cache (conditional disaggregation); above, a prefill worker does.
+    pub local_prefill_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -49,37 +52,141 @@ impl Default for EngineConfig {
             max_num_seqs: 64,
             max_waiting: 256,
             prefix_caching: true,
+            local_prefill_tokens: 0,
         }
     }
 }
 
-/// A request as it travels from `submit` to the engine thread.
+/// The prefill worker a decode worker's request takes its KV from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemotePrefill {
+    /// The worker's cluster index, for the trace.
+    pub worker: u32,
+    /// Its control address.
+    pub addr: SocketAddr,
+}
+
+/// The engine asks its process to get a prompt's KV from a prefill worker.
+#[derive(Clone, Debug)]
+pub struct PrefillAsk {
+    /// Answer with [`Engine::deliver_remote`] under this key.
+    pub key: u64,
+    pub target: RemotePrefill,
+    /// The whole prompt.
+    pub tokens: Vec<u32>,
+    /// Leading blocks this worker holds (reserved for the request): not to be sent.
+    pub skip_blocks: usize,
+    pub sampling: SamplingParams,
+}
+
+/// A prefill worker's answer to a [`PrefillAsk`], with its KV already received.
+#[derive(Clone, Debug)]
+pub struct RemoteKv {
+    /// The prompt's KV (from `skip_blocks` on) and the first sampled token, last in `tokens`.
+    pub kv: KvExport,
+    /// Where the request's sampling stream stands after the first token.
+    pub sampler_position: u128,
+    pub prefill_worker: u32,
+    /// Prompt tokens the prefill worker found in its prefix cache.
+    pub cached_tokens: u32,
+    pub prefill_start: Instant,
+    pub prefill_end: Instant,
+    pub transfer_start: Instant,
+    pub transfer_end: Instant,
+    pub transfer_bytes: u64,
+}
+
+/// What a prefill job hands back: the KV to send and what the decode side needs to go on.
+#[derive(Clone, Debug)]
+pub struct PrefillOutput {
+    pub kv: KvExport,
+    pub sampler_position: u128,
+    pub cached_tokens: u32,
+    pub prefill_start: Instant,
+    pub prefill_end: Instant,
+}
+
+/// The prefix cache's changes and the load, sent after steps that changed either.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineReport {
+    pub events: Vec<KvEvent>,
+    pub running: u32,
+    pub waiting: u32,
+    pub used_blocks: u32,
+    pub capacity_blocks: u32,
+}
+
+/// Where the engine's outputs to its process go; both optional (an engine alone needs none).
+#[derive(Default)]
+pub struct EngineHooks {
+    pub prefill_asks: Option<mpsc::UnboundedSender<PrefillAsk>>,
+    pub reports: Option<mpsc::UnboundedSender<EngineReport>>,
+}
+
+/// State the engine thread shares with its handle.
+struct Shared {
+    waiting: AtomicUsize,
+    preemptions: AtomicU64,
+    prefill_asks: Option<mpsc::UnboundedSender<PrefillAsk>>,
+    reports: Option<mpsc::UnboundedSender<EngineReport>>,
+}
+
+enum Inbox {
+    Submit(Request),
+    Remote {
+        key: u64,
+        outcome: Result<RemoteKv, String>,
+    },
+}
+
+/// What a request wants from the engine.
+enum Job {
+    /// Generate tokens and stream them (aggregated and decode workers).
+    Generate {
+        events: mpsc::Sender<GenerateEvent>,
+        /// Bytes of the generated text already streamed.
+        sent_bytes: usize,
+        /// A decode worker's source of prompt KV.
+        remote: Option<RemotePrefill>,
+    },
+    /// Prefill, sample the first token and export the KV from `skip_blocks` on (prefill
+    /// workers).
+    Prefill {
+        skip_blocks: usize,
+        reply: Option<oneshot::Sender<Result<PrefillOutput, BackendError>>>,
+    },
+}
+
+/// A request as it travels from submission through the engine thread.
 struct Request {
+    key: u64,
     /// Prompt then generated tokens: what a preempted request is recomputed from.
     tokens: Vec<u32>,
     prompt_tokens: usize,
     sampling: SamplingParams,
     sampler: Sampler,
-    events: mpsc::Sender<GenerateEvent>,
-    /// Bytes of the generated text already streamed.
-    sent_bytes: usize,
+    job: Job,
+    accepted: Instant,
+    prefill_start: Option<Instant>,
+    prefill_end: Option<Instant>,
+    /// Prompt tokens this worker found cached at first admission.
+    local_cached_tokens: u32,
+    trace: ServeTrace,
 }
 
-/// A request that holds a sequence in the paged model.
-struct Running {
-    req: Request,
-    seq: SeqId,
-    /// Tokens at admission: the blocks allocated then cover them.
-    admitted_tokens: usize,
-    /// Whether the prefill is done, so each step feeds the last sampled token.
-    decoding: bool,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Prefilling,
+    /// Admitted, waiting for a prefill worker's KV.
+    AwaitingKv,
+    Decoding,
 }
 
 /// The continuous-batching worker. Dropping it stops the thread once the queue is drained.
 pub struct Engine {
-    submissions: Option<std::sync::mpsc::Sender<Request>>,
-    waiting: Arc<AtomicUsize>,
-    preemptions: Arc<AtomicU64>,
+    inbox: Option<std::sync::mpsc::Sender<Inbox>>,
+    shared: Arc<Shared>,
+    next_key: AtomicU64,
     tokenizer: Arc<Tokenizer>,
     context_tokens: usize,
     max_waiting: usize,
@@ -94,6 +201,7 @@ impl Engine {
         model: Model,
         tokenizer: Tokenizer,
         config: EngineConfig,
+        hooks: EngineHooks,
     ) -> Result<Engine, PagedError> {
         if config.max_batched_tokens == 0 || config.max_num_seqs == 0 {
             return Err(PagedError::Invalid(
@@ -109,29 +217,28 @@ impl Engine {
             config.prefix_caching,
         )?;
         let tokenizer = Arc::new(tokenizer);
-        let waiting = Arc::new(AtomicUsize::new(0));
-        let preemptions = Arc::new(AtomicU64::new(0));
+        let shared = Arc::new(Shared {
+            waiting: AtomicUsize::new(0),
+            preemptions: AtomicU64::new(0),
+            prefill_asks: hooks.prefill_asks,
+            reports: hooks.reports,
+        });
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut worker = Worker {
+        let mut batcher = batch::Batcher::new(
             paged,
-            tokenizer: Arc::clone(&tokenizer),
-            waiting_count: Arc::clone(&waiting),
-            preemptions: Arc::clone(&preemptions),
-            block_size: config.block_size_tokens as usize,
+            Arc::clone(&tokenizer),
+            Arc::clone(&shared),
+            &config,
             context_tokens,
-            max_batched_tokens: config.max_batched_tokens,
-            max_num_seqs: config.max_num_seqs,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-        };
+        );
         let thread = std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || batcher.run(rx))
             .map_err(|e| PagedError::Invalid(format!("cannot start the engine thread: {e}")))?;
         Ok(Engine {
-            submissions: Some(tx),
-            waiting,
-            preemptions,
+            inbox: Some(tx),
+            shared,
+            next_key: AtomicU64::new(0),
             tokenizer,
             context_tokens,
             max_waiting: config.max_waiting,
@@ -145,7 +252,12 @@ impl Engine {
 
     /// Sequences put back in the queue for lack of blocks, since the start.
     pub fn preemptions(&self) -> u64 {
-        self.preemptions.load(Ordering::Relaxed)
+        self.shared.preemptions.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting for admission now.
+    pub fn waiting(&self) -> usize {
+        self.shared.waiting.load(Ordering::Relaxed)
     }
 
     /// Prompt plus generated tokens of one request, at most.
@@ -153,13 +265,64 @@ impl Engine {
         self.context_tokens
     }
 
-    /// Queues a prompt and returns its event stream; the tokenizer's end-of-generation tokens
-    /// are added to the stop tokens. A prompt must leave room for one generated token.
+    /// Queues a prompt to generate from and returns its event stream; the tokenizer's
+    /// end-of-generation tokens are added to the stop tokens. A prompt must leave room for
+    /// one generated token. With `remote`, the prompt's KV comes from that prefill worker
+    /// (unless nearly all of it is cached here).
     pub fn submit(
         &self,
         prompt: Vec<u32>,
         mut sampling: SamplingParams,
+        remote: Option<RemotePrefill>,
     ) -> Result<mpsc::Receiver<GenerateEvent>, BackendError> {
+        for &id in self.tokenizer.eos_token_ids() {
+            if !sampling.stop_token_ids.contains(&id) {
+                sampling.stop_token_ids.push(id);
+            }
+        }
+        // One event per generated token, a last piece of held-back text, then Done: the
+        // channel never fills, so the engine never waits on a slow client.
+        let capacity = sampling.max_tokens.min(self.context_tokens) + 2;
+        let (tx, rx) = mpsc::channel(capacity);
+        let job = Job::Generate {
+            events: tx,
+            sent_bytes: 0,
+            remote,
+        };
+        self.enqueue(prompt, sampling, job)?;
+        Ok(rx)
+    }
+
+    /// Queues a prefill job: the prompt's KV from block `skip_blocks` on and the first token,
+    /// sampled with `sampling`.
+    pub fn submit_prefill(
+        &self,
+        prompt: Vec<u32>,
+        sampling: SamplingParams,
+        skip_blocks: usize,
+    ) -> Result<oneshot::Receiver<Result<PrefillOutput, BackendError>>, BackendError> {
+        let (tx, rx) = oneshot::channel();
+        let job = Job::Prefill {
+            skip_blocks,
+            reply: Some(tx),
+        };
+        self.enqueue(prompt, sampling, job)?;
+        Ok(rx)
+    }
+
+    /// Answers a [`PrefillAsk`] of this engine.
+    pub fn deliver_remote(&self, key: u64, outcome: Result<RemoteKv, String>) {
+        if let Some(inbox) = &self.inbox {
+            let _ = inbox.send(Inbox::Remote { key, outcome });
+        }
+    }
+
+    fn enqueue(
+        &self,
+        prompt: Vec<u32>,
+        sampling: SamplingParams,
+        job: Job,
+    ) -> Result<(), BackendError> {
         if prompt.len() >= self.context_tokens {
             return Err(BackendError::PromptTooLong {
                 tokens: prompt.len(),
@@ -169,308 +332,43 @@ impl Engine {
         if prompt.is_empty() {
             return Err(BackendError::Internal("the prompt has no tokens".into()));
         }
-        for &id in self.tokenizer.eos_token_ids() {
-            if !sampling.stop_token_ids.contains(&id) {
-                sampling.stop_token_ids.push(id);
-            }
-        }
         let sampler = Sampler::new(&sampling).map_err(|e| BackendError::Internal(e.to_string()))?;
-        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        if self.shared.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(BackendError::QueueFull);
         }
-        // One event per generated token, a last piece of held-back text, then Done: the
-        // channel never fills, so the engine never waits on a slow client.
-        let capacity = sampling.max_tokens.min(self.context_tokens) + 2;
-        let (tx, rx) = mpsc::channel(capacity);
         let req = Request {
+            key: self.next_key.fetch_add(1, Ordering::Relaxed),
             prompt_tokens: prompt.len(),
             tokens: prompt,
             sampling,
             sampler,
-            events: tx,
-            sent_bytes: 0,
+            job,
+            accepted: Instant::now(),
+            prefill_start: None,
+            prefill_end: None,
+            local_cached_tokens: 0,
+            trace: ServeTrace::default(),
         };
         let sent = self
-            .submissions
+            .inbox
             .as_ref()
-            .is_some_and(|s| s.send(req).is_ok());
+            .is_some_and(|s| s.send(Inbox::Submit(req)).is_ok());
         if !sent {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(BackendError::Unavailable("the engine has stopped".into()));
         }
-        Ok(rx)
+        Ok(())
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.submissions = None;
+        self.inbox = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
-}
-
-/// The engine thread's state.
-struct Worker {
-    paged: PagedModel,
-    tokenizer: Arc<Tokenizer>,
-    waiting_count: Arc<AtomicUsize>,
-    preemptions: Arc<AtomicU64>,
-    block_size: usize,
-    context_tokens: usize,
-    max_batched_tokens: usize,
-    max_num_seqs: usize,
-    waiting: VecDeque<Request>,
-    /// In admission order.
-    running: Vec<Running>,
-}
-
-impl Worker {
-    fn run(&mut self, rx: std::sync::mpsc::Receiver<Request>) {
-        loop {
-            if self.waiting.is_empty() && self.running.is_empty() {
-                match rx.recv() {
-                    Ok(req) => self.waiting.push_back(req),
-                    Err(_) => return,
-                }
-            }
-            while let Ok(req) = rx.try_recv() {
-                self.waiting.push_back(req);
-            }
-            self.drop_cancelled();
-            self.admit();
-            self.step();
-        }
-    }
-
-    /// Forgets requests whose client dropped the receiver.
-    fn drop_cancelled(&mut self) {
-        let before = self.waiting.len();
-        self.waiting.retain(|r| !r.events.is_closed());
-        self.waiting_count
-            .fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
-        let mut i = 0;
-        while i < self.running.len() {
-            if self.running[i].req.events.is_closed() {
-                let r = self.running.remove(i);
-                let _ = self.paged.release(r.seq);
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    /// Admits waiting requests FCFS while their blocks fit, keeping one block per running
-    /// sequence free so that the next decode step rarely has to preempt.
-    fn admit(&mut self) {
-        while self.running.len() < self.max_num_seqs {
-            let Some(front) = self.waiting.front() else {
-                return;
-            };
-            let hashes = sim::kv::token_block_hashes(&front.tokens, self.block_size as u32);
-            let new_blocks = front.tokens.len().div_ceil(self.block_size)
-                - self.paged.cached_prefix_blocks(&hashes);
-            let available = self.paged.block_manager().available_blocks() as usize;
-            if !self.running.is_empty() && available < new_blocks + self.running.len() {
-                return;
-            }
-            let result = self.paged.admit(&front.tokens);
-            match result {
-                Ok((seq, _)) => {
-                    let req = self.waiting.pop_front().expect("front exists");
-                    self.waiting_count.fetch_sub(1, Ordering::SeqCst);
-                    self.running.push(Running {
-                        admitted_tokens: req.tokens.len(),
-                        req,
-                        seq,
-                        decoding: false,
-                    });
-                }
-                Err(PagedError::Blocks(_)) => return,
-                Err(e) => {
-                    let req = self.waiting.pop_front().expect("front exists");
-                    self.waiting_count.fetch_sub(1, Ordering::SeqCst);
-                    fail(&req, &e.to_string());
-                }
-            }
-        }
-    }
-
-    /// Blocks the sequence holds: those allocated at admission, grown as its KV passed them.
-    fn held_blocks(&self, r: &Running, kv_len: usize) -> usize {
-        r.admitted_tokens.max(kv_len).div_ceil(self.block_size)
-    }
-
-    /// Puts the most recently admitted sequence back at the front of the queue.
-    fn preempt_last(&mut self) {
-        if let Some(r) = self.running.pop() {
-            let _ = self.paged.release(r.seq);
-            self.preemptions.fetch_add(1, Ordering::Relaxed);
-            self.waiting_count.fetch_add(1, Ordering::SeqCst);
-            self.waiting.push_front(r.req);
-        }
-    }
-
-    /// Plans and runs one forward step, then samples every sequence whose prefill is done.
-    fn step(&mut self) {
-        let mut work: Vec<(SeqId, usize)> = Vec::new();
-        let mut budget = self.max_batched_tokens;
-        let mut i = 0;
-        while i < self.running.len() && budget > 0 {
-            let (decoding, seq, needed) = {
-                let r = &self.running[i];
-                let kv_len = r.req.tokens.len() - 1;
-                let needed = (kv_len + 1).div_ceil(self.block_size) - self.held_blocks(r, kv_len);
-                (r.decoding, r.seq, needed)
-            };
-            if !decoding {
-                i += 1;
-                continue;
-            }
-            if needed > self.paged.block_manager().available_blocks() as usize {
-                let last = self.running.len() - 1;
-                self.preempt_last();
-                if last == i {
-                    break;
-                }
-                continue;
-            }
-            work.push((seq, 1));
-            budget -= 1;
-            i += 1;
-        }
-        for r in &self.running {
-            if budget == 0 {
-                break;
-            }
-            if !r.decoding {
-                let pending = self.paged.pending_tokens(r.seq).unwrap_or(0);
-                let chunk = pending.min(budget);
-                if chunk > 0 {
-                    work.push((r.seq, chunk));
-                    budget -= chunk;
-                }
-            }
-        }
-        if work.is_empty() {
-            return;
-        }
-        let rows = self
-            .paged
-            .step(&work)
-            .and_then(|logits| Ok(logits.to_vec2::<f32>().map_err(RuntimeError::from)?));
-        let rows = match rows {
-            Ok(rows) => rows,
-            Err(e) => {
-                let message = format!("step failed: {e}");
-                for (seq, _) in work {
-                    if let Some(at) = self.running.iter().position(|r| r.seq == seq) {
-                        let r = self.running.remove(at);
-                        let _ = self.paged.release(r.seq);
-                        fail(&r.req, &message);
-                    }
-                }
-                return;
-            }
-        };
-        for ((seq, _), row) in work.into_iter().zip(rows) {
-            if self.paged.pending_tokens(seq).unwrap_or(1) == 0 {
-                self.sample(seq, &row);
-            }
-        }
-    }
-
-    /// Samples the sequence's next token, streams its text and ends it if a stop condition
-    /// holds.
-    fn sample(&mut self, seq: SeqId, logits: &[f32]) {
-        let Some(at) = self.running.iter().position(|r| r.seq == seq) else {
-            return;
-        };
-        let r = &mut self.running[at];
-        let outcome = match r.req.sampler.sample(logits) {
-            Ok(token) => {
-                r.req.tokens.push(token);
-                r.decoding = true;
-                advance(&mut r.req, &self.tokenizer, self.context_tokens)
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        let ended = match outcome {
-            Ok(Some(finish_reason)) => {
-                let usage = TokenUsage {
-                    prompt_tokens: r.req.prompt_tokens,
-                    completion_tokens: r.req.tokens.len() - r.req.prompt_tokens,
-                };
-                let _ = r.req.events.try_send(GenerateEvent::Done {
-                    finish_reason,
-                    usage,
-                });
-                true
-            }
-            Ok(None) => {
-                let token = *r.req.tokens.last().expect("just pushed");
-                match self.paged.push_token(seq, token) {
-                    Ok(()) => false,
-                    Err(e) => {
-                        fail(&r.req, &e.to_string());
-                        true
-                    }
-                }
-            }
-            Err(message) => {
-                fail(&r.req, &message);
-                true
-            }
-        };
-        if ended {
-            let r = self.running.remove(at);
-            let _ = self.paged.release(r.seq);
-        }
-    }
-}
-
-/// Streams the text the new last token releases and says whether the request is finished.
-fn advance(
-    req: &mut Request,
-    tokenizer: &Tokenizer,
-    context_tokens: usize,
-) -> Result<Option<FinishReason>, String> {
-    let generated = &req.tokens[req.prompt_tokens..];
-    let token_id = *generated.last().expect("a token was generated");
-    let text = tokenizer
-        .decode(generated, true)
-        .map_err(|e| e.to_string())?;
-    let (end_bytes, finish) = match req.sampling.check_stop(generated, &text) {
-        Some(stop) => (stop.text_bytes, Some(stop.reason.into())),
-        None if req.tokens.len() >= context_tokens => (text.len(), Some(FinishReason::Length)),
-        None => {
-            // A trailing U+FFFD is a character whose bytes are still arriving.
-            let complete = text.trim_end_matches('\u{FFFD}').len();
-            (
-                req.sampling.releasable_text_bytes(&text).min(complete),
-                None,
-            )
-        }
-    };
-    if end_bytes > req.sent_bytes && text.is_char_boundary(req.sent_bytes) {
-        let piece = text[req.sent_bytes..end_bytes].to_owned();
-        req.sent_bytes = end_bytes;
-        let _ = req.events.try_send(GenerateEvent::Token {
-            text: piece,
-            token_id,
-        });
-    }
-    Ok(finish)
-}
-
-fn fail(req: &Request, message: &str) {
-    let _ = req
-        .events
-        .try_send(GenerateEvent::Error(BackendError::Internal(
-            message.to_owned(),
-        )));
 }
 
 /// The frontend's backend over one engine serving one model.
@@ -497,7 +395,7 @@ impl EngineBackend {
     ) -> Result<EngineBackend, PagedError> {
         let gguf = GgufFile::open(path)?;
         let model = Model::new(gguf.weights(dtype, device)?)?;
-        let engine = Engine::new(model, gguf.tokenizer()?, config)?;
+        let engine = Engine::new(model, gguf.tokenizer()?, config, EngineHooks::default())?;
         Ok(EngineBackend::new(engine, model_id))
     }
 
@@ -558,7 +456,7 @@ impl Backend for EngineBackend {
             return Err(BackendError::UnknownModel(req.model));
         }
         let prompt = self.prompt(&req.input)?;
-        self.engine.submit(prompt, req.sampling)
+        self.engine.submit(prompt, req.sampling, None)
     }
 }
 

@@ -262,6 +262,54 @@ impl PagedModel {
         })
     }
 
+    /// Fills an admitted sequence with the KV another instance computed for its prompt: the
+    /// blocks this instance found cached at admission stay, the rest are written from the
+    /// payload, which must start no later than they end. `export` must cover exactly the
+    /// sequence's tokens and may carry tokens sampled after them (they become pending).
+    pub fn import_into(&mut self, id: SeqId, export: &KvExport) -> Result<(), PagedError> {
+        let bs = self.block_size;
+        let seq = self.seq(id)?;
+        let used = export.kv_len.div_ceil(bs);
+        let consistent = export.kv_len == seq.tokens.len()
+            && export.tokens.len() >= export.kv_len
+            && export.tokens[..export.kv_len] == seq.tokens[..]
+            && export.block_hashes.len() == export.kv_len / bs
+            && export.first_block + export.blocks.len() == used
+            && seq.blocks.len() >= used;
+        if !consistent {
+            return Err(PagedError::Invalid(format!(
+                "the transfer does not continue sequence {id} of {} tokens: it has {} tokens, {} with KV, blocks {}..{}",
+                seq.tokens.len(),
+                export.tokens.len(),
+                export.kv_len,
+                export.first_block,
+                export.first_block + export.blocks.len()
+            )));
+        }
+        let have = seq.committed;
+        if export.first_block > have {
+            return Err(PagedError::Invalid(format!(
+                "the transfer starts at block {} but sequence {id} holds only {have} leading blocks",
+                export.first_block
+            )));
+        }
+        let mut hashes = Vec::new();
+        extend_hashes(&mut hashes, &export.tokens[..export.kv_len], bs);
+        if hashes != export.block_hashes {
+            return Err(PagedError::Invalid(format!(
+                "the transfer's block hashes do not match the tokens of sequence {id}"
+            )));
+        }
+        let skip = have - export.first_block;
+        let seq = self.seqs.get_mut(&id).expect("checked above");
+        self.cache
+            .import_blocks(&seq.blocks[have..used], &export.blocks[skip..])?;
+        seq.tokens = export.tokens.clone();
+        seq.kv_len = export.kv_len;
+        self.commit(id);
+        Ok(())
+    }
+
     /// A sequence from another instance's export: reuses the prefix this instance holds and
     /// writes the rest from the payload, which must start no later than that prefix ends.
     pub fn import(&mut self, export: &KvExport) -> Result<SeqId, PagedError> {
@@ -458,6 +506,54 @@ mod tests {
         let mut continued = vec![first];
         let mut logits = decode.step(&[(d, 1)]).unwrap();
         for _ in 1..10 {
+            let t = argmax(&logits, 0);
+            continued.push(t);
+            decode.push_token(d, t).unwrap();
+            logits = decode.step(&[(d, 1)]).unwrap();
+        }
+        assert_eq!(continued, expected);
+    }
+    #[test]
+    fn import_into_fills_a_reserved_sequence_around_its_cached_prefix() {
+        let system: Vec<u32> = (0..32).map(|i| (i * 5 % 89) as u32).collect();
+        let mut turn = system.clone();
+        turn.extend((0..21).map(|i| (i * 7 % 89) as u32));
+
+        let mut prefill = PagedModel::new(tiny(), 32, 16, true).unwrap();
+        let mut decode = PagedModel::new(tiny(), 32, 16, true).unwrap();
+        let (s, _) = decode.admit(&system).unwrap();
+        let n = decode.pending_tokens(s).unwrap();
+        decode.step(&[(s, n)]).unwrap();
+        decode.release(s).unwrap();
+        // The decode side reserves the turn first: its cached system prompt is pinned.
+        let (d, cached) = decode.admit(&turn).unwrap();
+        assert_eq!(cached, 32);
+
+        let (p, _) = prefill.admit(&turn).unwrap();
+        let n = prefill.pending_tokens(p).unwrap();
+        let first = argmax(&prefill.step(&[(p, n)]).unwrap(), 0);
+        prefill.push_token(p, first).unwrap();
+        // A payload starting after the reserved prefix would leave a hole.
+        let too_late = prefill.export(p, 3).unwrap();
+        assert!(decode.import_into(d, &too_late).is_err());
+        let mut other = prefill.export(p, 2).unwrap();
+        other.tokens[40] ^= 1;
+        assert!(decode.import_into(d, &other).is_err(), "tokens differ");
+        decode
+            .import_into(d, &prefill.export(p, 2).unwrap())
+            .unwrap();
+        assert_eq!(
+            decode.pending_tokens(d).unwrap(),
+            1,
+            "the first sampled token"
+        );
+
+        let mut reference = PagedModel::new(tiny(), 32, 16, true).unwrap();
+        let (r, _) = reference.admit(&turn).unwrap();
+        let expected = run(&mut reference, r, 8);
+        let mut continued = vec![first];
+        let mut logits = decode.step(&[(d, 1)]).unwrap();
+        for _ in 1..8 {
             let t = argmax(&logits, 0);
             continued.push(t);
             decode.push_token(d, t).unwrap();

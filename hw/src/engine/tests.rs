@@ -155,7 +155,7 @@ async fn generate(engine: &Engine, content: &str, max_tokens: usize) -> String {
         .apply_chat_template(&[ChatMessage::new("user", content)], true);
     let tokens = engine.tokenizer().encode(&prompt, false).unwrap();
     let mut events = engine
-        .submit(tokens, SamplingParams::greedy(max_tokens))
+        .submit(tokens, SamplingParams::greedy(max_tokens), None)
         .unwrap();
     let mut text = String::new();
     while let Some(event) = events.recv().await {
@@ -177,7 +177,13 @@ async fn a_pool_too_small_for_every_sequence_preempts_and_recomputes_the_same_te
         "Name three animals and describe them.",
         "Write a short poem about the sea.",
     ];
-    let roomy = Engine::new(model(), gguf.tokenizer().unwrap(), EngineConfig::default()).unwrap();
+    let roomy = Engine::new(
+        model(),
+        gguf.tokenizer().unwrap(),
+        EngineConfig::default(),
+        EngineHooks::default(),
+    )
+    .unwrap();
     let mut alone = Vec::new();
     for p in prompts {
         alone.push(generate(&roomy, p, 40).await);
@@ -188,7 +194,13 @@ async fn a_pool_too_small_for_every_sequence_preempts_and_recomputes_the_same_te
         prefix_caching: false,
         ..EngineConfig::default()
     };
-    let small = Engine::new(model(), gguf.tokenizer().unwrap(), tight).unwrap();
+    let small = Engine::new(
+        model(),
+        gguf.tokenizer().unwrap(),
+        tight,
+        EngineHooks::default(),
+    )
+    .unwrap();
     let together =
         futures_util::future::join_all(prompts.iter().map(|p| generate(&small, p, 40))).await;
     assert_eq!(together, alone);

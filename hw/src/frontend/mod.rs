@@ -84,6 +84,23 @@ pub struct TokenUsage {
     pub completion_tokens: usize,
 }
 
+/// Where and when the serving side handled one request: ns since the backend accepted it
+/// (0 where a stage did not happen), workers by their cluster index.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServeTrace {
+    pub prefill_worker: Option<u32>,
+    pub decode_worker: Option<u32>,
+    /// Prompt tokens the prefilling worker found in its prefix cache.
+    pub cached_tokens: u32,
+    pub routed_ns: u64,
+    pub prefill_start_ns: u64,
+    pub prefill_end_ns: u64,
+    pub transfer_start_ns: u64,
+    pub transfer_end_ns: u64,
+    pub transfer_bytes: u64,
+    pub preemptions: u32,
+}
+
 /// What a backend streams for one request: tokens as they are sampled, then exactly one `Done`
 /// or `Error`. Token text is already cut at a stop string.
 #[derive(Debug)]
@@ -95,6 +112,9 @@ pub enum GenerateEvent {
     Done {
         finish_reason: FinishReason,
         usage: TokenUsage,
+        trace: ServeTrace,
+        /// Every generated token id, in order.
+        token_ids: Vec<u32>,
     },
     Error(BackendError),
 }

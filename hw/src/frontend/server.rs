@@ -356,6 +356,7 @@ async fn collect(
             GenerateEvent::Done {
                 finish_reason,
                 usage,
+                ..
             } => return Ok((text, finish_reason, usage)),
             GenerateEvent::Error(e) => return Err(e.into()),
         }
@@ -390,6 +391,7 @@ fn stream_response(
                 Some(GenerateEvent::Done {
                     finish_reason,
                     usage,
+                    ..
                 }) => {
                     let last = shape.text_chunk(&chunk, String::new(), Some(finish_reason));
                     if tx.send(last).await.is_err() {

@@ -113,6 +113,8 @@ impl Backend for Fake {
                 .send(GenerateEvent::Done {
                     finish_reason,
                     usage,
+                    trace: Default::default(),
+                    token_ids: Vec::new(),
                 })
                 .await;
         });

@@ -146,6 +146,19 @@ impl Sampler {
         })
     }
 
+    /// How far the request's stream has been drawn: with [`Sampler::resume`], another
+    /// process continues the same stream (a decode worker after a remote prefill).
+    pub fn position(&self) -> u128 {
+        self.rng.get_word_pos()
+    }
+
+    /// A sampler for `params` whose stream continues at `position` (from [`Sampler::position`]).
+    pub fn resume(params: &SamplingParams, position: u128) -> Result<Sampler, RuntimeError> {
+        let mut sampler = Sampler::new(params)?;
+        sampler.rng.set_word_pos(position);
+        Ok(sampler)
+    }
+
     /// The next token from one row of logits. Greedy takes the lowest id among equal maxima;
     /// otherwise softmax(logits / temperature), cut to the nucleus, is sampled.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32, RuntimeError> {
@@ -249,6 +262,17 @@ mod tests {
     }
 
     const LOGITS: [f32; 6] = [1.0, 2.5, 0.0, 2.0, -1.0, 0.5];
+
+    #[test]
+    fn a_resumed_sampler_continues_the_same_stream() {
+        let p = params(1.0, 0.9, 11);
+        let whole = draws(&p, &LOGITS, 40);
+        let mut first = Sampler::new(&p).unwrap();
+        let mut head: Vec<u32> = (0..7).map(|_| first.sample(&LOGITS).unwrap()).collect();
+        let mut rest = Sampler::resume(&p, first.position()).unwrap();
+        head.extend((7..40).map(|_| rest.sample(&LOGITS).unwrap()));
+        assert_eq!(head, whole);
+    }
 
     #[test]
     fn greedy_is_argmax_with_ties_to_the_lowest_id() {
