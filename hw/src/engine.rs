@@ -402,38 +402,40 @@ impl EngineBackend {
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
+}
 
-    /// The prompt tokens of a request: raw text with the tokenizer's specials, or the chat
-    /// template rendered (which carries its own).
-    fn prompt(&self, input: &GenerateInput) -> Result<Vec<u32>, BackendError> {
-        let tokenizer = self.engine.tokenizer();
-        let encoded = match input {
-            GenerateInput::Text(text) => tokenizer.encode(text, true),
-            GenerateInput::Chat(messages) => {
-                let messages: Vec<ChatMessage> = messages
-                    .iter()
-                    .map(|m| {
-                        let role = match m.role {
-                            // OpenAI's developer messages are the system prompt.
-                            Role::System | Role::Developer => "system",
-                            Role::User => "user",
-                            Role::Assistant => "assistant",
-                        };
-                        ChatMessage::new(role, m.content.clone())
-                    })
-                    .collect();
-                tokenizer.encode(&tokenizer.apply_chat_template(&messages, true), false)
-            }
-        };
-        let mut tokens = encoded.map_err(|e| BackendError::Internal(e.to_string()))?;
-        // An empty completion prompt continues from a document boundary.
-        if tokens.is_empty()
-            && let Some(&eos) = tokenizer.eos_token_ids().first()
-        {
-            tokens.push(eos);
+/// The prompt tokens of a request: raw text with the tokenizer's specials, or the chat
+/// template rendered (which carries its own).
+pub fn prompt_tokens(
+    tokenizer: &Tokenizer,
+    input: &GenerateInput,
+) -> Result<Vec<u32>, BackendError> {
+    let encoded = match input {
+        GenerateInput::Text(text) => tokenizer.encode(text, true),
+        GenerateInput::Chat(messages) => {
+            let messages: Vec<ChatMessage> = messages
+                .iter()
+                .map(|m| {
+                    let role = match m.role {
+                        // OpenAI's developer messages are the system prompt.
+                        Role::System | Role::Developer => "system",
+                        Role::User => "user",
+                        Role::Assistant => "assistant",
+                    };
+                    ChatMessage::new(role, m.content.clone())
+                })
+                .collect();
+            tokenizer.encode(&tokenizer.apply_chat_template(&messages, true), false)
         }
-        Ok(tokens)
+    };
+    let mut tokens = encoded.map_err(|e| BackendError::Internal(e.to_string()))?;
+    // An empty completion prompt continues from a document boundary.
+    if tokens.is_empty()
+        && let Some(&eos) = tokenizer.eos_token_ids().first()
+    {
+        tokens.push(eos);
     }
+    Ok(tokens)
 }
 
 impl Backend for EngineBackend {
@@ -455,7 +457,7 @@ impl Backend for EngineBackend {
         if req.model != self.model_id {
             return Err(BackendError::UnknownModel(req.model));
         }
-        let prompt = self.prompt(&req.input)?;
+        let prompt = prompt_tokens(self.engine.tokenizer(), &req.input)?;
         self.engine.submit(prompt, req.sampling, None)
     }
 }

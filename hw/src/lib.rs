@@ -2,6 +2,7 @@
 //! metrics) so that the served system and the simulated one run the same bookkeeping.
 
 pub mod bench_model;
+pub mod cluster;
 pub mod engine;
 pub mod fetch;
 pub mod frontend;
@@ -10,3 +11,25 @@ pub mod transport;
 
 pub use models;
 pub use sim;
+
+use models::runtime::TensorDType;
+
+/// A `--dtype` or `model.dtype` value.
+pub fn parse_dtype(dtype: &str) -> Result<TensorDType, String> {
+    match dtype {
+        "f32" => Ok(TensorDType::F32),
+        "f16" => Ok(TensorDType::F16),
+        "bf16" => Ok(TensorDType::BF16),
+        other => Err(format!("dtype: expected f32, f16 or bf16, got `{other}`")),
+    }
+}
+
+/// The element type of a runtime tensor dtype, as `ModelSpec` arithmetic and the KV wire
+/// format name it.
+pub fn spec_dtype(dtype: TensorDType) -> models::DType {
+    match dtype {
+        TensorDType::F16 => models::DType::F16,
+        TensorDType::BF16 => models::DType::Bf16,
+        _ => models::DType::F32,
+    }
+}

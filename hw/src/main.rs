@@ -1,9 +1,12 @@
 //! `disagg-hw`: the real backend of disagg.
 
 use clap::{Parser, Subcommand};
+use hw::cluster::Cluster;
+use hw::cluster::serve::FrontendOptions;
+use hw::sim::routing::Role;
 use hw::{bench_model, fetch};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -56,25 +59,44 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         repeats: usize,
     },
-    /// Serve the OpenAI-compatible HTTP API from one aggregated engine (prefill and decode in
-    /// one continuous batch).
-    Serve {
-        /// The model id clients name: smollm2-135m.
-        #[arg(long, default_value = "smollm2-135m")]
-        model: String,
-        /// The GGUF file; default: the fetched SmolLM2-135M-Instruct.
-        #[arg(long)]
-        gguf: Option<PathBuf>,
-        /// Loopback by default: exposing the server is an explicit choice.
-        #[arg(long, default_value_t = hw::frontend::DEFAULT_ADDR)]
-        addr: SocketAddr,
-        /// f32, f16 or bf16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        /// Blocks of 16 tokens in the KV pool.
-        #[arg(long, default_value_t = hw::engine::EngineConfig::default().kv_blocks)]
-        kv_blocks: u32,
-    },
+    /// Start a whole cluster on this machine: the frontend (OpenAI-compatible HTTP API,
+    /// router, registry) and every worker of the cluster file as a child process. Prints
+    /// `ready http://ADDR` when all workers have joined.
+    Serve(FrontendArgs),
+    /// Run only the frontend (API, router, registry); workers join it from anywhere.
+    Frontend(FrontendArgs),
+    /// Run a prefill worker: computes prompts' KV and sends it to decode workers.
+    Prefill(WorkerArgs),
+    /// Run a decode worker: receives KV from prefill workers and generates.
+    Decode(WorkerArgs),
+    /// Run an aggregated worker: prefill and decode in one continuous batch.
+    Aggregated(WorkerArgs),
+}
+
+#[derive(clap::Args)]
+struct FrontendArgs {
+    /// The cluster file; default: the compiled-in configs/cluster/disagg-1p1d.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Overrides frontend.addr (loopback by default: exposing the server is a choice).
+    #[arg(long)]
+    addr: Option<SocketAddr>,
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    /// The cluster file; default: the compiled-in configs/cluster/disagg-1p1d.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The worker's name in the cluster file.
+    #[arg(long)]
+    name: String,
+    /// The registry to join; default: frontend.registry_addr of the file.
+    #[arg(long)]
+    registry: Option<SocketAddr>,
+    /// End when the parent process ends (set by `serve` for the workers it starts).
+    #[arg(long)]
+    exit_with_parent: bool,
 }
 
 fn main() -> ExitCode {
@@ -102,13 +124,11 @@ fn main() -> ExitCode {
             };
             bench(&model, random, gguf, &dtype, &device, &plan)
         }
-        Command::Serve {
-            model,
-            gguf,
-            addr,
-            dtype,
-            kv_blocks,
-        } => serve(&model, gguf, addr, &dtype, kv_blocks),
+        Command::Serve(args) => frontend(args, true),
+        Command::Frontend(args) => frontend(args, false),
+        Command::Prefill(args) => worker(args, Role::Prefill),
+        Command::Decode(args) => worker(args, Role::Decode),
+        Command::Aggregated(args) => worker(args, Role::Aggregated),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -138,7 +158,7 @@ fn bench(
     plan: &bench_model::BenchPlan,
 ) -> Result<(), String> {
     use models::runtime::Device;
-    let dtype = parse_dtype(dtype)?;
+    let dtype = hw::parse_dtype(dtype)?;
     let device = match device.strip_prefix("cuda:") {
         None if device == "cpu" => Device::Cpu,
         Some(n) => {
@@ -168,53 +188,48 @@ fn bench(
     Ok(())
 }
 
-fn parse_dtype(dtype: &str) -> Result<models::runtime::TensorDType, String> {
-    use models::runtime::TensorDType;
-    match dtype {
-        "f32" => Ok(TensorDType::F32),
-        "f16" => Ok(TensorDType::F16),
-        "bf16" => Ok(TensorDType::BF16),
-        other => Err(format!("--dtype: expected f32, f16 or bf16, got `{other}`")),
+fn load_cluster(path: Option<&Path>) -> Result<Cluster, String> {
+    match path {
+        Some(path) => Cluster::load(path).map_err(|e| e.to_string()),
+        None => Ok(Cluster::default_cluster()),
     }
 }
 
-fn serve(
-    model: &str,
-    gguf: Option<PathBuf>,
-    addr: SocketAddr,
-    dtype: &str,
-    kv_blocks: u32,
-) -> Result<(), String> {
-    use hw::engine::{EngineBackend, EngineConfig};
-    use hw::frontend::{Metrics, ServerConfig};
-    use std::sync::Arc;
-    let dtype = parse_dtype(dtype)?;
-    let path = match gguf {
-        Some(path) => path,
-        None if model == "smollm2-135m" => {
-            models::runtime::test_gguf_path().map_err(|e| e.to_string())?
-        }
-        None => return Err(format!("--gguf is required for model `{model}`")),
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn frontend(args: FrontendArgs, spawn_workers: bool) -> Result<(), String> {
+    let cluster = load_cluster(args.config.as_deref())?;
+    let options = FrontendOptions {
+        addr: args.addr,
+        spawn_workers,
+        config_path: args.config,
     };
-    let config = EngineConfig {
-        kv_blocks,
-        ..EngineConfig::default()
-    };
-    let backend =
-        EngineBackend::from_gguf(&path, model, dtype, &models::runtime::Device::Cpu, config)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    eprintln!(
-        "serving {model} ({}) on http://{addr}, context {} tokens",
-        path.display(),
-        backend.engine().context_tokens()
-    );
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-    runtime
-        .block_on(hw::frontend::serve(
-            addr,
-            Arc::new(backend),
-            Arc::new(Metrics::new()),
-            ServerConfig::default(),
-        ))
-        .map_err(|e| format!("{addr}: {e}"))
+    runtime()?.block_on(hw::cluster::serve::run_frontend(&cluster, options))
+}
+
+fn worker(args: WorkerArgs, role: Role) -> Result<(), String> {
+    if args.exit_with_parent {
+        hw::cluster::serve::exit_with_parent();
+    }
+    let cluster = load_cluster(args.config.as_deref())?;
+    let (_, wc) = cluster
+        .worker(&args.name)
+        .ok_or_else(|| format!("{}: no worker named `{}`", cluster.file, args.name))?;
+    if wc.role != role {
+        return Err(format!(
+            "{}: worker `{}` is a {} worker, not {}",
+            cluster.file,
+            args.name,
+            wc.role.name(),
+            role.name()
+        ));
+    }
+    let registry = args
+        .registry
+        .unwrap_or(cluster.config.frontend.registry_addr);
+    runtime()?.block_on(hw::cluster::worker::run(
+        &cluster, &args.name, registry, None,
+    ))
 }

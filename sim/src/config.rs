@@ -236,32 +236,44 @@ impl Scenario {
 
     /// Parses and checks scenario text; `file` names it in errors.
     pub fn parse(text: &str, file: &str, base_dir: PathBuf) -> Result<Scenario, ConfigError> {
-        let invalid = |offset: usize, message: String| {
-            let (line, column) = line_column(text, offset);
-            ConfigError::Invalid {
-                file: file.to_string(),
-                line,
-                column,
-                message,
-            }
+        let raw: ScenarioFile = from_toml(text, file)?;
+        resolve(raw, base_dir).map_err(|(path, message)| invalid_at(text, file, &path, message))
+    }
+}
+
+/// Parses TOML into `T`; a syntax or schema error becomes `file:line:col: field.path: message`.
+/// For every TOML file the project reads (scenarios here, cluster configs in the real system).
+pub fn from_toml<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        let path = DeTable::parse(text)
+            .ok()
+            .and_then(|doc| path_at(doc.get_ref(), offset));
+        let message = e.message().trim().replace('\n', " ");
+        let message = match path {
+            Some(path) => format!("{path}: {message}"),
+            None => message,
         };
-        let raw: ScenarioFile = toml::from_str(text).map_err(|e| {
-            let offset = e.span().map_or(0, |s| s.start);
-            let path = DeTable::parse(text)
-                .ok()
-                .and_then(|doc| path_at(doc.get_ref(), offset));
-            let message = e.message().trim().replace('\n', " ");
-            match path {
-                Some(path) => invalid(offset, format!("{path}: {message}")),
-                None => invalid(offset, message),
-            }
-        })?;
-        resolve(raw, base_dir).map_err(|(path, message)| {
-            let offset = DeTable::parse(text)
-                .ok()
-                .map_or(0, |doc| offset_of(doc.get_ref(), &path));
-            invalid(offset, format!("{path}: {message}"))
-        })
+        invalid(text, file, offset, message)
+    })
+}
+
+/// An error about the entry at dotted `path` (`worker[1].kv_blocks`) of a parsed file, found
+/// after parsing, located at that entry's line and column.
+pub fn invalid_at(text: &str, file: &str, path: &str, message: String) -> ConfigError {
+    let offset = DeTable::parse(text)
+        .ok()
+        .map_or(0, |doc| offset_of(doc.get_ref(), path));
+    invalid(text, file, offset, format!("{path}: {message}"))
+}
+
+fn invalid(text: &str, file: &str, offset: usize, message: String) -> ConfigError {
+    let (line, column) = line_column(text, offset);
+    ConfigError::Invalid {
+        file: file.to_string(),
+        line,
+        column,
+        message,
     }
 }
 
