@@ -265,7 +265,8 @@ impl PagedModel {
     /// Fills an admitted sequence with the KV another instance computed for its prompt: the
     /// blocks this instance found cached at admission stay, the rest are written from the
     /// payload, which must start no later than they end. `export` must cover exactly the
-    /// sequence's tokens and may carry tokens sampled after them (they become pending).
+    /// sequence's tokens; tokens it carries beyond them (sampled by the exporter) are not
+    /// taken: the caller pushes them as it does its own samples.
     pub fn import_into(&mut self, id: SeqId, export: &KvExport) -> Result<(), PagedError> {
         let bs = self.block_size;
         let seq = self.seq(id)?;
@@ -304,7 +305,6 @@ impl PagedModel {
         let seq = self.seqs.get_mut(&id).expect("checked above");
         self.cache
             .import_blocks(&seq.blocks[have..used], &export.blocks[skip..])?;
-        seq.tokens = export.tokens.clone();
         seq.kv_len = export.kv_len;
         self.commit(id);
         Ok(())
@@ -544,9 +544,10 @@ mod tests {
             .unwrap();
         assert_eq!(
             decode.pending_tokens(d).unwrap(),
-            1,
-            "the first sampled token"
+            0,
+            "the whole prompt has its KV"
         );
+        decode.push_token(d, first).unwrap();
 
         let mut reference = PagedModel::new(tiny(), 32, 16, true).unwrap();
         let (r, _) = reference.admit(&turn).unwrap();

@@ -1,0 +1,218 @@
+//! Whole clusters as separate processes on loopback (`disagg-hw serve`), on the fetched
+//! SmolLM2-135M-Instruct GGUF.
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const MODEL: &str = "smollm2-135m";
+
+/// A `disagg-hw serve` process and what it printed once ready. Killed on drop (its workers
+/// die with it).
+struct Served {
+    child: Child,
+    url: String,
+    pids: Vec<(String, u32)>,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the cluster whose workers are `workers` (TOML `[[worker]]` tables) and `router`,
+/// every address on a free loopback port.
+fn serve(router: &str, workers: &str) -> Served {
+    let text = format!(
+        "[model]\nid = \"{MODEL}\"\n[frontend]\naddr = \"127.0.0.1:0\"\nregistry_addr = \"127.0.0.1:0\"\n{router}\n{workers}"
+    );
+    let mut config = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut config, text.as_bytes()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_disagg-hw"))
+        .args(["serve", "--config"])
+        .arg(config.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines
+        .next()
+        .expect("serve printed nothing: it failed to start")
+        .unwrap();
+    let url = first
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("unexpected first line {first}"))
+        .to_owned();
+    let n = text.matches("[[worker]]").count();
+    let pids = (0..n)
+        .map(|_| {
+            let line = lines.next().unwrap().unwrap();
+            let mut words = line.split_whitespace().skip(1);
+            let name = words.next().unwrap().to_owned();
+            (name, words.nth(1).unwrap().parse().unwrap())
+        })
+        .collect();
+    Served {
+        child,
+        url,
+        pids,
+        _config: config,
+    }
+}
+
+fn worker(name: &str, role: &str, extra: &str) -> String {
+    format!("[[worker]]\nname = \"{name}\"\nrole = \"{role}\"\nkv_blocks = 256\n{extra}\n")
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap()
+}
+
+fn chat(content: &str, max_tokens: u32) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    })
+}
+
+async fn post(url: &str, body: &Value) -> (u16, Value) {
+    let response = client().post(url).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text })),
+    )
+}
+
+async fn answer(served: &Served, body: Value) -> String {
+    let (status, v) = post(&format!("{}/v1/chat/completions", served.url), &body).await;
+    assert_eq!(status, 200, "{v}");
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn metrics(served: &Served) -> String {
+    client()
+        .get(format!("{}/metrics", served.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of an unlabelled metric.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+const PROMPTS: [&str; 4] = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "Write one sentence about the sea and the wind in the evening.",
+    "What is 2 + 2?",
+];
+
+#[tokio::test]
+async fn prefill_and_decode_processes_answer_as_the_aggregated_worker_does() {
+    let aggregated = serve("", &worker("a", "aggregated", ""));
+    let disagg = serve(
+        "",
+        &(worker("p", "prefill", "") + &worker("d", "decode", "")),
+    );
+    let mut expected = Vec::new();
+    for p in PROMPTS {
+        expected.push(answer(&aggregated, chat(p, 24)).await);
+    }
+    assert!(expected[0].contains("Paris"), "{expected:?}");
+    // One at a time, then all at once (batched on both workers).
+    for (p, want) in PROMPTS.iter().zip(&expected) {
+        assert_eq!(&answer(&disagg, chat(p, 24)).await, want);
+    }
+    let together =
+        futures_util::future::join_all(PROMPTS.iter().map(|p| answer(&disagg, chat(p, 24)))).await;
+    assert_eq!(together, expected);
+    let m = metrics(&disagg).await;
+    assert_eq!(metric(&m, "disagg_kv_transfers_total"), 8.0, "{m}");
+    assert!(metric(&m, "disagg_kv_transfer_bytes_total") > 0.0);
+}
+
+#[tokio::test]
+async fn a_full_queue_is_a_429_and_the_cluster_keeps_serving() {
+    let served = serve(
+        "",
+        &worker("a", "aggregated", "max_num_seqs = 1\nmax_waiting = 1"),
+    );
+    let url = format!("{}/v1/chat/completions", served.url);
+    let long = chat("Tell me a long story about a dragon.", 48);
+    let statuses = futures_util::future::join_all((0..6).map(|_| post(&url, &long))).await;
+    let codes: Vec<u16> = statuses.iter().map(|(s, _)| *s).collect();
+    assert!(codes.contains(&429), "{codes:?}");
+    assert!(codes.contains(&200), "{codes:?}");
+    for (status, body) in &statuses {
+        if *status == 429 {
+            assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+        }
+    }
+    assert!(
+        answer(&served, chat(PROMPTS[0], 16))
+            .await
+            .contains("Paris")
+    );
+}
+
+#[tokio::test]
+async fn a_decode_worker_killed_mid_request_is_retried_elsewhere_and_nothing_hangs() {
+    let served = serve(
+        "[router]\npolicy = \"round_robin\"",
+        &(worker("p", "prefill", "") + &worker("d0", "decode", "") + &worker("d1", "decode", "")),
+    );
+    let expected = answer(&served, chat(PROMPTS[0], 16)).await;
+    // A long prompt keeps the prefill (and so the transfer) in flight for a while.
+    let long_prompt = format!(
+        "{} {}",
+        "Repeat after me: the sea is wide and the wind is cold.".repeat(60),
+        PROMPTS[0]
+    );
+    let victim = served.pids.iter().find(|(n, _)| n == "d1").unwrap().1;
+    let url = format!("{}/v1/chat/completions", served.url);
+    let long_body = chat(&long_prompt, 8);
+    // Round robin sends the next two requests to d1 and d0 in some order; both must end.
+    let requests = futures_util::future::join_all((0..4).map(|_| post(&url, &long_body)));
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .status()
+            .unwrap();
+    };
+    let (results, ()) = tokio::join!(requests, killer);
+    for (status, body) in &results {
+        // Retried on the surviving decode worker, or a clear error; never a hang.
+        assert!(
+            *status == 200 || body["error"]["message"].as_str().is_some(),
+            "{status} {body}"
+        );
+    }
+    assert!(results.iter().any(|(s, _)| *s == 200), "{results:?}");
+    // The cluster goes on without the dead worker.
+    for _ in 0..3 {
+        assert_eq!(answer(&served, chat(PROMPTS[0], 16)).await, expected);
+    }
+}
