@@ -11,7 +11,7 @@
 
 use crate::frontend::{
     Backend, BackendError, FinishReason, GenerateEvent, GenerateInput, GenerateRequest, ModelInfo,
-    Role, TokenUsage,
+    Role, ServeTrace, TokenUsage,
 };
 use crate::paged::{PagedError, PagedModel, SeqId};
 use models::runtime::{
@@ -154,7 +154,8 @@ impl Engine {
     }
 
     /// Queues a prompt and returns its event stream; the tokenizer's end-of-generation tokens
-    /// are added to the stop tokens. A prompt must leave room for one generated token.
+    /// are added to the stop tokens unless `ignore_eos` is set. A prompt must leave room for
+    /// one generated token.
     pub fn submit(
         &self,
         prompt: Vec<u32>,
@@ -169,7 +170,12 @@ impl Engine {
         if prompt.is_empty() {
             return Err(BackendError::Internal("the prompt has no tokens".into()));
         }
-        for &id in self.tokenizer.eos_token_ids() {
+        let eos_ids = if sampling.ignore_eos {
+            &[][..]
+        } else {
+            self.tokenizer.eos_token_ids()
+        };
+        for &id in eos_ids {
             if !sampling.stop_token_ids.contains(&id) {
                 sampling.stop_token_ids.push(id);
             }
@@ -406,6 +412,12 @@ impl Worker {
                 let _ = r.req.events.try_send(GenerateEvent::Done {
                     finish_reason,
                     usage,
+                    trace: ServeTrace {
+                        prefill_worker: Some(0),
+                        decode_worker: Some(0),
+                        ..ServeTrace::default()
+                    },
+                    token_ids: r.req.tokens[r.req.prompt_tokens..].to_vec(),
                 });
                 true
             }
@@ -505,8 +517,8 @@ impl EngineBackend {
         &self.engine
     }
 
-    /// The prompt tokens of a request: raw text with the tokenizer's specials, or the chat
-    /// template rendered (which carries its own).
+    /// The prompt tokens of a request: raw text with the tokenizer's specials, the chat
+    /// template rendered (which carries its own), or token ids as they are.
     fn prompt(&self, input: &GenerateInput) -> Result<Vec<u32>, BackendError> {
         let tokenizer = self.engine.tokenizer();
         let encoded = match input {
@@ -525,6 +537,15 @@ impl EngineBackend {
                     })
                     .collect();
                 tokenizer.encode(&tokenizer.apply_chat_template(&messages, true), false)
+            }
+            GenerateInput::Tokens(ids) => {
+                let vocab_size = tokenizer.vocab_size();
+                if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+                    return Err(BackendError::InvalidPrompt(format!(
+                        "prompt: token id {id} is outside the {vocab_size}-token vocabulary"
+                    )));
+                }
+                Ok(ids.clone())
             }
         };
         let mut tokens = encoded.map_err(|e| BackendError::Internal(e.to_string()))?;

@@ -5,6 +5,7 @@ pub mod bench_model;
 pub mod engine;
 pub mod fetch;
 pub mod frontend;
+pub mod loadgen;
 pub mod paged;
 pub mod transport;
 

@@ -1,8 +1,9 @@
 //! Serving metrics in Prometheus' text exposition format (version 0.0.4), written by hand: a
 //! few histograms, counters and gauges do not need a metrics crate.
 //!
-//! The frontend records TTFT, ITL and requests by status itself; the cluster records KV
-//! transfers, prefix-cache lookups and queue depths through the same shared [`Metrics`] handle.
+//! The frontend records TTFT, ITL, requests by status and (from each finished request's serve
+//! trace) prefix-cache lookups itself; the cluster records KV transfers and queue depths
+//! through the same shared [`Metrics`] handle.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -143,8 +144,10 @@ impl Metrics {
         s.kv_transfer_s += elapsed.as_secs_f64();
     }
 
-    /// One routing decision's prefix-cache lookup: how many of the prompt's tokens were already
-    /// cached on the chosen worker. The hit ratio gauge is cumulative hits over lookups.
+    /// One request's prefix-cache lookup: how many of the prompt's tokens were already cached
+    /// on the worker that prefilled it. The frontend records it for every finished request from
+    /// the serve trace, so a backend must not record it too. The hit ratio gauge is cumulative
+    /// hits over lookups.
     pub fn record_prefix_lookup(&self, hit_tokens: u64, prompt_tokens: u64) {
         let mut s = self.state();
         s.prefix_hit_tokens += hit_tokens.min(prompt_tokens);
