@@ -266,16 +266,21 @@ impl Engine {
     }
 
     /// Queues a prompt to generate from and returns its event stream; the tokenizer's
-    /// end-of-generation tokens are added to the stop tokens. A prompt must leave room for
-    /// one generated token. With `remote`, the prompt's KV comes from that prefill worker
-    /// (unless nearly all of it is cached here).
+    /// end-of-generation tokens are added to the stop tokens unless `ignore_eos` is set. A
+    /// prompt must leave room for one generated token. With `remote`, the prompt's KV comes
+    /// from that prefill worker (unless nearly all of it is cached here).
     pub fn submit(
         &self,
         prompt: Vec<u32>,
         mut sampling: SamplingParams,
         remote: Option<RemotePrefill>,
     ) -> Result<mpsc::Receiver<GenerateEvent>, BackendError> {
-        for &id in self.tokenizer.eos_token_ids() {
+        let eos_ids = if sampling.ignore_eos {
+            &[][..]
+        } else {
+            self.tokenizer.eos_token_ids()
+        };
+        for &id in eos_ids {
             if !sampling.stop_token_ids.contains(&id) {
                 sampling.stop_token_ids.push(id);
             }
@@ -404,8 +409,8 @@ impl EngineBackend {
     }
 }
 
-/// The prompt tokens of a request: raw text with the tokenizer's specials, or the chat
-/// template rendered (which carries its own).
+/// The prompt tokens of a request: raw text with the tokenizer's specials, the chat template
+/// rendered (which carries its own), or token ids as they are.
 pub fn prompt_tokens(
     tokenizer: &Tokenizer,
     input: &GenerateInput,
@@ -426,6 +431,15 @@ pub fn prompt_tokens(
                 })
                 .collect();
             tokenizer.encode(&tokenizer.apply_chat_template(&messages, true), false)
+        }
+        GenerateInput::Tokens(ids) => {
+            let vocab_size = tokenizer.vocab_size();
+            if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+                return Err(BackendError::InvalidPrompt(format!(
+                    "prompt: token id {id} is outside the {vocab_size}-token vocabulary"
+                )));
+            }
+            Ok(ids.clone())
         }
     };
     let mut tokens = encoded.map_err(|e| BackendError::Internal(e.to_string()))?;

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod engine;
 pub mod fetch;
 pub mod frontend;
+pub mod loadgen;
 pub mod paged;
 pub mod transport;
 

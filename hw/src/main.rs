@@ -71,6 +71,32 @@ enum Command {
     Decode(WorkerArgs),
     /// Run an aggregated worker: prefill and decode in one continuous batch.
     Aggregated(WorkerArgs),
+    /// Drive a running server with a scenario's workload in real time and write what
+    /// `disagg-sim run --out` writes (its setups are not used: the server is the setup).
+    Bench {
+        /// A simulator scenario file: its [workload], seed, SLO and model (for the vocabulary).
+        #[arg(long)]
+        scenario: PathBuf,
+        /// The server's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8000")]
+        target: String,
+        /// Write summary.txt, summary.csv, requests-measured.csv and tokens-measured.csv here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override the scenario's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// The model named in requests; default: the server's first.
+        #[arg(long)]
+        model: Option<String>,
+        /// Requests on the wire at once, at most (a safety cap; reported if it delays a send).
+        #[arg(long, default_value_t = hw::loadgen::DEFAULT_MAX_IN_FLIGHT)]
+        max_in_flight: usize,
+        /// One request's limit, from sending to its last token; past it the request is
+        /// recorded as rejected (`timeout`).
+        #[arg(long, default_value_t = hw::loadgen::DEFAULT_REQUEST_TIMEOUT_S)]
+        request_timeout_s: f64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -81,6 +107,9 @@ struct FrontendArgs {
     /// Overrides frontend.addr (loopback by default: exposing the server is a choice).
     #[arg(long)]
     addr: Option<SocketAddr>,
+    /// End when the parent process ends.
+    #[arg(long)]
+    exit_with_parent: bool,
 }
 
 #[derive(clap::Args)]
@@ -129,6 +158,20 @@ fn main() -> ExitCode {
         Command::Prefill(args) => worker(args, Role::Prefill),
         Command::Decode(args) => worker(args, Role::Decode),
         Command::Aggregated(args) => worker(args, Role::Aggregated),
+        Command::Bench {
+            scenario,
+            target,
+            out,
+            seed,
+            model,
+            max_in_flight,
+            request_timeout_s,
+        } => {
+            let mut options = hw::loadgen::BenchOptions::new(target);
+            options.model = model;
+            options.max_in_flight = max_in_flight;
+            bench_server(&scenario, out.as_deref(), seed, options, request_timeout_s)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -200,6 +243,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn frontend(args: FrontendArgs, spawn_workers: bool) -> Result<(), String> {
+    if args.exit_with_parent {
+        hw::cluster::serve::exit_with_parent();
+    }
     let cluster = load_cluster(args.config.as_deref())?;
     let options = FrontendOptions {
         addr: args.addr,
@@ -232,4 +278,57 @@ fn worker(args: WorkerArgs, role: Role) -> Result<(), String> {
     runtime()?.block_on(hw::cluster::worker::run(
         &cluster, &args.name, registry, None,
     ))
+}
+
+fn bench_server(
+    path: &std::path::Path,
+    out: Option<&std::path::Path>,
+    seed: Option<u64>,
+    mut options: hw::loadgen::BenchOptions,
+    request_timeout_s: f64,
+) -> Result<(), String> {
+    use std::io::IsTerminal;
+    if !(request_timeout_s.is_finite() && request_timeout_s > 0.0) {
+        return Err(format!(
+            "--request-timeout-s: must be a positive number of seconds, got {request_timeout_s}"
+        ));
+    }
+    options.request_timeout = std::time::Duration::from_secs_f64(request_timeout_s);
+    options.progress = std::io::stderr().is_terminal();
+    let mut scenario = sim::config::Scenario::load(path).map_err(|e| e.to_string())?;
+    if let Some(seed) = seed {
+        scenario.seed = seed;
+    }
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let output = runtime
+        .block_on(hw::loadgen::run(&scenario, &options))
+        .map_err(|e| e.to_string())?;
+    let table = output.table();
+    println!(
+        "{} ({}) against {}: {}, seed {}",
+        scenario.name,
+        path.display(),
+        options.target,
+        output.model,
+        scenario.seed
+    );
+    if !scenario.description.is_empty() {
+        println!("{}", scenario.description);
+    }
+    println!();
+    print!("{table}");
+    if output.delayed_sends > 0 {
+        println!(
+            "\nnote: --max-in-flight {} delayed {} of {} sends past their arrival time; \
+             the load was not fully open loop",
+            options.max_in_flight,
+            output.delayed_sends,
+            output.records.len()
+        );
+    }
+    if let Some(dir) = out {
+        hw::loadgen::write_outputs(dir, &output, &table).map_err(|e| e.to_string())?;
+        println!("\nwrote {}", dir.display());
+    }
+    Ok(())
 }

@@ -13,6 +13,7 @@ const MODEL: &str = "smollm2-135m";
 struct Served {
     child: Child,
     url: String,
+    registry: String,
     pids: Vec<(String, u32)>,
     _config: tempfile::NamedTempFile,
 }
@@ -57,9 +58,12 @@ fn serve(router: &str, workers: &str) -> Served {
             (name, words.nth(1).unwrap().parse().unwrap())
         })
         .collect();
+    let registry = lines.next().unwrap().unwrap();
+    let registry = registry.strip_prefix("registry ").unwrap().to_owned();
     Served {
         child,
         url,
+        registry,
         pids,
         _config: config,
     }
@@ -151,6 +155,89 @@ async fn prefill_and_decode_processes_answer_as_the_aggregated_worker_does() {
     let m = metrics(&disagg).await;
     assert_eq!(metric(&m, "disagg_kv_transfers_total"), 8.0, "{m}");
     assert!(metric(&m, "disagg_kv_transfer_bytes_total") > 0.0);
+
+    // Garbage on the decode worker's KV port: that connection is dropped, the worker serves on.
+    let workers: Value = client()
+        .get(format!("{}/workers", disagg.registry))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kv_addr = workers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|w| w[1]["kv_addr"].as_str())
+        .unwrap()
+        .to_owned();
+    let mut garbage = tokio::net::TcpStream::connect(&kv_addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut garbage, &[0xAB; 4096])
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut garbage, &mut rest),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "the KV listener kept a garbage connection open"
+    );
+    assert_eq!(answer(&disagg, chat(PROMPTS[1], 24)).await, expected[1]);
+}
+
+/// A completion of `prompt` for `conversation`, and the text generated.
+async fn complete(served: &Served, conversation: &str, prompt: &str) -> String {
+    let body = json!({
+        "model": MODEL,
+        "prompt": prompt,
+        "temperature": 0,
+        "max_tokens": 8,
+        "user": conversation,
+    });
+    let (status, v) = post(&format!("{}/v1/completions", served.url), &body).await;
+    assert_eq!(status, 200, "{v}");
+    v["choices"][0]["text"].as_str().unwrap().to_owned()
+}
+
+/// Runs four two-turn conversations one after the other on 1 prefill + 2 decode workers and
+/// returns the decode workers' prefix hit ratio and the KV bytes sent.
+async fn decode_hits(policy: &str) -> (f64, f64) {
+    let served = serve(
+        &format!("[router]\npolicy = \"{policy}\""),
+        &(worker("p", "prefill", "") + &worker("d0", "decode", "") + &worker("d1", "decode", "")),
+    );
+    let topics = ["rivers", "mountains", "old clocks", "bees"];
+    for (i, topic) in topics.iter().enumerate() {
+        let conversation = format!("conversation-{i}");
+        let first = format!(
+            "Notes on {topic}, number {i}. {}",
+            format!("A long paragraph about {topic} and why people care about {topic}. ").repeat(6)
+        );
+        let answer = complete(&served, &conversation, &first).await;
+        let second = format!("{first}{answer} And one more thing about {topic}:");
+        complete(&served, &conversation, &second).await;
+    }
+    let m = metrics(&served).await;
+    (
+        metric(&m, "disagg_decode_prefix_hit_ratio"),
+        metric(&m, "disagg_kv_transfer_bytes_total"),
+    )
+}
+
+#[tokio::test]
+async fn kv_aware_routing_reaches_a_higher_prefix_hit_rate_than_round_robin() {
+    let (kv_aware, kv_aware_bytes) = decode_hits("kv_aware").await;
+    let (round_robin, round_robin_bytes) = decode_hits("round_robin").await;
+    println!(
+        "decode prefix hit ratio: kv_aware {kv_aware:.3} ({kv_aware_bytes} KV bytes sent), round_robin {round_robin:.3} ({round_robin_bytes} bytes)"
+    );
+    // Round robin alternates, so every second turn lands where its first turn is not.
+    assert!(kv_aware > round_robin + 0.2, "{kv_aware} vs {round_robin}");
+    assert!(kv_aware_bytes < round_robin_bytes);
 }
 
 #[tokio::test]

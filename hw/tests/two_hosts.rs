@@ -50,7 +50,9 @@ impl Hosts {
         let ra = format!("dgn{id}");
         run(&["ip", "netns", "add", a])?;
         run(&["ip", "netns", "add", b])?;
-        run(&["ip", "link", "add", &ab_a, "type", "veth", "peer", "name", &ab_b])?;
+        run(&[
+            "ip", "link", "add", &ab_a, "type", "veth", "peer", "name", &ab_b,
+        ])?;
         run(&["ip", "link", "set", &ab_a, "netns", a])?;
         run(&["ip", "link", "set", &ab_b, "netns", b])?;
         run(&["ip", "-n", a, "addr", "add", "10.213.1.1/24", "dev", &ab_a])?;
@@ -59,7 +61,13 @@ impl Hosts {
         run(&["ip", "link", "set", &ra, "netns", a])?;
         run(&["ip", "addr", "add", "10.213.2.1/24", "dev", r])?;
         run(&["ip", "-n", a, "addr", "add", "10.213.2.2/24", "dev", &ra])?;
-        for (ns, dev) in [(a, &ab_a), (b, &ab_b), (a, &ra), (a, &"lo".to_string()), (b, &"lo".to_string())] {
+        for (ns, dev) in [
+            (a, &ab_a),
+            (b, &ab_b),
+            (a, &ra),
+            (a, &"lo".to_string()),
+            (b, &"lo".to_string()),
+        ] {
             run(&["ip", "-n", ns, "link", "set", dev, "up"])?;
         }
         run(&["ip", "link", "set", r, "up"])?;
@@ -147,8 +155,30 @@ async fn kv_transfer_time_follows_the_shaped_bandwidth() {
     let path = config.path().to_str().unwrap().to_owned();
     let (a, b) = (hosts.a.clone(), hosts.b.clone());
     hosts.start(&a, &["frontend", "--config", &path]);
-    hosts.start(&a, &["prefill", "--config", &path, "--name", "prefill", "--registry", "10.213.1.1:8100"]);
-    hosts.start(&b, &["decode", "--config", &path, "--name", "decode", "--registry", "10.213.1.1:8100"]);
+    hosts.start(
+        &a,
+        &[
+            "prefill",
+            "--config",
+            &path,
+            "--name",
+            "prefill",
+            "--registry",
+            "10.213.1.1:8100",
+        ],
+    );
+    hosts.start(
+        &b,
+        &[
+            "decode",
+            "--config",
+            &path,
+            "--name",
+            "decode",
+            "--registry",
+            "10.213.1.1:8100",
+        ],
+    );
 
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
@@ -175,13 +205,26 @@ async fn kv_transfer_time_follows_the_shaped_bandwidth() {
         if ok {
             break;
         }
-        assert!(Instant::now() < deadline, "the two-host cluster did not come up");
+        assert!(
+            Instant::now() < deadline,
+            "the two-host cluster did not come up"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let before = http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+    let before = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     // Distinct long prompts: nothing is cached on the decode host, every block crosses.
     for i in 0..3 {
-        let prompt = format!("Story {i}: {}", "the quick brown fox jumps over the lazy dog. ".repeat(60));
+        let prompt = format!(
+            "Story {i}: {}",
+            "the quick brown fox jumps over the lazy dog. ".repeat(60)
+        );
         let response = http
             .post(format!("{url}/v1/chat/completions"))
             .json(&body(prompt))
@@ -191,7 +234,14 @@ async fn kv_transfer_time_follows_the_shaped_bandwidth() {
         assert!(response.status().is_success());
         let _: Value = response.json().await.unwrap();
     }
-    let after = http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+    let after = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let bytes = metric(&after, "disagg_kv_transfer_bytes_total")
         - metric(&before, "disagg_kv_transfer_bytes_total");
     let seconds = metric(&after, "disagg_kv_transfer_seconds_total")
@@ -201,7 +251,10 @@ async fn kv_transfer_time_follows_the_shaped_bandwidth() {
         "shaped link {RATE_MBIT} Mbit/s: {bytes} KV bytes in {seconds:.3} s = {measured_mbit:.1} Mbit/s ({:.0}% of the shaped rate)",
         100.0 * measured_mbit / RATE_MBIT
     );
-    assert!(bytes > 3.0 * 20e6, "each transfer carries the whole prompt's KV: {bytes}");
+    assert!(
+        bytes > 3.0 * 20e6,
+        "each transfer carries the whole prompt's KV: {bytes}"
+    );
     // The payload cannot beat the shaper; framing and TCP overhead keep it a little under.
     assert!(
         measured_mbit <= RATE_MBIT * 1.02 && measured_mbit >= RATE_MBIT * 0.6,

@@ -205,11 +205,10 @@ fn write_outputs(
         let name = slug(&output.setup);
         metrics::write_requests_csv(create(format!("requests-{name}.csv"))?, &output.records)?;
         if token_times {
-            let mut w = csv::Writer::from_writer(create(format!("tokens-{name}.csv"))?);
-            for t in &output.token_times {
-                w.serialize(t)?;
-            }
-            w.flush()?;
+            engine::write_token_times_csv(
+                create(format!("tokens-{name}.csv"))?,
+                &output.token_times,
+            )?;
         }
         if trace_out {
             let mut file = create(format!("trace-{name}.csv"))?;

@@ -592,12 +592,7 @@ impl Backend for ClusterBackend {
                 limit: options.context_tokens,
             });
         }
-        let mut sampling = req.sampling;
-        for &id in options.tokenizer.eos_token_ids() {
-            if !sampling.stop_token_ids.contains(&id) {
-                sampling.stop_token_ids.push(id);
-            }
-        }
+        let sampling = req.sampling;
         let conversation = match &req.conversation_id {
             Some(name) => conversation_key(name),
             None => conversation_key(&req.request_id),

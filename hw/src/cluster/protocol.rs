@@ -34,6 +34,7 @@ pub struct WireSampling {
     pub max_tokens: usize,
     pub stop_token_ids: Vec<u32>,
     pub stop_strings: Vec<String>,
+    pub ignore_eos: bool,
 }
 
 impl From<&SamplingParams> for WireSampling {
@@ -45,6 +46,7 @@ impl From<&SamplingParams> for WireSampling {
             max_tokens: p.max_tokens,
             stop_token_ids: p.stop_token_ids.clone(),
             stop_strings: p.stop_strings.clone(),
+            ignore_eos: p.ignore_eos,
         }
     }
 }
@@ -58,6 +60,7 @@ impl From<WireSampling> for SamplingParams {
             max_tokens: w.max_tokens,
             stop_token_ids: w.stop_token_ids,
             stop_strings: w.stop_strings,
+            ignore_eos: w.ignore_eos,
         }
     }
 }
@@ -104,6 +107,7 @@ pub enum WireFinish {
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     PromptTooLong,
+    InvalidPrompt,
     QueueFull,
     Unavailable,
     Internal,
@@ -129,6 +133,7 @@ impl WorkerError {
             }
             BackendError::QueueFull => (ErrorKind::QueueFull, 0, 0),
             BackendError::Unavailable(_) => (ErrorKind::Unavailable, 0, 0),
+            BackendError::InvalidPrompt(_) => (ErrorKind::InvalidPrompt, 0, 0),
             BackendError::UnknownModel(_) | BackendError::Internal(_) => {
                 (ErrorKind::Internal, 0, 0)
             }
@@ -147,6 +152,7 @@ impl WorkerError {
                 tokens: self.tokens,
                 limit: self.limit,
             },
+            ErrorKind::InvalidPrompt => BackendError::InvalidPrompt(self.message),
             ErrorKind::QueueFull => BackendError::QueueFull,
             ErrorKind::Unavailable => BackendError::Unavailable(self.message),
             ErrorKind::Internal => BackendError::Internal(self.message),

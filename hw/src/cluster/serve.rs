@@ -101,6 +101,7 @@ pub async fn run_frontend(cluster: &Cluster, options: FrontendOptions) -> Result
         for (name, child) in &children {
             println!("worker {name} pid {}", child.id().unwrap_or(0));
         }
+        println!("registry http://{registry_addr}");
     }
     serve_listener(
         listener,

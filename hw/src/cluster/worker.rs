@@ -293,9 +293,9 @@ async fn register(info: &WorkerInfo, registry: SocketAddr) -> Result<u32, String
 
 fn error_response(e: &BackendError) -> Response {
     let status = match e {
-        BackendError::PromptTooLong { .. } | BackendError::UnknownModel(_) => {
-            StatusCode::BAD_REQUEST
-        }
+        BackendError::PromptTooLong { .. }
+        | BackendError::InvalidPrompt(_)
+        | BackendError::UnknownModel(_) => StatusCode::BAD_REQUEST,
         BackendError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
         BackendError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         BackendError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

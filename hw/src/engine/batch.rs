@@ -190,6 +190,7 @@ impl Batcher {
         let uncached = req.tokens.len() - cached_tokens;
         if req.generated() == 0 {
             req.trace.cached_tokens = cached_tokens as u32;
+            req.trace.decode_cached_tokens = cached_tokens as u32;
             req.local_cached_tokens = cached_tokens as u32;
         }
         let Job::Generate {

@@ -6,7 +6,7 @@
 //! Every type is both `Serialize` and `Deserialize`, so a client (the load generator, the tests)
 //! speaks the same shapes the server does.
 
-use super::{BackendError, TokenUsage};
+use super::{BackendError, GenerateInput, ServeTrace, TokenUsage};
 use axum::http::StatusCode;
 use models::runtime::SamplingParams;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
@@ -55,6 +55,104 @@ impl<'de> Deserialize<'de> for StringOrList {
     }
 }
 
+/// `prompt` of `/v1/completions` in OpenAI's four forms: a string, a list of strings, a list of
+/// token ids, or a list of lists of token ids. Only one prompt is served (see
+/// [`CompletionRequest::prompt_input`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// The first element of a prompt list decides its form; later ones must share it.
+enum PromptItem {
+    Text(String),
+    Token(u32),
+    Tokens(Vec<u32>),
+}
+
+impl<'de> Deserialize<'de> for PromptItem {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<PromptItem, D::Error> {
+        struct ItemVisitor;
+        impl<'de> Visitor<'de> for ItemVisitor {
+            type Value = PromptItem;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, a token id or a list of token ids")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PromptItem, E> {
+                Ok(PromptItem::Text(v.to_owned()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PromptItem, E> {
+                u32::try_from(v)
+                    .map(PromptItem::Token)
+                    .map_err(|_| E::custom(format!("token id {v} is larger than {}", u32::MAX)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PromptItem, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("token id {v} is negative"))),
+                }
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PromptItem, A::Error> {
+                let mut ids = Vec::new();
+                while let Some(id) = seq.next_element::<u32>()? {
+                    ids.push(id);
+                }
+                Ok(PromptItem::Tokens(ids))
+            }
+        }
+        deserializer.deserialize_any(ItemVisitor)
+    }
+}
+
+/// Hand-written so that a wrong type names the form expected and the offending element.
+impl<'de> Deserialize<'de> for Prompt {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Prompt, D::Error> {
+        struct PromptVisitor;
+        impl<'de> Visitor<'de> for PromptVisitor {
+            type Value = Prompt;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a string, a list of strings, a list of token ids or a list of lists of token ids",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Prompt, E> {
+                Ok(Prompt::Text(v.to_owned()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Prompt, A::Error> {
+                Ok(match seq.next_element::<PromptItem>()? {
+                    None => Prompt::Texts(Vec::new()),
+                    Some(PromptItem::Text(first)) => {
+                        let mut all = vec![first];
+                        while let Some(s) = seq.next_element::<String>()? {
+                            all.push(s);
+                        }
+                        Prompt::Texts(all)
+                    }
+                    Some(PromptItem::Token(first)) => {
+                        let mut all = vec![first];
+                        while let Some(id) = seq.next_element::<u32>()? {
+                            all.push(id);
+                        }
+                        Prompt::Tokens(all)
+                    }
+                    Some(PromptItem::Tokens(first)) => {
+                        let mut all = vec![first];
+                        while let Some(ids) = seq.next_element::<Vec<u32>>()? {
+                            all.push(ids);
+                        }
+                        Prompt::TokenLists(all)
+                    }
+                })
+            }
+        }
+        deserializer.deserialize_any(PromptVisitor)
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamOptions {
     /// Send a last chunk, with no choices, that carries the usage.
@@ -66,8 +164,8 @@ pub struct StreamOptions {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CompletionRequest {
     pub model: String,
-    /// One prompt; a list must hold exactly one (batched prompts are not served).
-    pub prompt: StringOrList,
+    /// One prompt; a list of prompts must hold exactly one (batched prompts are not served).
+    pub prompt: Prompt,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,6 +185,12 @@ pub struct CompletionRequest {
     /// The conversation id for session affinity unless the header `x-conversation-id` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// vLLM's extension: end-of-sequence tokens do not stop the generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
+    /// vLLM's extension: the choice carries the generated token ids (`token_ids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_token_ids: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +278,12 @@ pub struct ChatCompletionRequest {
     pub stream_options: Option<StreamOptions>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// vLLM's extension: end-of-sequence tokens do not stop the generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
+    /// vLLM's extension: the choice carries the generated token ids (`token_ids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_token_ids: Option<bool>,
 }
 
 /// The sampling fields both endpoints share, gathered for one validation.
@@ -188,6 +298,7 @@ pub struct SamplingFields<'a> {
     /// Used when the client sets no `seed`.
     pub default_seed: u64,
     pub n: Option<u64>,
+    pub ignore_eos: Option<bool>,
 }
 
 impl SamplingFields<'_> {
@@ -240,22 +351,41 @@ impl SamplingFields<'_> {
             max_tokens,
             stop_token_ids: Vec::new(),
             stop_strings,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
         })
     }
 }
 
 impl CompletionRequest {
-    /// The one prompt of the request.
-    pub fn prompt_text(&self) -> Result<&str, ApiError> {
-        match self.prompt.as_slice() {
-            [one] => Ok(one),
-            all => Err(ApiError::invalid(
+    /// The one prompt of the request, as text or token ids. A token prompt must hold a token:
+    /// unlike an empty text, it has no tokenizer to continue from a document boundary.
+    pub fn prompt_input(&self) -> Result<GenerateInput, ApiError> {
+        let several = |n: usize| {
+            ApiError::invalid(
                 "prompt",
-                format!(
-                    "prompt must be one string; a list of {} prompts is not supported",
-                    all.len()
-                ),
-            )),
+                format!("prompt must be one prompt; a list of {n} prompts is not supported"),
+            )
+        };
+        let tokens = |ids: &[u32]| {
+            if ids.is_empty() {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "a prompt of token ids must hold at least one token",
+                ));
+            }
+            Ok(GenerateInput::Tokens(ids.to_vec()))
+        };
+        match &self.prompt {
+            Prompt::Text(text) => Ok(GenerateInput::Text(text.clone())),
+            Prompt::Texts(texts) => match texts.as_slice() {
+                [one] => Ok(GenerateInput::Text(one.clone())),
+                all => Err(several(all.len())),
+            },
+            Prompt::Tokens(ids) => tokens(ids),
+            Prompt::TokenLists(lists) => match lists.as_slice() {
+                [one] => tokens(one),
+                all => Err(several(all.len())),
+            },
         }
     }
 
@@ -273,6 +403,7 @@ impl CompletionRequest {
             seed: self.seed,
             default_seed,
             n: self.n,
+            ignore_eos: self.ignore_eos,
         }
         .into_params()
     }
@@ -307,6 +438,7 @@ impl ChatCompletionRequest {
             seed: self.seed,
             default_seed,
             n: self.n,
+            ignore_eos: self.ignore_eos,
         }
         .into_params()
         .map_err(|mut e| {
@@ -325,14 +457,28 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// Always sent by this server; optional so that a client reads servers that leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
 }
 
-impl From<TokenUsage> for Usage {
-    fn from(u: TokenUsage) -> Usage {
+/// OpenAI's breakdown of the prompt tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens served from a prefix cache.
+    #[serde(default)]
+    pub cached_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(u: TokenUsage, cached_tokens: u32) -> Usage {
         Usage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: Some(PromptTokensDetails {
+                cached_tokens: cached_tokens as usize,
+            }),
         }
     }
 }
@@ -347,6 +493,9 @@ pub struct CompletionChoice {
     pub logprobs: Option<()>,
     /// Null until the last chunk of a stream.
     pub finish_reason: Option<String>,
+    /// With `return_token_ids`: every generated id (in a stream, on the finishing chunk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 /// The body of a non-streamed completion and of each streamed chunk.
@@ -360,6 +509,10 @@ pub struct CompletionResponse {
     pub choices: Vec<CompletionChoice>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// This server's extension: how the request was served. In the non-streamed response
+    /// and in the streamed chunk that carries the finish reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disagg: Option<ServeTrace>,
 }
 
 /// The assistant's message of a non-streamed chat completion.
@@ -375,6 +528,9 @@ pub struct ChatChoice {
     pub message: AssistantMessage,
     pub logprobs: Option<()>,
     pub finish_reason: Option<String>,
+    /// With `return_token_ids`: every generated id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 /// `object: "chat.completion"`.
@@ -386,6 +542,9 @@ pub struct ChatCompletionResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// See [`CompletionResponse::disagg`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disagg: Option<ServeTrace>,
 }
 
 /// What a streamed chat chunk adds: the role in the first chunk, text in the others, nothing in
@@ -404,6 +563,9 @@ pub struct ChatChunkChoice {
     pub delta: ChatDelta,
     pub logprobs: Option<()>,
     pub finish_reason: Option<String>,
+    /// With `return_token_ids`, on the finishing chunk: every generated id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 /// `object: "chat.completion.chunk"`: one `data:` event of a streamed chat completion.
@@ -416,6 +578,9 @@ pub struct ChatCompletionChunk {
     pub choices: Vec<ChatChunkChoice>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// See [`CompletionResponse::disagg`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disagg: Option<ServeTrace>,
 }
 
 /// An entry of `GET /v1/models`.
@@ -524,6 +689,12 @@ impl From<BackendError> for ApiError {
                 None,
                 Some("context_length_exceeded"),
             ),
+            BackendError::InvalidPrompt(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("prompt"),
+                None,
+            ),
             BackendError::QueueFull => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
@@ -601,6 +772,78 @@ mod tests {
     }
 
     #[test]
+    fn prompt_takes_openais_four_forms() {
+        let input = |prompt: &str| {
+            let body = format!(r#"{{"model":"m","prompt":{prompt}}}"#);
+            parse_json::<CompletionRequest>(body.as_bytes()).and_then(|r| r.prompt_input())
+        };
+        assert_eq!(input(r#""hi""#), Ok(GenerateInput::Text("hi".into())));
+        assert_eq!(input(r#"["hi"]"#), Ok(GenerateInput::Text("hi".into())));
+        assert_eq!(input("[5,0,7]"), Ok(GenerateInput::Tokens(vec![5, 0, 7])));
+        assert_eq!(input("[[5,7]]"), Ok(GenerateInput::Tokens(vec![5, 7])));
+        assert_eq!(input(r#""""#), Ok(GenerateInput::Text(String::new())));
+        for several in [r#"["a","b"]"#, "[[1],[2]]", "[]"] {
+            let e = input(several).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("prompt"), "{several}");
+            assert!(
+                e.message.contains("prompts is not supported"),
+                "{}",
+                e.message
+            );
+        }
+        let empty = input("[[]]").unwrap_err();
+        assert_eq!(empty.param.as_deref(), Some("prompt"));
+        assert!(
+            empty.message.contains("at least one token"),
+            "{}",
+            empty.message
+        );
+        let too_big = input("[4294967296]").unwrap_err();
+        assert_eq!(too_big.param.as_deref(), Some("prompt[0]"));
+        let negative = input("[1,-2]").unwrap_err();
+        assert_eq!(negative.param.as_deref(), Some("prompt[1]"));
+        let wrong = input("7").unwrap_err();
+        assert_eq!(wrong.param.as_deref(), Some("prompt"));
+        assert!(
+            wrong.message.contains("list of token ids"),
+            "{}",
+            wrong.message
+        );
+    }
+
+    #[test]
+    fn prompt_serializes_back_to_its_form() {
+        for (prompt, json) in [
+            (Prompt::Text("a".into()), r#""a""#),
+            (Prompt::Texts(vec!["a".into()]), r#"["a"]"#),
+            (Prompt::Tokens(vec![1, 2]), "[1,2]"),
+            (Prompt::TokenLists(vec![vec![1, 2]]), "[[1,2]]"),
+        ] {
+            assert_eq!(serde_json::to_string(&prompt).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Prompt>(json).unwrap(), prompt);
+        }
+    }
+
+    #[test]
+    fn extensions_reach_the_sampling_parameters() {
+        let req: CompletionRequest =
+            parse_json(br#"{"model":"m","prompt":"p","ignore_eos":true,"return_token_ids":true}"#)
+                .unwrap();
+        assert!(req.sampling(16, 0).unwrap().ignore_eos);
+        assert_eq!(req.return_token_ids, Some(true));
+        let chat: ChatCompletionRequest = parse_json(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"ignore_eos":null}"#,
+        )
+        .unwrap();
+        assert!(!chat.sampling(16, 0).unwrap().ignore_eos);
+        let bad = parse_json::<ChatCompletionRequest>(
+            br#"{"model":"m","messages":[],"return_token_ids":"yes"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(bad.param.as_deref(), Some("return_token_ids"));
+    }
+
+    #[test]
     fn unknown_fields_are_ignored_and_nulls_are_absent() {
         let req: ChatCompletionRequest = parse_json(
             br#"{"model":"m","messages":[{"role":"user","content":"hi","name":"x"}],
@@ -614,7 +857,7 @@ mod tests {
 
     #[test]
     fn wrong_types_name_the_field() {
-        let cases: [(&[u8], &str); 5] = [
+        let cases: [(&[u8], &str); 7] = [
             (
                 br#"{"model":"m","prompt":"p","temperature":"hot"}"#,
                 "temperature",
@@ -625,7 +868,9 @@ mod tests {
             ),
             (br#"{"model":"m","prompt":"p","stream":"yes"}"#, "stream"),
             (br#"{"model":7,"prompt":"p"}"#, "model"),
-            (br#"{"model":"m","prompt":[1,2]}"#, "prompt[0]"),
+            (br#"{"model":"m","prompt":[true]}"#, "prompt[0]"),
+            (br#"{"model":"m","prompt":["a",2]}"#, "prompt[1]"),
+            (br#"{"model":"m","prompt":[[1,-2]]}"#, "prompt[0][1]"),
         ];
         for (body, field) in cases {
             let e = parse_json::<CompletionRequest>(body).unwrap_err();
@@ -689,6 +934,7 @@ mod tests {
             seed: None,
             default_seed: 9,
             n: None,
+            ignore_eos: None,
         }
     }
 
@@ -747,6 +993,11 @@ mod tests {
             400
         );
         assert_eq!(status(BackendError::QueueFull), 429);
+        let invalid = ApiError::from(BackendError::InvalidPrompt("token id 9 is too big".into()));
+        assert_eq!(
+            (invalid.status.as_u16(), invalid.param.as_deref()),
+            (400, Some("prompt"))
+        );
         assert_eq!(status(BackendError::Unavailable("down".into())), 503);
         assert_eq!(status(BackendError::Internal("bug".into())), 500);
         let body = serde_json::to_value(ApiError::from(BackendError::QueueFull).body()).unwrap();

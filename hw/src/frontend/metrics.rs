@@ -1,8 +1,9 @@
 //! Serving metrics in Prometheus' text exposition format (version 0.0.4), written by hand: a
 //! few histograms, counters and gauges do not need a metrics crate.
 //!
-//! The frontend records TTFT, ITL and requests by status itself; the cluster records KV
-//! transfers, prefix-cache lookups and queue depths through the same shared [`Metrics`] handle.
+//! The frontend records TTFT, ITL, requests by status and (from each finished request's serve
+//! trace) prefix-cache lookups itself; the cluster records KV transfers and queue depths
+//! through the same shared [`Metrics`] handle.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -72,6 +73,7 @@ struct State {
     kv_transfer_bytes: u64,
     kv_transfer_s: f64,
     prefix_hit_tokens: u64,
+    decode_prefix_hit_tokens: u64,
     prefix_lookup_tokens: u64,
     queue_depth: BTreeMap<String, u64>,
 }
@@ -100,6 +102,7 @@ impl Metrics {
                 kv_transfer_bytes: 0,
                 kv_transfer_s: 0.0,
                 prefix_hit_tokens: 0,
+                decode_prefix_hit_tokens: 0,
                 prefix_lookup_tokens: 0,
                 queue_depth: BTreeMap::new(),
             }),
@@ -143,11 +146,20 @@ impl Metrics {
         s.kv_transfer_s += elapsed.as_secs_f64();
     }
 
-    /// One routing decision's prefix-cache lookup: how many of the prompt's tokens were already
-    /// cached on the chosen worker. The hit ratio gauge is cumulative hits over lookups.
-    pub fn record_prefix_lookup(&self, hit_tokens: u64, prompt_tokens: u64) {
+    /// One request's prefix-cache lookups: how many of the prompt's tokens were already cached
+    /// on the worker that prefilled it, and on the worker that decoded it (whose KV therefore
+    /// did not cross the link). The frontend records it for every finished request from the
+    /// serve trace, so a backend must not record it too. The hit ratio gauges are cumulative
+    /// hits over lookups.
+    pub fn record_prefix_lookup(
+        &self,
+        hit_tokens: u64,
+        decode_hit_tokens: u64,
+        prompt_tokens: u64,
+    ) {
         let mut s = self.state();
         s.prefix_hit_tokens += hit_tokens.min(prompt_tokens);
+        s.decode_prefix_hit_tokens += decode_hit_tokens.min(prompt_tokens);
         s.prefix_lookup_tokens += prompt_tokens;
     }
 
@@ -229,17 +241,33 @@ impl Metrics {
             "Prompt tokens looked up in the prefix caches.",
             s.prefix_lookup_tokens.to_string(),
         );
-        let ratio = if s.prefix_lookup_tokens == 0 {
-            0.0
-        } else {
-            s.prefix_hit_tokens as f64 / s.prefix_lookup_tokens as f64
+        let ratio = |hits: u64| {
+            if s.prefix_lookup_tokens == 0 {
+                0.0
+            } else {
+                hits as f64 / s.prefix_lookup_tokens as f64
+            }
         };
         scalar(
             &mut out,
             "disagg_prefix_hit_ratio",
             "gauge",
             "Cached prompt tokens over looked-up prompt tokens, since start.",
-            ratio.to_string(),
+            ratio(s.prefix_hit_tokens).to_string(),
+        );
+        scalar(
+            &mut out,
+            "disagg_decode_prefix_hit_tokens_total",
+            "counter",
+            "Prompt tokens the decode worker already held, so their KV was not transferred.",
+            s.decode_prefix_hit_tokens.to_string(),
+        );
+        scalar(
+            &mut out,
+            "disagg_decode_prefix_hit_ratio",
+            "gauge",
+            "Prompt tokens held by the decode worker over looked-up prompt tokens, since start.",
+            ratio(s.decode_prefix_hit_tokens).to_string(),
         );
         header(
             &mut out,
@@ -392,8 +420,8 @@ mod tests {
         let m = Metrics::new();
         m.record_kv_transfer(1000, Duration::from_millis(2));
         m.record_kv_transfer(500, Duration::from_millis(1));
-        m.record_prefix_lookup(30, 40);
-        m.record_prefix_lookup(0, 60);
+        m.record_prefix_lookup(30, 10, 40);
+        m.record_prefix_lookup(0, 20, 60);
         m.set_queue_depth("decode-0", 3);
         m.set_queue_depth("w\"1", 0);
         m.set_queue_depth("decode-0", 5);
@@ -405,6 +433,7 @@ mod tests {
         assert_eq!(value(&text, "disagg_kv_transfer_bytes_total", &[]), 1500.0);
         assert!((value(&text, "disagg_kv_transfer_seconds_total", &[]) - 0.003).abs() < 1e-12);
         assert!((value(&text, "disagg_prefix_hit_ratio", &[]) - 0.3).abs() < 1e-12);
+        assert!((value(&text, "disagg_decode_prefix_hit_ratio", &[]) - 0.3).abs() < 1e-12);
         assert_eq!(
             value(&text, "disagg_queue_depth", &[("worker", "decode-0")]),
             5.0

@@ -35,6 +35,29 @@ pub enum GenerateInput {
     Text(String),
     /// `/v1/chat/completions`: the backend applies the model's chat template.
     Chat(Vec<ChatMessage>),
+    /// `/v1/completions` with token ids: used as they are, no special tokens added.
+    Tokens(Vec<u32>),
+}
+
+/// Where and when the serving side handled one request: ns since the backend accepted it
+/// (0 where a stage did not happen), workers by their cluster index. Sent to clients as the
+/// response's `disagg` object, so a load generator records what only the server knows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServeTrace {
+    pub prefill_worker: Option<u32>,
+    pub decode_worker: Option<u32>,
+    /// Prompt tokens the prefilling worker found in its prefix cache.
+    pub cached_tokens: u32,
+    /// Prompt tokens the decode worker already held, whose KV did not cross the link (on an
+    /// aggregated worker, the same as `cached_tokens`).
+    pub decode_cached_tokens: u32,
+    pub routed_ns: u64,
+    pub prefill_start_ns: u64,
+    pub prefill_end_ns: u64,
+    pub transfer_start_ns: u64,
+    pub transfer_end_ns: u64,
+    pub transfer_bytes: u64,
+    pub preemptions: u32,
 }
 
 /// One generation, as the frontend hands it to the backend.
@@ -84,23 +107,6 @@ pub struct TokenUsage {
     pub completion_tokens: usize,
 }
 
-/// Where and when the serving side handled one request: ns since the backend accepted it
-/// (0 where a stage did not happen), workers by their cluster index.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ServeTrace {
-    pub prefill_worker: Option<u32>,
-    pub decode_worker: Option<u32>,
-    /// Prompt tokens the prefilling worker found in its prefix cache.
-    pub cached_tokens: u32,
-    pub routed_ns: u64,
-    pub prefill_start_ns: u64,
-    pub prefill_end_ns: u64,
-    pub transfer_start_ns: u64,
-    pub transfer_end_ns: u64,
-    pub transfer_bytes: u64,
-    pub preemptions: u32,
-}
-
 /// What a backend streams for one request: tokens as they are sampled, then exactly one `Done`
 /// or `Error`. Token text is already cut at a stop string.
 #[derive(Debug)]
@@ -126,6 +132,10 @@ pub enum BackendError {
     UnknownModel(String),
     #[error("the prompt is {tokens} tokens, longer than the model's context of {limit} tokens")]
     PromptTooLong { tokens: usize, limit: usize },
+    /// A prompt the backend cannot read (a token id outside the vocabulary); a 400 naming
+    /// `prompt`.
+    #[error("{0}")]
+    InvalidPrompt(String),
     #[error("every worker's queue is full; retry later")]
     QueueFull,
     #[error("the backend is unavailable: {0}")]

@@ -8,7 +8,7 @@ use super::api::{
 };
 use super::{
     Backend, BackendError, FinishReason, GenerateEvent, GenerateInput, GenerateRequest, Metrics,
-    TokenUsage,
+    ServeTrace, TokenUsage,
 };
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -230,8 +230,14 @@ enum Shape {
 }
 
 impl Shape {
-    fn text_chunk(&self, h: &ChunkHeader, text: String, finish: Option<FinishReason>) -> String {
-        let finish_reason = finish.map(|f| f.as_str().to_owned());
+    /// A chunk of generated text; with `finish`, the last chunk of choices, which also carries
+    /// the serve trace and, when asked for, every generated token id.
+    fn text_chunk(&self, h: &ChunkHeader, text: String, finish: Option<FinishChunk>) -> String {
+        let finish_reason = finish.as_ref().map(|f| f.reason.as_str().to_owned());
+        let (trace, token_ids) = match finish {
+            Some(f) => (Some(f.trace), f.token_ids),
+            None => (None, None),
+        };
         match self {
             Shape::Completion => to_json(&CompletionResponse {
                 id: h.id.clone(),
@@ -243,22 +249,28 @@ impl Shape {
                     text,
                     logprobs: None,
                     finish_reason,
+                    token_ids,
                 }],
                 usage: None,
+                disagg: trace,
             }),
-            Shape::Chat => to_json(&chat_chunk(
-                h,
-                vec![ChatChunkChoice {
-                    index: 0,
-                    delta: ChatDelta {
-                        role: None,
-                        content: (!text.is_empty() || finish.is_none()).then_some(text),
-                    },
-                    logprobs: None,
-                    finish_reason,
-                }],
-                None,
-            )),
+            Shape::Chat => to_json(&ChatCompletionChunk {
+                disagg: trace,
+                ..chat_chunk(
+                    h,
+                    vec![ChatChunkChoice {
+                        index: 0,
+                        delta: ChatDelta {
+                            role: None,
+                            content: (!text.is_empty() || finish_reason.is_none()).then_some(text),
+                        },
+                        logprobs: None,
+                        finish_reason,
+                        token_ids,
+                    }],
+                    None,
+                )
+            }),
         }
     }
 
@@ -276,6 +288,7 @@ impl Shape {
                     },
                     logprobs: None,
                     finish_reason: None,
+                    token_ids: None,
                 }],
                 None,
             ))),
@@ -292,6 +305,7 @@ impl Shape {
                 model: h.model.clone(),
                 choices: Vec::new(),
                 usage: Some(usage),
+                disagg: None,
             }),
             Shape::Chat => to_json(&chat_chunk(h, Vec::new(), Some(usage))),
         }
@@ -310,7 +324,16 @@ fn chat_chunk(
         model: h.model.clone(),
         choices,
         usage,
+        disagg: None,
     }
+}
+
+/// What the finishing chunk of a stream adds to its (empty) text.
+struct FinishChunk {
+    reason: FinishReason,
+    trace: ServeTrace,
+    /// Only when the client asked for `return_token_ids`.
+    token_ids: Option<Vec<u32>>,
 }
 
 /// Our own types always serialize; the fallback keeps the signature infallible.
@@ -335,17 +358,35 @@ impl TokenClock {
         self.metrics.add_tokens_generated(1);
         self.last_token = Some(now);
     }
+
+    /// The prefix-cache hit of a finished request, from its trace.
+    fn on_done(&self, usage: &TokenUsage, trace: &ServeTrace) {
+        self.metrics.record_prefix_lookup(
+            trace.cached_tokens.into(),
+            trace.decode_cached_tokens.into(),
+            usage.prompt_tokens as u64,
+        );
+    }
 }
 
 fn ended_early() -> BackendError {
     BackendError::Internal("the backend ended the stream without finishing".into())
 }
 
-/// Drains a non-streamed generation into its text, finish reason and usage.
+/// A whole generation, as a non-streamed response reports it.
+struct Generated {
+    text: String,
+    finish_reason: FinishReason,
+    usage: TokenUsage,
+    trace: ServeTrace,
+    token_ids: Vec<u32>,
+}
+
+/// Drains a non-streamed generation.
 async fn collect(
     mut events: mpsc::Receiver<GenerateEvent>,
     mut clock: TokenClock,
-) -> Result<(String, FinishReason, TokenUsage), ApiError> {
+) -> Result<Generated, ApiError> {
     let mut text = String::new();
     while let Some(event) = events.recv().await {
         match event {
@@ -356,24 +397,42 @@ async fn collect(
             GenerateEvent::Done {
                 finish_reason,
                 usage,
-                ..
-            } => return Ok((text, finish_reason, usage)),
+                trace,
+                token_ids,
+            } => {
+                clock.on_done(&usage, &trace);
+                return Ok(Generated {
+                    text,
+                    finish_reason,
+                    usage,
+                    trace,
+                    token_ids,
+                });
+            }
             GenerateEvent::Error(e) => return Err(e.into()),
         }
     }
     Err(ended_early().into())
 }
 
+/// What a client asked of a streamed response beyond the text.
+#[derive(Clone, Copy)]
+struct StreamExtras {
+    include_usage: bool,
+    return_token_ids: bool,
+}
+
 /// Turns a generation into SSE: the opening chunk (chat), a chunk per token, a last chunk with
-/// the finish reason, the usage chunk if asked, then `data: [DONE]`. A backend error mid-stream
-/// is sent as an OpenAI error body before `[DONE]`. The pump stops, dropping the backend's
-/// receiver and so cancelling the request, as soon as the client goes away.
+/// the finish reason (and the serve trace), the usage chunk if asked, then `data: [DONE]`. A
+/// backend error mid-stream is sent as an OpenAI error body before `[DONE]`. The pump stops,
+/// dropping the backend's receiver and so cancelling the request, as soon as the client goes
+/// away.
 fn stream_response(
     mut events: mpsc::Receiver<GenerateEvent>,
     mut clock: TokenClock,
     shape: Shape,
     chunk: ChunkHeader,
-    include_usage: bool,
+    extras: StreamExtras,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<String>(64);
     tokio::spawn(async move {
@@ -391,15 +450,23 @@ fn stream_response(
                 Some(GenerateEvent::Done {
                     finish_reason,
                     usage,
-                    ..
+                    trace,
+                    token_ids,
                 }) => {
-                    let last = shape.text_chunk(&chunk, String::new(), Some(finish_reason));
+                    clock.on_done(&usage, &trace);
+                    let cached_tokens = trace.cached_tokens;
+                    let finish = FinishChunk {
+                        reason: finish_reason,
+                        trace,
+                        token_ids: extras.return_token_ids.then_some(token_ids),
+                    };
+                    let last = shape.text_chunk(&chunk, String::new(), Some(finish));
                     if tx.send(last).await.is_err() {
                         return;
                     }
-                    if include_usage
+                    if extras.include_usage
                         && tx
-                            .send(shape.usage_chunk(&chunk, usage.into()))
+                            .send(shape.usage_chunk(&chunk, Usage::new(usage, cached_tokens)))
                             .await
                             .is_err()
                     {
@@ -502,29 +569,30 @@ impl<B: Backend> App<B> {
                 Self::check_max_tokens("max_tokens", req.max_tokens, context_tokens).map(|()| s)
             })
             .map_err(IntoResponse::into_response)?;
-        let prompt = req
-            .prompt_text()
-            .map_err(IntoResponse::into_response)?
-            .to_owned();
+        let input = req.prompt_input().map_err(IntoResponse::into_response)?;
         let gen_req = GenerateRequest {
             request_id,
             model: req.model,
-            input: GenerateInput::Text(prompt),
+            input,
             sampling,
             conversation_id: conversation_id(headers, req.user.as_deref()),
         };
+        let return_token_ids = req.return_token_ids.unwrap_or(false);
         let (events, clock, chunk) = self.start(arrived, gen_req).await?;
         if req.stream.unwrap_or(false) {
-            let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+            let extras = StreamExtras {
+                include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+                return_token_ids,
+            };
             return Ok(stream_response(
                 events,
                 clock,
                 Shape::Completion,
                 chunk,
-                include_usage,
+                extras,
             ));
         }
-        let (text, finish, usage) = collect(events, clock)
+        let done = collect(events, clock)
             .await
             .map_err(IntoResponse::into_response)?;
         Ok(Json(CompletionResponse {
@@ -534,11 +602,13 @@ impl<B: Backend> App<B> {
             model: chunk.model,
             choices: vec![CompletionChoice {
                 index: 0,
-                text,
+                text: done.text,
                 logprobs: None,
-                finish_reason: Some(finish.as_str().to_owned()),
+                finish_reason: Some(done.finish_reason.as_str().to_owned()),
+                token_ids: return_token_ids.then_some(done.token_ids),
             }],
-            usage: Some(usage.into()),
+            usage: Some(Usage::new(done.usage, done.trace.cached_tokens)),
+            disagg: Some(done.trace),
         })
         .into_response())
     }
@@ -598,18 +668,16 @@ impl<B: Backend> App<B> {
             sampling,
             conversation_id: conversation_id(headers, req.user.as_deref()),
         };
+        let return_token_ids = req.return_token_ids.unwrap_or(false);
         let (events, clock, chunk) = self.start(arrived, gen_req).await?;
         if req.stream.unwrap_or(false) {
-            let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-            return Ok(stream_response(
-                events,
-                clock,
-                Shape::Chat,
-                chunk,
-                include_usage,
-            ));
+            let extras = StreamExtras {
+                include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+                return_token_ids,
+            };
+            return Ok(stream_response(events, clock, Shape::Chat, chunk, extras));
         }
-        let (text, finish, usage) = collect(events, clock)
+        let done = collect(events, clock)
             .await
             .map_err(IntoResponse::into_response)?;
         Ok(Json(ChatCompletionResponse {
@@ -621,12 +689,14 @@ impl<B: Backend> App<B> {
                 index: 0,
                 message: AssistantMessage {
                     role: Role::Assistant,
-                    content: text,
+                    content: done.text,
                 },
                 logprobs: None,
-                finish_reason: Some(finish.as_str().to_owned()),
+                finish_reason: Some(done.finish_reason.as_str().to_owned()),
+                token_ids: return_token_ids.then_some(done.token_ids),
             }],
-            usage: usage.into(),
+            usage: Usage::new(done.usage, done.trace.cached_tokens),
+            disagg: Some(done.trace),
         })
         .into_response())
     }

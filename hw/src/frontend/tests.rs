@@ -1,4 +1,5 @@
-//! The HTTP layer end to end against a fake backend that echoes the prompt's words as tokens.
+//! The HTTP layer end to end against a fake backend that echoes the prompt's words (or token
+//! ids) as tokens.
 
 use super::api::{
     ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, ErrorBody, ModelList,
@@ -16,8 +17,9 @@ use tower::ServiceExt;
 const MODEL: &str = "fake";
 const CONTEXT_TOKENS: usize = 64;
 
-/// Each whitespace-separated word of the prompt (or of every chat message) is one token; it
-/// generates them back in order, honouring `max_tokens` and stop strings that equal a word.
+/// Each whitespace-separated word of the prompt (or of every chat message) is one token, id
+/// its position; a token-id prompt's ids are its tokens. It generates them back in order,
+/// honouring `max_tokens` and stop strings that equal a word, and finishes with `trace`.
 #[derive(Default)]
 struct Fake {
     /// Returned by `generate` instead of admitting the request.
@@ -25,6 +27,7 @@ struct Fake {
     /// Sends this error after this many tokens instead of finishing.
     fail_after_tokens: Mutex<Option<usize>>,
     last_request: Mutex<Option<GenerateRequest>>,
+    trace: Mutex<ServeTrace>,
 }
 
 impl Fake {
@@ -57,12 +60,19 @@ impl Backend for Fake {
         if let Some(e) = self.refuse_with.lock().unwrap().clone() {
             return Err(e);
         }
-        let words: Vec<String> = match &req.input {
-            GenerateInput::Text(text) => text.split_whitespace().map(str::to_owned).collect(),
+        let words: Vec<(String, u32)> = match &req.input {
+            GenerateInput::Text(text) => text
+                .split_whitespace()
+                .zip(0..)
+                .map(|(w, i)| (w.to_owned(), i))
+                .collect(),
             GenerateInput::Chat(messages) => messages
                 .iter()
-                .flat_map(|m| m.content.split_whitespace().map(str::to_owned))
+                .flat_map(|m| m.content.split_whitespace())
+                .zip(0..)
+                .map(|(w, i)| (w.to_owned(), i))
                 .collect(),
+            GenerateInput::Tokens(ids) => ids.iter().map(|&id| (id.to_string(), id)).collect(),
         };
         if words.len() > CONTEXT_TOKENS {
             return Err(BackendError::PromptTooLong {
@@ -71,11 +81,13 @@ impl Backend for Fake {
             });
         }
         let fail_after = *self.fail_after_tokens.lock().unwrap();
+        let trace = self.trace.lock().unwrap().clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut sent = 0;
+            let mut token_ids = Vec::new();
             let mut finish_reason = FinishReason::Stop;
-            for (i, word) in words.iter().enumerate() {
+            for (i, (word, token_id)) in words.iter().enumerate() {
                 if fail_after == Some(sent) {
                     let _ = tx
                         .send(GenerateEvent::Error(BackendError::Internal(
@@ -98,11 +110,12 @@ impl Backend for Fake {
                 };
                 let token = GenerateEvent::Token {
                     text,
-                    token_id: i as u32,
+                    token_id: *token_id,
                 };
                 if tx.send(token).await.is_err() {
                     return;
                 }
+                token_ids.push(*token_id);
                 sent += 1;
             }
             let usage = TokenUsage {
@@ -113,8 +126,8 @@ impl Backend for Fake {
                 .send(GenerateEvent::Done {
                     finish_reason,
                     usage,
-                    trace: Default::default(),
-                    token_ids: Vec::new(),
+                    trace,
+                    token_ids,
                 })
                 .await;
         });
@@ -667,4 +680,282 @@ async fn serves_on_loopback() {
 fn default_address_is_loopback() {
     assert!(DEFAULT_ADDR.ip().is_loopback());
     assert_eq!(ServerConfig::default().max_body_bytes, 1 << 20);
+}
+
+fn sample_trace() -> ServeTrace {
+    ServeTrace {
+        prefill_worker: Some(1),
+        decode_worker: Some(3),
+        cached_tokens: 2,
+        routed_ns: 1_000,
+        prefill_start_ns: 2_000,
+        prefill_end_ns: 9_000,
+        transfer_start_ns: 9_500,
+        transfer_end_ns: 12_000,
+        transfer_bytes: 65_536,
+        preemptions: 1,
+    }
+}
+
+/// The keys of a JSON object, sorted.
+fn keys(value: &serde_json::Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = value
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {value}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+#[tokio::test]
+async fn completion_prompt_forms_reach_the_backend() {
+    let h = harness(ServerConfig::default());
+    let cases = [
+        (serde_json::json!("a b"), GenerateInput::Text("a b".into())),
+        (
+            serde_json::json!(["a b"]),
+            GenerateInput::Text("a b".into()),
+        ),
+        (
+            serde_json::json!([7, 0, 9]),
+            GenerateInput::Tokens(vec![7, 0, 9]),
+        ),
+        (
+            serde_json::json!([[7, 9]]),
+            GenerateInput::Tokens(vec![7, 9]),
+        ),
+    ];
+    for (prompt, input) in cases {
+        let body = serde_json::json!({ "model": MODEL, "prompt": prompt });
+        let reply = h.post_json("/v1/completions", body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{prompt}");
+        assert_eq!(h.fake.last().input, input);
+    }
+    let r: CompletionResponse = h
+        .post_json(
+            "/v1/completions",
+            serde_json::json!({ "model": MODEL, "prompt": [5, 6], "max_tokens": 1 }),
+        )
+        .await
+        .json();
+    assert_eq!(r.choices[0].text, "5");
+    for prompt in [
+        serde_json::json!([[1], [2]]),
+        serde_json::json!(["a", "b"]),
+        serde_json::json!([[]]),
+        serde_json::json!([1, "a"]),
+    ] {
+        let body = serde_json::json!({ "model": MODEL, "prompt": prompt });
+        let reply = h.post_json("/v1/completions", body).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{prompt}");
+        let param = reply.error().error.param.unwrap();
+        assert!(param.starts_with("prompt"), "{prompt}: {param}");
+    }
+}
+
+#[tokio::test]
+async fn ignore_eos_reaches_the_backend() {
+    let h = harness(ServerConfig::default());
+    h.post_json("/v1/completions", completion("a", serde_json::json!({})))
+        .await;
+    assert!(!h.fake.last().sampling.ignore_eos);
+    for (uri, body) in [
+        (
+            "/v1/completions",
+            completion("a", serde_json::json!({ "ignore_eos": true })),
+        ),
+        (
+            "/v1/chat/completions",
+            chat("a", serde_json::json!({ "ignore_eos": true })),
+        ),
+    ] {
+        assert_eq!(h.post_json(uri, body).await.status, StatusCode::OK);
+        assert!(h.fake.last().sampling.ignore_eos, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn non_streamed_responses_carry_trace_cached_tokens_and_token_ids() {
+    let h = harness(ServerConfig::default());
+    *h.fake.trace.lock().unwrap() = sample_trace();
+    let body = serde_json::json!({ "model": MODEL, "prompt": [4, 8, 15, 16],
+                                   "max_tokens": 3, "return_token_ids": true });
+    let r: CompletionResponse = h.post_json("/v1/completions", body).await.json();
+    assert_eq!(r.choices[0].token_ids, Some(vec![4, 8, 15]));
+    assert_eq!(r.disagg, Some(sample_trace()));
+    let details = r.usage.unwrap().prompt_tokens_details.unwrap();
+    assert_eq!(details.cached_tokens, 2);
+
+    let chat_body = chat("x y", serde_json::json!({ "return_token_ids": true }));
+    let r: ChatCompletionResponse = h.post_json("/v1/chat/completions", chat_body).await.json();
+    assert_eq!(r.choices[0].token_ids, Some(vec![0, 1, 2, 3]));
+    assert_eq!(r.disagg, Some(sample_trace()));
+    assert_eq!(r.usage.prompt_tokens_details.unwrap().cached_tokens, 2);
+}
+
+#[tokio::test]
+async fn streamed_finishing_chunk_carries_trace_and_token_ids() {
+    let h = harness(ServerConfig::default());
+    *h.fake.trace.lock().unwrap() = sample_trace();
+    let body = serde_json::json!({ "model": MODEL, "prompt": [[4, 8, 15]], "stream": true,
+                                   "return_token_ids": true,
+                                   "stream_options": { "include_usage": true } });
+    let data = h.post_json("/v1/completions", body).await.sse_data();
+    let chunks: Vec<CompletionResponse> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks.len(), 3 + 1 + 1, "{data:?}");
+    for token in &chunks[..3] {
+        assert_eq!((&token.disagg, &token.choices[0].token_ids), (&None, &None));
+    }
+    let finishing = &chunks[3];
+    assert_eq!(finishing.choices[0].finish_reason.as_deref(), Some("stop"));
+    assert_eq!(finishing.choices[0].token_ids, Some(vec![4, 8, 15]));
+    assert_eq!(finishing.disagg, Some(sample_trace()));
+    let usage = chunks[4].usage.unwrap();
+    assert_eq!(usage.prompt_tokens_details.unwrap().cached_tokens, 2);
+    assert_eq!(chunks[4].disagg, None);
+
+    let chat_body = chat(
+        "x",
+        serde_json::json!({ "stream": true, "return_token_ids": true }),
+    );
+    let data = h
+        .post_json("/v1/chat/completions", chat_body)
+        .await
+        .sse_data();
+    let chunks: Vec<ChatCompletionChunk> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let last = chunks.last().unwrap();
+    assert_eq!(last.choices[0].finish_reason.as_deref(), Some("stop"));
+    assert_eq!(last.choices[0].token_ids, Some(vec![0, 1, 2]));
+    assert_eq!(last.disagg, Some(sample_trace()));
+    assert!(
+        chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c.disagg.is_none())
+    );
+}
+
+/// Without `return_token_ids` every object keeps OpenAI's keys; only `disagg` (non-streamed
+/// and finishing chunk) and `usage.prompt_tokens_details` are added.
+#[tokio::test]
+async fn official_shapes_are_unchanged_without_the_extensions() {
+    let h = harness(ServerConfig::default());
+    let top = [
+        "choices", "created", "disagg", "id", "model", "object", "usage",
+    ];
+    let usage = [
+        "completion_tokens",
+        "prompt_tokens",
+        "prompt_tokens_details",
+        "total_tokens",
+    ];
+    let v: serde_json::Value = h
+        .post_json("/v1/completions", completion("a b", serde_json::json!({})))
+        .await
+        .json();
+    assert_eq!(keys(&v), top);
+    assert_eq!(
+        keys(&v["choices"][0]),
+        ["finish_reason", "index", "logprobs", "text"]
+    );
+    assert_eq!(keys(&v["usage"]), usage);
+    assert_eq!(
+        keys(&v["usage"]["prompt_tokens_details"]),
+        ["cached_tokens"]
+    );
+    assert_eq!(keys(&v["disagg"]).len(), 10);
+
+    let v: serde_json::Value = h
+        .post_json("/v1/chat/completions", chat("a", serde_json::json!({})))
+        .await
+        .json();
+    assert_eq!(keys(&v), top);
+    assert_eq!(
+        keys(&v["choices"][0]),
+        ["finish_reason", "index", "logprobs", "message"]
+    );
+    assert_eq!(keys(&v["usage"]), usage);
+
+    let body = completion(
+        "a b",
+        serde_json::json!({ "stream": true, "stream_options": { "include_usage": true } }),
+    );
+    let data = h.post_json("/v1/completions", body).await.sse_data();
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let official = ["choices", "created", "id", "model", "object"];
+    for token in &chunks[..2] {
+        assert_eq!(keys(token), official);
+        assert_eq!(
+            keys(&token["choices"][0]),
+            ["finish_reason", "index", "logprobs", "text"]
+        );
+    }
+    assert_eq!(keys(&chunks[2]), top[..6], "the finishing chunk");
+    assert_eq!(
+        keys(&chunks[2]["choices"][0]),
+        ["finish_reason", "index", "logprobs", "text"]
+    );
+    assert_eq!(
+        keys(&chunks[3]),
+        ["choices", "created", "id", "model", "object", "usage"]
+    );
+    assert_eq!(keys(&chunks[3]["usage"]), usage);
+
+    let body = chat("a", serde_json::json!({ "stream": true }));
+    let data = h.post_json("/v1/chat/completions", body).await.sse_data();
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let (last, rest) = chunks.split_last().unwrap();
+    for chunk in rest {
+        assert_eq!(keys(chunk), official);
+        assert_eq!(
+            keys(&chunk["choices"][0]),
+            ["delta", "finish_reason", "index", "logprobs"]
+        );
+    }
+    assert_eq!(
+        keys(last),
+        ["choices", "created", "disagg", "id", "model", "object"]
+    );
+    assert_eq!(
+        keys(&last["choices"][0]),
+        ["delta", "finish_reason", "index", "logprobs"]
+    );
+}
+
+#[tokio::test]
+async fn finished_requests_record_the_prefix_hit_ratio() {
+    let h = harness(ServerConfig::default());
+    *h.fake.trace.lock().unwrap() = sample_trace();
+    h.post_json(
+        "/v1/completions",
+        completion("a b c d", serde_json::json!({})),
+    )
+    .await;
+    let body = completion("e f c d", serde_json::json!({ "stream": true }));
+    h.post_json("/v1/completions", body).await;
+    let text = h.metrics.render();
+    let value = |name: &str| {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(parse_sample)
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .value
+    };
+    assert_eq!(value("disagg_prefix_hit_tokens_total"), 4.0);
+    assert_eq!(value("disagg_prefix_lookup_tokens_total"), 8.0);
+    assert_eq!(value("disagg_prefix_hit_ratio"), 0.5);
 }

@@ -21,6 +21,10 @@ pub struct SamplingParams {
     /// Generation stops at the first occurrence of any of these in the generated text, which
     /// is cut before it.
     pub stop_strings: Vec<String>,
+    /// The tokenizer's end-of-sequence ids are not stop tokens (vLLM's extension), so that a
+    /// benchmark's output lengths are exactly `max_tokens`. Explicit `stop_token_ids` still
+    /// stop.
+    pub ignore_eos: bool,
 }
 
 /// Why a generation ended.
@@ -52,6 +56,7 @@ impl SamplingParams {
             max_tokens,
             stop_token_ids: Vec::new(),
             stop_strings: Vec::new(),
+            ignore_eos: false,
         }
     }
 

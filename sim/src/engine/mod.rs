@@ -41,6 +41,18 @@ pub struct TokenTime {
     pub time_ns: Nanos,
 }
 
+/// The token-times table, one row per token; the simulator and the real load generator both
+/// write it. The header is written even with no rows, so an empty run names its schema.
+pub fn write_token_times_csv<W: std::io::Write>(w: W, times: &[TokenTime]) -> csv::Result<()> {
+    let mut out = csv::WriterBuilder::new().has_headers(false).from_writer(w);
+    out.write_record(["request_id", "token_index", "time_ns"])?;
+    for t in times {
+        out.serialize(t)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 /// Everything a run produced.
 #[derive(Debug)]
 pub struct RunOutput {
