@@ -41,6 +41,8 @@ pub struct EngineConfig {
     /// A decode worker prefills a prompt itself when at most this many of its tokens are not
     /// in its prefix cache (conditional disaggregation); above, a prefill worker does.
     pub local_prefill_tokens: usize,
+    /// The worker's cluster index, as traces name it.
+    pub worker_id: u32,
 }
 
 impl Default for EngineConfig {
@@ -53,6 +55,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             prefix_caching: true,
             local_prefill_tokens: 0,
+            worker_id: 0,
         }
     }
 }
@@ -132,7 +135,7 @@ struct Shared {
 }
 
 enum Inbox {
-    Submit(Request),
+    Submit(Box<Request>),
     Remote {
         key: u64,
         outcome: Result<RemoteKv, String>,
@@ -190,6 +193,7 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     context_tokens: usize,
     max_waiting: usize,
+    worker_id: u32,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -242,6 +246,7 @@ impl Engine {
             tokenizer,
             context_tokens,
             max_waiting: config.max_waiting,
+            worker_id: config.worker_id,
             thread: Some(thread),
         })
     }
@@ -353,12 +358,16 @@ impl Engine {
             prefill_start: None,
             prefill_end: None,
             local_cached_tokens: 0,
-            trace: ServeTrace::default(),
+            trace: ServeTrace {
+                prefill_worker: Some(self.worker_id),
+                decode_worker: Some(self.worker_id),
+                ..ServeTrace::default()
+            },
         };
         let sent = self
             .inbox
             .as_ref()
-            .is_some_and(|s| s.send(Inbox::Submit(req)).is_ok());
+            .is_some_and(|s| s.send(Inbox::Submit(Box::new(req))).is_ok());
         if !sent {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(BackendError::Unavailable("the engine has stopped".into()));

@@ -257,7 +257,7 @@ async fn kv_transfer_time_follows_the_shaped_bandwidth() {
     );
     // The payload cannot beat the shaper; framing and TCP overhead keep it a little under.
     assert!(
-        measured_mbit <= RATE_MBIT * 1.02 && measured_mbit >= RATE_MBIT * 0.6,
+        (RATE_MBIT * 0.6..=RATE_MBIT * 1.02).contains(&measured_mbit),
         "{measured_mbit} Mbit/s on a {RATE_MBIT} Mbit/s link"
     );
 }

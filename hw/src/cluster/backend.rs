@@ -157,19 +157,16 @@ async fn follow_membership(inner: Arc<Inner>) {
                 state.index.remove_worker(id);
             }
             for (id, info) in registered {
-                if !state.workers.contains_key(&id) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = state.workers.entry(id) {
                     let subscription =
                         tokio::spawn(subscribe(Arc::clone(&inner), id, info.clone()));
-                    state.workers.insert(
-                        id,
-                        Tracked {
-                            info,
-                            live: false,
-                            in_flight: 0,
-                            used_blocks: 0,
-                            subscription,
-                        },
-                    );
+                    slot.insert(Tracked {
+                        info,
+                        live: false,
+                        in_flight: 0,
+                        used_blocks: 0,
+                        subscription,
+                    });
                 }
             }
         }
@@ -557,10 +554,11 @@ fn frontend_trace(
         }
     }
     trace.routed_ns = routed.saturating_duration_since(accepted).as_nanos() as u64;
-    trace.decode_worker = Some(pick.worker);
-    if trace.prefill_worker.is_none() {
+    // The registry's index is authoritative (a worker names itself by its place in its file).
+    if trace.prefill_worker == trace.decode_worker {
         trace.prefill_worker = Some(pick.worker);
     }
+    trace.decode_worker = Some(pick.worker);
     trace
 }
 

@@ -140,8 +140,10 @@ fn default_prefill_timeout_ms() -> u64 {
 }
 
 impl WorkerConfig {
-    pub fn engine(&self) -> EngineConfig {
+    /// The engine of this worker, the `worker_id`-th of its cluster file.
+    pub fn engine(&self, worker_id: u32) -> EngineConfig {
         EngineConfig {
+            worker_id,
             kv_blocks: self.kv_blocks,
             max_batched_tokens: self.max_batched_tokens,
             max_num_seqs: self.max_num_seqs,

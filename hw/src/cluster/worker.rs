@@ -121,7 +121,7 @@ pub async fn run(
     registry: SocketAddr,
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> Result<(), String> {
-    let (_, wc) = cluster
+    let (index, wc) = cluster
         .worker(name)
         .ok_or_else(|| format!("{}: no worker named `{name}`", cluster.file))?;
     let wc = wc.clone();
@@ -147,8 +147,9 @@ pub async fn run(
         prefill_asks: (wc.role == Role::Decode).then_some(asks_tx),
         reports: Some(reports_tx),
     };
-    let block_size_tokens = wc.engine().block_size_tokens;
-    let engine = Engine::new(model, tokenizer, wc.engine(), hooks).map_err(|e| e.to_string())?;
+    let engine_config = wc.engine(index);
+    let block_size_tokens = engine_config.block_size_tokens;
+    let engine = Engine::new(model, tokenizer, engine_config, hooks).map_err(|e| e.to_string())?;
     let worker = Arc::new(Worker {
         engine,
         role: wc.role,

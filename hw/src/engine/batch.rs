@@ -97,7 +97,7 @@ impl Batcher {
 
     fn receive(&mut self, message: Inbox) {
         match message {
-            Inbox::Submit(req) => self.waiting.push_back(req),
+            Inbox::Submit(req) => self.waiting.push_back(*req),
             Inbox::Remote { key, outcome } => self.remote_done(key, outcome),
         }
     }

@@ -687,6 +687,7 @@ fn sample_trace() -> ServeTrace {
         prefill_worker: Some(1),
         decode_worker: Some(3),
         cached_tokens: 2,
+        decode_cached_tokens: 1,
         routed_ns: 1_000,
         prefill_start_ns: 2_000,
         prefill_end_ns: 9_000,
@@ -870,7 +871,7 @@ async fn official_shapes_are_unchanged_without_the_extensions() {
         keys(&v["usage"]["prompt_tokens_details"]),
         ["cached_tokens"]
     );
-    assert_eq!(keys(&v["disagg"]).len(), 10);
+    assert_eq!(keys(&v["disagg"]).len(), 11);
 
     let v: serde_json::Value = h
         .post_json("/v1/chat/completions", chat("a", serde_json::json!({})))

@@ -82,6 +82,7 @@ const TRACE: ServeTrace = ServeTrace {
     prefill_worker: Some(2),
     decode_worker: Some(5),
     cached_tokens: 0,
+    decode_cached_tokens: 0,
     routed_ns: 1_000,
     prefill_start_ns: 2_000,
     prefill_end_ns: 30_000,
