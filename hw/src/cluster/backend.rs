@@ -25,6 +25,10 @@ use tokio::task::JoinHandle;
 /// How long a worker may take to answer a `/generate` call's headers (its queue admission).
 const DISPATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Failed attempts at a worker's event stream before it is given up.
+const RESUBSCRIBE_ATTEMPTS: u32 = 3;
+const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(200);
+
 pub struct ClusterOptions {
     pub model_id: String,
     pub tokenizer: Tokenizer,
@@ -176,12 +180,19 @@ async fn follow_membership(inner: Arc<Inner>) {
     }
 }
 
-/// Reads a worker's `/events` stream into the index until it ends, then removes the worker:
-/// a worker whose stream broke is dead or unreachable.
+/// Reads a worker's `/events` stream into the index. When it breaks, the worker is asked for a
+/// fresh one (a subscriber that fell behind is cut off by the worker); a worker that cannot
+/// give one is dead or unreachable, and leaves the cluster.
 async fn subscribe(inner: Arc<Inner>, id: u32, info: WorkerInfo) {
-    let why = match read_events(&inner, id, &info).await {
-        Ok(()) => "its event stream ended".to_string(),
-        Err(e) => e,
+    let mut failures = 0;
+    let why = loop {
+        let (delivered, why) = read_events(&inner, id, &info).await;
+        // A stream that delivered before breaking resets the count: the worker is alive.
+        failures = if delivered { 1 } else { failures + 1 };
+        if failures >= RESUBSCRIBE_ATTEMPTS {
+            break why;
+        }
+        tokio::time::sleep(RESUBSCRIBE_DELAY).await;
     };
     eprintln!("worker {} left the cluster: {why}", info.name);
     {
@@ -194,21 +205,33 @@ async fn subscribe(inner: Arc<Inner>, id: u32, info: WorkerInfo) {
     inner.registry.deregister(id, info.addr);
 }
 
-async fn read_events(inner: &Inner, id: u32, info: &WorkerInfo) -> Result<(), String> {
-    let response = inner
+/// Applies one `/events` stream until it ends; says whether it delivered anything, and why it
+/// ended.
+async fn read_events(inner: &Inner, id: u32, info: &WorkerInfo) -> (bool, String) {
+    let response = match inner
         .http
         .get(format!("http://{}/events", info.addr))
         .send()
         .await
-        .map_err(|e| e.to_string())?;
-    if !response.status().is_success() {
-        return Err(format!("/events answered {}", response.status()));
-    }
+    {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => return (false, format!("/events answered {}", r.status())),
+        Err(e) => return (false, e.to_string()),
+    };
     let mut lines = NdjsonLines::new(response);
     let mut events = Vec::new();
-    while let Some(line) = lines.next().await? {
-        let message: EventsMessage =
-            serde_json::from_slice(&line).map_err(|e| format!("bad event line: {e}"))?;
+    let mut delivered = false;
+    loop {
+        let line = match lines.next().await {
+            Ok(Some(line)) => line,
+            Ok(None) => return (delivered, "its event stream ended".into()),
+            Err(e) => return (delivered, e),
+        };
+        let message: EventsMessage = match serde_json::from_slice(&line) {
+            Ok(message) => message,
+            Err(e) => return (false, format!("bad event line: {e}")),
+        };
+        delivered = true;
         events.clear();
         events.extend(message.stored.iter().map(|&h| KvEvent::Stored(h)));
         events.extend(message.removed.iter().map(|&h| KvEvent::Removed(h)));
@@ -226,7 +249,6 @@ async fn read_events(inner: &Inner, id: u32, info: &WorkerInfo) -> Result<(), St
             .metrics
             .set_queue_depth(&info.name, u64::from(message.waiting));
     }
-    Ok(())
 }
 
 /// Splits a streamed body into lines.

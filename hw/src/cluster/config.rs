@@ -247,6 +247,16 @@ fn check(c: &ClusterConfig) -> Result<(), (String, String)> {
         if w.name.is_empty() || !names.insert(w.name.as_str()) {
             return Err((at("name"), format!("`{}` is empty or not unique", w.name)));
         }
+        for (field, addr) in [("addr", w.addr), ("kv_addr", w.kv_addr)] {
+            if addr.ip().is_unspecified() {
+                return Err((
+                    at(field),
+                    format!(
+                        "{addr}: workers advertise this address, so it must be one others can reach"
+                    ),
+                ));
+            }
+        }
         for (field, value) in [
             ("kv_blocks", w.kv_blocks as usize),
             ("max_batched_tokens", w.max_batched_tokens),
