@@ -6,6 +6,7 @@
 //! aggregated engine behind the HTTP frontend in one process.
 
 mod batch;
+mod detok;
 
 use crate::frontend::{
     Backend, BackendError, GenerateEvent, GenerateInput, GenerateRequest, ModelInfo, Role,
@@ -149,6 +150,7 @@ enum Job {
         events: mpsc::Sender<GenerateEvent>,
         /// Bytes of the generated text already streamed.
         sent_bytes: usize,
+        detok: detok::Detokenizer,
         /// A decode worker's source of prompt KV.
         remote: Option<RemotePrefill>,
     },
@@ -297,6 +299,7 @@ impl Engine {
         let job = Job::Generate {
             events: tx,
             sent_bytes: 0,
+            detok: detok::Detokenizer::default(),
             remote,
         };
         self.enqueue(prompt, sampling, job)?;

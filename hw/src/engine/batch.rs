@@ -460,28 +460,35 @@ fn advance(
     context_tokens: usize,
 ) -> Result<Option<FinishReason>, String> {
     let Job::Generate {
-        events, sent_bytes, ..
+        events,
+        sent_bytes,
+        detok,
+        ..
     } = &mut req.job
     else {
         return Ok(None);
     };
     let generated = &req.tokens[req.prompt_tokens..];
     let token_id = *generated.last().expect("a token was generated");
-    let text = tokenizer
-        .decode(generated, true)
-        .map_err(|e| e.to_string())?;
-    let (end_bytes, finish) = match req.sampling.check_stop(generated, &text) {
-        Some(stop) => (stop.text_bytes, Some(stop.reason.into())),
-        None if req.tokens.len() >= context_tokens => (text.len(), Some(FinishReason::Length)),
-        None => {
-            // A trailing U+FFFD is a character whose bytes are still arriving.
-            let complete = text.trim_end_matches('\u{FFFD}').len();
-            (
-                req.sampling.releasable_text_bytes(&text).min(complete),
-                None,
-            )
+    detok.update(tokenizer, generated)?;
+    let (end_bytes, finish) = match req.sampling.check_stop(generated, detok.text()) {
+        Some(stop) => {
+            let end = match stop.reason {
+                models::runtime::FinishReason::StopString(_) => stop.text_bytes,
+                _ => {
+                    detok.flush(tokenizer, generated)?;
+                    detok.text().len()
+                }
+            };
+            (end, Some(stop.reason.into()))
         }
+        None if req.tokens.len() >= context_tokens => {
+            detok.flush(tokenizer, generated)?;
+            (detok.text().len(), Some(FinishReason::Length))
+        }
+        None => (req.sampling.releasable_text_bytes(detok.text()), None),
     };
+    let text = detok.text();
     if end_bytes > *sent_bytes && text.is_char_boundary(*sent_bytes) {
         let piece = text[*sent_bytes..end_bytes].to_owned();
         *sent_bytes = end_bytes;

@@ -206,3 +206,23 @@ async fn a_pool_too_small_for_every_sequence_preempts_and_recomputes_the_same_te
     assert_eq!(together, alone);
     assert!(small.preemptions() > 0, "{alone:?}");
 }
+
+#[test]
+fn incremental_detokenization_streams_exactly_the_whole_decode() {
+    let gguf = GgufFile::open(&models::runtime::test_gguf_path().unwrap()).unwrap();
+    let tokenizer = gguf.tokenizer().unwrap();
+    let text = "Héllo wörld! 🌍 日本語のテキスト, naïve café — “quotes” and  double  spaces.\nNew line 12345.";
+    let ids = tokenizer.encode(text, false).unwrap();
+    let mut detok = detok::Detokenizer::default();
+    let mut seen = Vec::new();
+    for n in 1..=ids.len() {
+        detok.update(&tokenizer, &ids[..n]).unwrap();
+        let so_far = detok.text().to_owned();
+        assert!(!so_far.contains('\u{FFFD}'), "{so_far}");
+        assert!(so_far.starts_with(seen.last().map_or("", |s: &String| s.as_str())));
+        seen.push(so_far);
+    }
+    detok.flush(&tokenizer, &ids).unwrap();
+    assert_eq!(detok.text(), tokenizer.decode(&ids, true).unwrap());
+    assert_eq!(detok.text(), text);
+}
