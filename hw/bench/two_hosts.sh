@@ -3,7 +3,10 @@
 # host's egress shaped with tc tbf, then `disagg-hw bench` drives the cluster from the prefill
 # host. Needs root. Usage:
 #
-#   hw/bench/two_hosts.sh [RATE (tc syntax, default 400mbit)] [SCENARIO] [OUT_DIR]
+#   [STREAM=false] hw/bench/two_hosts.sh [RATE (tc syntax, default 400mbit)] [SCENARIO] [OUT_DIR]
+#
+# STREAM=false makes the prefill worker send the KV whole once the prefill is done, instead of
+# layer by layer while it computes.
 #
 # The frontend and the prefill worker share host a (10.213.1.1); the decode worker is host b
 # (10.213.1.2). Every KV transfer crosses the shaped link.
@@ -12,6 +15,7 @@ cd "$(dirname "$0")/../.."
 RATE=${1:-400mbit}
 SCENARIO=${2:-configs/scenarios/smollm2-cpu.toml}
 OUT=${3:-out/two-hosts-$RATE}
+STREAM=${STREAM:-true}
 BIN=target/release/disagg-hw
 A=dg-bench-a B=dg-bench-b
 CONFIG=$(mktemp --suffix=.toml)
@@ -27,6 +31,7 @@ registry_addr = "10.213.1.1:8100"
 name = "prefill-0"
 role = "prefill"
 addr = "10.213.1.1:8201"
+stream_kv_layers = $STREAM
 
 [[worker]]
 name = "decode-0"

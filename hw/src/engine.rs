@@ -13,6 +13,7 @@ use crate::frontend::{
     ServeTrace,
 };
 use crate::paged::{KvExport, PagedError, PagedModel};
+use crate::transport::LayerParts;
 use models::runtime::{
     ChatMessage, DEFAULT_BLOCK_SIZE_TOKENS, Device, GgufFile, Model, Sampler, SamplingParams,
     TensorDType, Tokenizer,
@@ -100,7 +101,8 @@ pub struct RemoteKv {
     pub transfer_bytes: u64,
 }
 
-/// What a prefill job hands back: the KV to send and what the decode side needs to go on.
+/// What a prefill job hands back: the KV to send (its blocks empty when they were streamed) and
+/// what the decode side needs to go on.
 #[derive(Clone, Debug)]
 pub struct PrefillOutput {
     pub kv: KvExport,
@@ -159,6 +161,10 @@ enum Job {
     Prefill {
         skip_blocks: usize,
         reply: Option<oneshot::Sender<Result<PrefillOutput, BackendError>>>,
+        /// Where each layer's KV goes during the step that completes the prompt; taken then.
+        stream: Option<mpsc::UnboundedSender<LayerParts>>,
+        /// The layers were streamed: the output carries the header only.
+        streamed: bool,
     },
 }
 
@@ -307,17 +313,21 @@ impl Engine {
     }
 
     /// Queues a prefill job: the prompt's KV from block `skip_blocks` on and the first token,
-    /// sampled with `sampling`.
+    /// sampled with `sampling`. With `stream`, each layer's KV goes there as the step that
+    /// completes the prompt computes it, and the output's blocks are left empty.
     pub fn submit_prefill(
         &self,
         prompt: Vec<u32>,
         sampling: SamplingParams,
         skip_blocks: usize,
+        stream: Option<mpsc::UnboundedSender<LayerParts>>,
     ) -> Result<oneshot::Receiver<Result<PrefillOutput, BackendError>>, BackendError> {
         let (tx, rx) = oneshot::channel();
         let job = Job::Prefill {
             skip_blocks,
             reply: Some(tx),
+            stream,
+            streamed: false,
         };
         self.enqueue(prompt, sampling, job)?;
         Ok(rx)

@@ -175,6 +175,19 @@ impl PagedModel {
     /// sequence's last fed token, (batch, vocab) f32, in `work` order. Blocks are grown from
     /// the block manager first; when it has none, nothing runs and the error says so.
     pub fn step(&mut self, work: &[(SeqId, usize)]) -> Result<Tensor, PagedError> {
+        self.step_streaming(work, &[], &mut |_, _, _| {})
+    }
+
+    /// [`PagedModel::step`], exporting layer by layer, as each is computed, the KV of the
+    /// sequences in `stream` (`(sequence, first block)`: blocks from there to the end of the
+    /// step's KV): `on_layer(i, layer, blocks)` gets layer `layer` of `stream[i]`'s blocks in
+    /// [`models::runtime::KvCache::export_layer`]'s layout.
+    pub fn step_streaming(
+        &mut self,
+        work: &[(SeqId, usize)],
+        stream: &[(SeqId, usize)],
+        on_layer: &mut dyn FnMut(usize, usize, Vec<Vec<u8>>),
+    ) -> Result<Tensor, PagedError> {
         let bs = self.block_size;
         let mut feeds = Vec::with_capacity(work.len());
         for &(id, max_tokens) in work {
@@ -205,7 +218,31 @@ impl PagedModel {
                 }
             })
             .collect();
-        let logits = self.model.forward(&mut self.cache, &inputs)?;
+        // The blocks each streamed sequence's KV will fill once the step has run.
+        let mut streamed = Vec::with_capacity(stream.len());
+        for &(id, first_block) in stream {
+            let seq = self.seq(id)?;
+            let fed = work
+                .iter()
+                .zip(&feeds)
+                .find(|((w, _), _)| *w == id)
+                .map_or(0, |(_, &n)| n);
+            let used = (seq.kv_len + fed).div_ceil(bs);
+            if first_block > used {
+                return Err(PagedError::Invalid(format!(
+                    "sequence {id} will have {used} blocks of KV; cannot stream from block {first_block}"
+                )));
+            }
+            streamed.push(seq.blocks[first_block..used].to_vec());
+        }
+        let logits =
+            self.model
+                .forward_observed(&mut self.cache, &inputs, &mut |layer, cache| {
+                    for (i, blocks) in streamed.iter().enumerate() {
+                        on_layer(i, layer, cache.export_layer(layer, blocks)?);
+                    }
+                    Ok(())
+                })?;
         for (&(id, _), &n) in work.iter().zip(&feeds) {
             let seq = self.seqs.get_mut(&id).expect("checked above");
             seq.kv_len += n;
@@ -244,6 +281,21 @@ impl PagedModel {
 
     /// The sequence's KV from block `first_block` on (the receiver holds the ones before).
     pub fn export(&self, id: SeqId, first_block: usize) -> Result<KvExport, PagedError> {
+        self.export_with(id, first_block, true)
+    }
+
+    /// [`PagedModel::export`] without the bytes: one empty block per block, for a transfer
+    /// whose layers were streamed during the step that computed them.
+    pub fn export_header(&self, id: SeqId, first_block: usize) -> Result<KvExport, PagedError> {
+        self.export_with(id, first_block, false)
+    }
+
+    fn export_with(
+        &self,
+        id: SeqId,
+        first_block: usize,
+        with_bytes: bool,
+    ) -> Result<KvExport, PagedError> {
         let seq = self.seq(id)?;
         let used = seq.kv_len.div_ceil(self.block_size);
         if first_block > used {
@@ -251,7 +303,11 @@ impl PagedModel {
                 "sequence {id} has {used} blocks of KV; cannot start at block {first_block}"
             )));
         }
-        let blocks = self.cache.export_blocks(&seq.blocks[first_block..used])?;
+        let blocks = if with_bytes {
+            self.cache.export_blocks(&seq.blocks[first_block..used])?
+        } else {
+            vec![Vec::new(); used - first_block]
+        };
         let full = seq.kv_len / self.block_size;
         Ok(KvExport {
             tokens: seq.tokens.clone(),
@@ -561,5 +617,29 @@ mod tests {
             logits = decode.step(&[(d, 1)]).unwrap();
         }
         assert_eq!(continued, expected);
+    }
+
+    #[test]
+    fn layers_streamed_during_a_step_make_up_its_export() {
+        let mut m = PagedModel::new(tiny(), 32, 16, true).unwrap();
+        let prompt: Vec<u32> = (0..40).map(|i| (i * 7 % 89) as u32).collect();
+        let (s, _) = m.admit(&prompt).unwrap();
+        let n = m.pending_tokens(s).unwrap();
+        let mut layers: Vec<Vec<Vec<u8>>> = Vec::new();
+        m.step_streaming(&[(s, n)], &[(s, 1)], &mut |i, layer, parts| {
+            assert_eq!((i, layer), (0, layers.len()));
+            layers.push(parts);
+        })
+        .unwrap();
+        assert_eq!(layers.len(), 2);
+        let export = m.export(s, 1).unwrap();
+        assert_eq!(export.blocks.len(), 2);
+        for (b, block) in export.blocks.iter().enumerate() {
+            let streamed: Vec<u8> = layers.iter().flat_map(|l| l[b].clone()).collect();
+            assert_eq!(&streamed, block);
+        }
+        let header = m.export_header(s, 1).unwrap();
+        assert_eq!(header.blocks, vec![Vec::<u8>::new(); 2]);
+        assert_eq!(header.tokens, export.tokens);
     }
 }

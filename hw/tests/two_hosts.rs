@@ -113,11 +113,13 @@ id = "smollm2-135m"
 addr = "0.0.0.0:8000"
 registry_addr = "0.0.0.0:8100"
 
+# Whole transfers after the prefill, so their time is the link's alone.
 [[worker]]
 name = "prefill"
 role = "prefill"
 addr = "10.213.1.1:8201"
 kv_blocks = 256
+stream_kv_layers = false
 
 [[worker]]
 name = "decode"

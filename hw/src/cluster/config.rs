@@ -109,6 +109,10 @@ pub struct WorkerConfig {
     /// A decode worker's wait for a prefill worker's KV before it prefills itself.
     #[serde(default = "default_prefill_timeout_ms")]
     pub prefill_timeout_ms: u64,
+    /// A prefill worker sends each layer's KV while the next layers are computed, instead of
+    /// the whole KV once the prefill is done.
+    #[serde(default = "yes")]
+    pub stream_kv_layers: bool,
 }
 
 fn any_loopback_port() -> SocketAddr {

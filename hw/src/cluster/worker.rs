@@ -10,7 +10,7 @@ use super::protocol::{
 use crate::engine::{Engine, EngineHooks, EngineReport, PrefillAsk, RemoteKv, RemotePrefill};
 use crate::frontend::BackendError;
 use crate::transport::tcp::{TcpConfig, TcpKvListener, TcpTransport};
-use crate::transport::{Endpoint, KvTransfer, KvTransport, model_fingerprint};
+use crate::transport::{Endpoint, KvTransfer, KvTransport, TransportError, model_fingerprint};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -45,6 +45,8 @@ struct Worker {
     n_layers: u32,
     block_size_tokens: u32,
     transport: TcpTransport,
+    /// A prefill worker sends each layer's KV as soon as it is computed.
+    stream_layers: bool,
     hub: Mutex<EventHub>,
 }
 
@@ -159,6 +161,7 @@ pub async fn run(
         n_layers: spec.n_layers,
         block_size_tokens,
         transport: TcpTransport::new(TcpConfig::default()),
+        stream_layers: wc.stream_kv_layers,
         hub: Mutex::new(EventHub::default()),
     });
 
@@ -362,9 +365,33 @@ async fn prefill(State(worker): State<Arc<Worker>>, body: Bytes) -> Response {
         Err(e) => return bad_body(e),
     };
     let sampling: SamplingParams = call.sampling.into();
+    let to = Endpoint::Tcp(call.kv_addr);
+    let header = |kv| KvTransfer {
+        request_id: call.request_id,
+        model_fingerprint: worker.fingerprint,
+        dtype: worker.dtype,
+        n_layers: worker.n_layers,
+        block_size_tokens: worker.block_size_tokens,
+        kv,
+    };
+    // Streaming: the layers leave while the prefill computes the next ones; the transfer
+    // frame closes them once the first token is sampled.
+    let (layers, streaming) = if worker.stream_layers {
+        let (layers_tx, layers_rx) = mpsc::unbounded_channel();
+        let (last_tx, last_rx) = oneshot::channel();
+        let (transport, to, request_id) = (worker.transport.clone(), to.clone(), call.request_id);
+        let sending = tokio::spawn(async move {
+            transport
+                .send_streamed(&to, request_id, layers_rx, last_rx)
+                .await
+        });
+        (Some(layers_tx), Some((last_tx, sending)))
+    } else {
+        (None, None)
+    };
     let output = match worker
         .engine
-        .submit_prefill(call.tokens, sampling, call.skip_blocks)
+        .submit_prefill(call.tokens, sampling, call.skip_blocks, layers)
     {
         Ok(rx) => match rx.await {
             Ok(Ok(output)) => output,
@@ -376,20 +403,24 @@ async fn prefill(State(worker): State<Arc<Worker>>, body: Bytes) -> Response {
         Err(e) => return error_response(&e),
     };
     let since = |t: Instant| t.saturating_duration_since(received).as_nanos() as u64;
-    let transfer = KvTransfer {
-        request_id: call.request_id,
-        model_fingerprint: worker.fingerprint,
-        dtype: worker.dtype,
-        n_layers: worker.n_layers,
-        block_size_tokens: worker.block_size_tokens,
-        kv: output.kv,
+    let sent = match streaming {
+        Some((last_tx, sending)) => {
+            let _ = last_tx.send(header(output.kv));
+            sending.await.unwrap_or_else(|e| {
+                Err(TransportError::Refused {
+                    endpoint: to.clone(),
+                    request_id: call.request_id,
+                    reason: if e.is_panic() {
+                        "the sender panicked"
+                    } else {
+                        "the sender was cancelled"
+                    },
+                })
+            })
+        }
+        None => worker.transport.send(&to, header(output.kv)).await,
     };
-    let transfer_start = Instant::now();
-    let receipt = match worker
-        .transport
-        .send(&Endpoint::Tcp(call.kv_addr), transfer)
-        .await
-    {
+    let receipt = match sent {
         Ok(receipt) => receipt,
         Err(e) => {
             return error_response(&BackendError::Unavailable(format!("KV transfer: {e}")));
@@ -401,7 +432,7 @@ async fn prefill(State(worker): State<Arc<Worker>>, body: Bytes) -> Response {
         cached_tokens: output.cached_tokens,
         prefill_start_ns: since(output.prefill_start),
         prefill_end_ns: since(output.prefill_end),
-        transfer_start_ns: since(transfer_start),
+        transfer_start_ns: since(receipt.started),
         transfer_end_ns: since(transfer_end),
         transfer_bytes: receipt.payload_bytes,
     })

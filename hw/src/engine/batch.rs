@@ -350,10 +350,33 @@ impl Batcher {
         if work.is_empty() {
             return;
         }
+        // Prefill jobs whose prompt this step completes stream their layers as it computes.
+        let mut stream = Vec::new();
+        let mut senders = Vec::new();
+        for r in &mut self.running {
+            if let Job::Prefill {
+                skip_blocks,
+                stream: sender @ Some(_),
+                streamed,
+                ..
+            } = &mut r.req.job
+                && work.iter().any(|&(seq, n)| {
+                    seq == r.seq && self.paged.pending_tokens(seq).unwrap_or(0) == n
+                })
+            {
+                stream.push((r.seq, *skip_blocks));
+                senders.push(sender.take().expect("matched Some"));
+                *streamed = true;
+            }
+        }
         let rows = self
             .paged
-            .step(&work)
+            .step_streaming(&work, &stream, &mut |i, layer, parts| {
+                let _ = senders[i].send((layer as u32, parts));
+            })
             .and_then(|logits| Ok(logits.to_vec2::<f32>().map_err(RuntimeError::from)?));
+        // Closing the channels tells the senders that every layer is out.
+        drop(senders);
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
@@ -404,13 +427,24 @@ impl Batcher {
     fn after_sample(&mut self, at: usize) {
         let r = &mut self.running[at];
         let ended = match &mut r.req.job {
-            Job::Prefill { skip_blocks, reply } => {
+            Job::Prefill {
+                skip_blocks,
+                reply,
+                streamed,
+                ..
+            } => {
                 let seq = r.seq;
                 let token = *r.req.tokens.last().expect("just pushed");
                 let output = self
                     .paged
                     .push_token(seq, token)
-                    .and_then(|()| self.paged.export(seq, *skip_blocks))
+                    .and_then(|()| {
+                        if *streamed {
+                            self.paged.export_header(seq, *skip_blocks)
+                        } else {
+                            self.paged.export(seq, *skip_blocks)
+                        }
+                    })
                     .map(|kv| PrefillOutput {
                         kv,
                         sampler_position: r.req.sampler.position(),

@@ -67,6 +67,7 @@ impl KvTransport for LocalTransport {
             });
         }
         let payload_bytes = transfer.kv.payload_bytes() as u64;
+        let started = std::time::Instant::now();
         deliver
             .send(transfer)
             .await
@@ -80,6 +81,7 @@ impl KvTransport for LocalTransport {
             payload_bytes,
             wire_bytes: payload_bytes,
             attempts: 1,
+            started,
         })
     }
 }

@@ -43,6 +43,8 @@ pub struct TransferReceipt {
     pub wire_bytes: u64,
     /// 1, or 2 when the first attempt was refused for a checksum mismatch.
     pub attempts: u32,
+    /// When the first byte left.
+    pub started: std::time::Instant,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,10 @@ pub enum TransportError {
     },
 }
 
+/// One layer of a transfer's blocks, as the prefill computes it: `(layer, per block that
+/// layer's bytes)`.
+pub type LayerParts = (u32, Vec<Vec<u8>>);
+
 /// Sends KV to other workers. Async: tokio runs the I/O around the synchronous engine thread.
 pub trait KvTransport: Send + Sync {
     /// Delivers `transfer` into the receiver's channel, or says clearly why not.
@@ -108,4 +114,42 @@ pub trait KvTransport: Send + Sync {
         to: &Endpoint,
         transfer: KvTransfer,
     ) -> impl Future<Output = Result<TransferReceipt, TransportError>> + Send;
+
+    /// Delivers a transfer whose layers come one by one on `layers` while the prefill runs,
+    /// closed by `last` (the transfer with one empty block per block). The receiver gets the
+    /// same [`KvTransfer`] as from [`KvTransport::send`]. This default waits for every layer and
+    /// sends the whole; a transport that can overlap the layers with the compute does.
+    fn send_streamed(
+        &self,
+        to: &Endpoint,
+        request_id: u64,
+        mut layers: tokio::sync::mpsc::UnboundedReceiver<LayerParts>,
+        last: tokio::sync::oneshot::Receiver<KvTransfer>,
+    ) -> impl Future<Output = Result<TransferReceipt, TransportError>> + Send {
+        async move {
+            let mut parts = Vec::new();
+            while let Some(layer) = layers.recv().await {
+                parts.push(layer);
+            }
+            let mut whole = last.await.map_err(|_| TransportError::Refused {
+                endpoint: to.clone(),
+                request_id,
+                reason: "the sender gave up before the transfer was complete",
+            })?;
+            whole.kv.blocks = assemble_layers(parts, whole.kv.blocks.len());
+            self.send(to, whole).await
+        }
+    }
+}
+
+/// The blocks that `n_blocks` blocks' layer parts make, layer by layer in layer order.
+pub fn assemble_layers(mut parts: Vec<LayerParts>, n_blocks: usize) -> Vec<Vec<u8>> {
+    parts.sort_by_key(|(layer, _)| *layer);
+    let mut blocks = vec![Vec::new(); n_blocks];
+    for (_, layer) in parts {
+        for (block, part) in blocks.iter_mut().zip(layer) {
+            block.extend_from_slice(&part);
+        }
+    }
+    blocks
 }

@@ -189,7 +189,125 @@ impl TcpTransport {
     }
 }
 
+impl TcpTransport {
+    /// One connection carrying each layer as it comes, then the closing frame; the ack of the
+    /// closing frame answers for the whole. Returns what was sent, to retry whole on failure.
+    async fn attempt_streamed(
+        &self,
+        to: &Endpoint,
+        addr: SocketAddr,
+        request_id: u64,
+        layers: &mut mpsc::UnboundedReceiver<super::LayerParts>,
+        last: &mut Option<tokio::sync::oneshot::Receiver<KvTransfer>>,
+        sent: &mut Vec<super::LayerParts>,
+    ) -> Result<(Ack, u64, KvTransfer), TransportError> {
+        let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| TransportError::Timeout {
+                endpoint: to.clone(),
+                during: "connecting",
+                timeout_ms: self.config.connect_timeout.as_millis(),
+            })?
+            .map_err(|source| TransportError::Connect {
+                endpoint: to.clone(),
+                source,
+            })?;
+        stream.set_nodelay(true).ok();
+        let mut stream = IdleTimeout::new(stream, self.config.idle_timeout);
+        let mut wire_bytes = 0;
+        let mut write_error = None;
+        while let Some((layer, parts)) = layers.recv().await {
+            let frame = wire::LayerFrame {
+                request_id,
+                layer,
+                parts,
+            };
+            if write_error.is_none() {
+                match wire::write_layer_frame(&mut stream, &frame).await {
+                    Ok(n) => wire_bytes += n,
+                    Err(e) => write_error = Some(e),
+                }
+            }
+            sent.push((frame.layer, frame.parts));
+        }
+        let closing = match last.take() {
+            Some(rx) => rx.await.map_err(|_| TransportError::Refused {
+                endpoint: to.clone(),
+                request_id,
+                reason: "the sender gave up before the transfer was complete",
+            })?,
+            None => unreachable!("a streamed transfer is attempted once"),
+        };
+        let mut closing_frame = closing.clone();
+        closing_frame.kv.blocks = vec![Vec::new(); closing.kv.blocks.len()];
+        if write_error.is_none() {
+            match wire::write_frame(&mut stream, &closing_frame).await {
+                Ok(n) => wire_bytes += n,
+                Err(e) => write_error = Some(e),
+            }
+        }
+        let ack = wire::read_ack(&mut stream).await;
+        match (ack, write_error) {
+            (Ok(ack), None) => Ok((ack, wire_bytes, closing)),
+            (Ok(ack), Some(_)) if ack.status != AckStatus::Ok => Ok((ack, 0, closing)),
+            (_, Some(wire::WireError::Io(e))) => Err(self.io_error(to, request_id, "sending", e)),
+            (Err(wire::WireError::Io(e)), _) => {
+                Err(self.io_error(to, request_id, "waiting for the ack", e))
+            }
+            (Err(e), _) | (_, Some(e)) => Err(TransportError::Dropped {
+                endpoint: to.clone(),
+                request_id,
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
 impl KvTransport for TcpTransport {
+    async fn send_streamed(
+        &self,
+        to: &Endpoint,
+        request_id: u64,
+        mut layers: mpsc::UnboundedReceiver<super::LayerParts>,
+        last: tokio::sync::oneshot::Receiver<KvTransfer>,
+    ) -> Result<TransferReceipt, TransportError> {
+        let &Endpoint::Tcp(addr) = to else {
+            return Err(TransportError::UnsupportedEndpoint {
+                transport: "tcp",
+                endpoint: to.clone(),
+            });
+        };
+        let started = std::time::Instant::now();
+        let mut last = Some(last);
+        let mut sent = Vec::new();
+        let (ack, wire_bytes, closing) = self
+            .attempt_streamed(to, addr, request_id, &mut layers, &mut last, &mut sent)
+            .await?;
+        if ack.status == AckStatus::Ok && ack.request_id == request_id {
+            return Ok(TransferReceipt {
+                request_id,
+                payload_bytes: sent
+                    .iter()
+                    .flat_map(|(_, p)| p)
+                    .map(|p| p.len() as u64)
+                    .sum(),
+                wire_bytes,
+                attempts: 1,
+                started,
+            });
+        }
+        if ack.status != AckStatus::ChecksumMismatch {
+            return self.refusal(to, request_id, &closing, ack);
+        }
+        // A corrupted layer: send the whole transfer again, in one frame.
+        let mut whole = closing;
+        whole.kv.blocks = super::assemble_layers(sent, whole.kv.blocks.len());
+        let mut receipt = self.send(to, whole).await?;
+        receipt.attempts += 1;
+        receipt.started = started;
+        Ok(receipt)
+    }
+
     async fn send(
         &self,
         to: &Endpoint,
@@ -204,43 +322,66 @@ impl KvTransport for TcpTransport {
         let request_id = transfer.request_id;
         wire::frame_len(&transfer)
             .map_err(|source| TransportError::Encode { request_id, source })?;
+        let started = std::time::Instant::now();
         for attempt in 1..=MAX_ATTEMPTS {
             let (ack, wire_bytes) = self.attempt(to, addr, &transfer).await?;
-            let refused = |reason| TransportError::Refused {
-                endpoint: to.clone(),
-                request_id,
-                reason,
-            };
-            match ack.status {
-                AckStatus::Ok if ack.request_id == request_id => {
-                    return Ok(TransferReceipt {
-                        request_id,
-                        payload_bytes: transfer.kv.payload_bytes() as u64,
-                        wire_bytes,
-                        attempts: attempt,
-                    });
-                }
-                AckStatus::Ok => return Err(refused("acknowledged another request id")),
-                AckStatus::ChecksumMismatch => continue,
-                AckStatus::FingerprintMismatch => {
-                    return Err(TransportError::FingerprintMismatch {
-                        endpoint: to.clone(),
-                        request_id,
-                        sent: transfer.model_fingerprint,
-                        receiver: ack.receiver_fingerprint,
-                    });
-                }
-                AckStatus::InvalidFrame => {
-                    return Err(refused("invalid frame (over its limits or inconsistent)"));
-                }
-                AckStatus::Unavailable => return Err(refused("the receiving worker is gone")),
+            if ack.status == AckStatus::ChecksumMismatch {
+                continue;
             }
+            let mut receipt = self.refusal(to, request_id, &transfer, ack)?;
+            receipt.wire_bytes = wire_bytes;
+            receipt.attempts = attempt;
+            receipt.started = started;
+            return Ok(receipt);
         }
         Err(TransportError::Checksum {
             endpoint: to.clone(),
             request_id,
             attempts: MAX_ATTEMPTS,
         })
+    }
+}
+
+impl TcpTransport {
+    /// The receipt of an accepted transfer, or the error an ack's refusal means (a checksum
+    /// mismatch is the caller's to retry).
+    fn refusal(
+        &self,
+        to: &Endpoint,
+        request_id: u64,
+        transfer: &KvTransfer,
+        ack: Ack,
+    ) -> Result<TransferReceipt, TransportError> {
+        let refused = |reason| TransportError::Refused {
+            endpoint: to.clone(),
+            request_id,
+            reason,
+        };
+        match ack.status {
+            AckStatus::Ok if ack.request_id == request_id => Ok(TransferReceipt {
+                request_id,
+                payload_bytes: transfer.kv.payload_bytes() as u64,
+                wire_bytes: 0,
+                attempts: 1,
+                started: std::time::Instant::now(),
+            }),
+            AckStatus::Ok => Err(refused("acknowledged another request id")),
+            AckStatus::ChecksumMismatch => Err(TransportError::Checksum {
+                endpoint: to.clone(),
+                request_id,
+                attempts: 1,
+            }),
+            AckStatus::FingerprintMismatch => Err(TransportError::FingerprintMismatch {
+                endpoint: to.clone(),
+                request_id,
+                sent: transfer.model_fingerprint,
+                receiver: ack.receiver_fingerprint,
+            }),
+            AckStatus::InvalidFrame => {
+                Err(refused("invalid frame (over its limits or inconsistent)"))
+            }
+            AckStatus::Unavailable => Err(refused("the receiving worker is gone")),
+        }
     }
 }
 
@@ -342,13 +483,30 @@ async fn accept_loop(listener: TcpListener, conn: Connection) {
 }
 
 impl Connection {
-    /// Serves frames until the peer closes, stalls, or sends one that is refused.
+    /// Serves frames until the peer closes, stalls, or sends one that is refused. Layer frames
+    /// gather until the transfer frame that closes them; each transfer is acknowledged.
     async fn serve(self, stream: TcpStream) {
         let mut stream = IdleTimeout::new(stream, self.config.idle_timeout);
+        let limits = &self.config.limits;
+        let mut layers = wire::LayerAssembly::default();
         loop {
-            let (request_id, status) = match wire::read_frame(&mut stream, &self.config.limits)
-                .await
-            {
+            let frame = match wire::read_message(&mut stream, limits).await {
+                Ok(wire::Frame::Layer(layer)) => match layers.add(layer, limits) {
+                    Ok(()) => continue,
+                    Err(e) => Err(e),
+                },
+                Ok(wire::Frame::Transfer(t)) => {
+                    let closes = !layers.is_empty()
+                        || (!t.kv.blocks.is_empty() && t.kv.blocks.iter().all(Vec::is_empty));
+                    if closes {
+                        std::mem::take(&mut layers).complete(t, limits)
+                    } else {
+                        Ok(t)
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            let (request_id, status) = match frame {
                 Err(wire::WireError::Closed) => return,
                 Err(wire::WireError::ChecksumMismatch { .. }) => (0, AckStatus::ChecksumMismatch),
                 Err(_) => (0, AckStatus::InvalidFrame),
@@ -431,6 +589,86 @@ mod tests {
             .await
             .unwrap();
         (l, rx)
+    }
+
+    /// `t`'s blocks cut into `n_layers` layer parts, as a prefill streams them.
+    fn layer_parts(t: &KvTransfer, n_layers: usize) -> Vec<crate::transport::LayerParts> {
+        let part = t.kv.blocks[0].len() / n_layers;
+        (0..n_layers)
+            .map(|l| {
+                let parts =
+                    t.kv.blocks
+                        .iter()
+                        .map(|b| b[l * part..(l + 1) * part].to_vec());
+                (l as u32, parts.collect())
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_streamed_transfer_arrives_as_the_whole_one_would() {
+        let (l, mut rx) = listener(4).await;
+        let t = transfer(11, 9, 30 * 64);
+        let (layers_tx, layers_rx) = mpsc::unbounded_channel();
+        let (last_tx, last_rx) = tokio::sync::oneshot::channel();
+        let endpoint = l.endpoint();
+        let sending = tokio::spawn(async move {
+            TcpTransport::new(quick())
+                .send_streamed(&endpoint, 11, layers_rx, last_rx)
+                .await
+        });
+        // Out of order, as nothing promises otherwise.
+        let mut parts = layer_parts(&t, 30);
+        parts.reverse();
+        for p in parts {
+            layers_tx.send(p).unwrap();
+        }
+        drop(layers_tx);
+        let mut closing = t.clone();
+        closing.kv.blocks = vec![Vec::new(); t.kv.blocks.len()];
+        last_tx.send(closing).unwrap();
+        let receipt = sending.await.unwrap().unwrap();
+        assert_eq!(receipt.payload_bytes, t.kv.payload_bytes() as u64);
+        assert_eq!(receipt.attempts, 1);
+        assert_eq!(rx.recv().await.unwrap(), t);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn incomplete_or_repeated_layers_are_refused_and_the_listener_serves_on() {
+        let (l, mut rx) = listener(4).await;
+        let t = transfer(12, 3, 30 * 8);
+        let mut closing = t.clone();
+        closing.kv.blocks = vec![Vec::new(); 3];
+        for layers in [
+            // A layer missing.
+            layer_parts(&t, 30).into_iter().skip(1).collect::<Vec<_>>(),
+            // A layer twice.
+            layer_parts(&t, 30)
+                .into_iter()
+                .chain(layer_parts(&t, 30).into_iter().take(1))
+                .collect(),
+            // None at all: a closing frame alone.
+            Vec::new(),
+        ] {
+            let mut stream = TcpStream::connect(l.local_addr()).await.unwrap();
+            for (layer, parts) in layers {
+                let frame = wire::LayerFrame {
+                    request_id: 12,
+                    layer,
+                    parts,
+                };
+                wire::write_layer_frame(&mut stream, &frame).await.unwrap();
+            }
+            // The listener may refuse before the closing frame is written.
+            let _ = wire::write_frame(&mut stream, &closing).await;
+            let ack = wire::read_ack(&mut stream).await.unwrap();
+            assert_eq!(ack.status, AckStatus::InvalidFrame);
+        }
+        TcpTransport::new(quick())
+            .send(&l.endpoint(), t.clone())
+            .await
+            .unwrap();
+        assert_eq!(rx.recv().await.unwrap(), t);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

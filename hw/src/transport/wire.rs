@@ -1,4 +1,6 @@
-//! The KV wire format: one frame per transfer, one frame per acknowledgement.
+//! The KV wire format: one frame per transfer, one frame per acknowledgement; a transfer
+//! whose layers are sent as the prefill computes them is a layer frame per layer, then the
+//! transfer frame with empty blocks, which closes it.
 //!
 //! Every integer is little-endian. A frame is:
 //!
@@ -6,7 +8,7 @@
 //! offset    size  field
 //! 0         4     magic, b"DKVT"
 //! 4         1     version, 1
-//! 5         1     frame kind: 1 = transfer, 2 = ack
+//! 5         1     frame kind: 1 = transfer, 2 = ack, 3 = layer
 //! 6         4     header length H (u32)
 //! 10        H     header (below, by kind)
 //! 10+H      8     payload length P (u64)
@@ -31,6 +33,19 @@
 //! ```
 //!
 //! The transfer payload is the `n_blocks` blocks back to back, so P = n_blocks * bytes_per_block.
+//! `bytes_per_block` 0 with `n_blocks` > 0 closes a streamed transfer: the blocks came before,
+//! on the same connection, as one layer frame per layer.
+//!
+//! Layer header (H = 20); the payload is `n_blocks` parts of `part_bytes` each, part `b` being
+//! block `b`'s bytes of that layer (K then V), which sit at byte `layer * part_bytes` of the
+//! block:
+//!
+//! ```text
+//! 0     8   request id (u64)
+//! 8     4   layer (u32)
+//! 12    4   n_blocks (u32)
+//! 16    4   part_bytes (u32)
+//! ```
 //!
 //! Ack header (H = 17), payload length 0:
 //!
@@ -54,6 +69,8 @@ pub const MAGIC: [u8; 4] = *b"DKVT";
 pub const VERSION: u8 = 1;
 const KIND_TRANSFER: u8 = 1;
 const KIND_ACK: u8 = 2;
+const KIND_LAYER: u8 = 3;
+const LAYER_HEADER_BYTES: u32 = 20;
 const PREAMBLE_BYTES: usize = 10;
 /// Header bytes of a transfer that carries no tokens and no hashes.
 const TRANSFER_FIXED_HEADER_BYTES: u64 = 49;
@@ -341,13 +358,14 @@ impl<R: AsyncRead + Unpin> FrameReader<'_, R> {
         Ok(u64::from_le_bytes(b))
     }
 
-    /// Magic, version and kind; returns the header length, bounded by `max_header_bytes`.
+    /// Magic, version and kind (one of `kinds`); returns the kind and the header length,
+    /// bounded by `max_header_bytes`.
     async fn preamble(
         &mut self,
-        kind: u8,
+        kinds: &[u8],
         expected: &'static str,
         max_header_bytes: u64,
-    ) -> Result<usize, WireError> {
+    ) -> Result<(u8, usize), WireError> {
         let mut first = [0u8; 1];
         if self.r.read(&mut first).await? == 0 {
             return Err(WireError::Closed);
@@ -362,7 +380,7 @@ impl<R: AsyncRead + Unpin> FrameReader<'_, R> {
         if rest[3] != VERSION {
             return Err(WireError::UnsupportedVersion(rest[3]));
         }
-        if rest[4] != kind {
+        if !kinds.contains(&rest[4]) {
             return Err(WireError::UnexpectedKind {
                 expected,
                 got: rest[4],
@@ -376,7 +394,7 @@ impl<R: AsyncRead + Unpin> FrameReader<'_, R> {
                 limit: max_header_bytes,
             });
         }
-        Ok(header_len as usize)
+        Ok((rest[4], header_len as usize))
     }
 
     /// The trailing CRC, compared with everything read before it.
@@ -454,19 +472,94 @@ impl Cursor<'_> {
     }
 }
 
-/// Reads one transfer frame, checking every length against `limits` and the other fields
-/// before allocating for it, and the checksum at the end.
+/// A frame a KV listener reads.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    Transfer(KvTransfer),
+    Layer(LayerFrame),
+}
+
+/// One layer of a streamed transfer's blocks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerFrame {
+    pub request_id: u64,
+    pub layer: u32,
+    /// Per block, that layer's bytes (K then V).
+    pub parts: Vec<Vec<u8>>,
+}
+
+/// Writes a layer frame; returns the bytes written.
+pub async fn write_layer_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &LayerFrame,
+) -> Result<u64, WireError> {
+    let part_bytes = frame.parts.first().map_or(0, Vec::len);
+    if let Some(i) = frame.parts.iter().position(|p| p.len() != part_bytes) {
+        return Err(invalid(
+            "parts",
+            format!(
+                "part {i} has {} bytes, part 0 has {part_bytes}",
+                frame.parts[i].len()
+            ),
+        ));
+    }
+    let payload: u64 = frame.parts.iter().map(|p| p.len() as u64).sum();
+    let mut prefix = Vec::with_capacity(PREAMBLE_BYTES + LAYER_HEADER_BYTES as usize + 8);
+    prefix.extend_from_slice(&MAGIC);
+    prefix.push(VERSION);
+    prefix.push(KIND_LAYER);
+    prefix.extend_from_slice(&LAYER_HEADER_BYTES.to_le_bytes());
+    prefix.extend_from_slice(&frame.request_id.to_le_bytes());
+    prefix.extend_from_slice(&frame.layer.to_le_bytes());
+    prefix.extend_from_slice(&to_u32("n_blocks", frame.parts.len())?.to_le_bytes());
+    prefix.extend_from_slice(&to_u32("part_bytes", part_bytes)?.to_le_bytes());
+    prefix.extend_from_slice(&payload.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&prefix);
+    w.write_all(&prefix).await?;
+    for part in &frame.parts {
+        crc.update(part);
+        w.write_all(part).await?;
+    }
+    w.write_all(&crc.finalize().to_le_bytes()).await?;
+    w.flush().await?;
+    Ok(prefix.len() as u64 + payload + 4)
+}
+
+/// Reads one transfer frame (see [`read_message`]).
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     limits: &WireLimits,
 ) -> Result<KvTransfer, WireError> {
+    match read_message(r, limits).await? {
+        Frame::Transfer(t) => Ok(t),
+        Frame::Layer(_) => Err(WireError::UnexpectedKind {
+            expected: "transfer",
+            got: KIND_LAYER,
+        }),
+    }
+}
+
+/// Reads one transfer or layer frame, checking every length against `limits` and the other
+/// fields before allocating for it, and the checksum at the end.
+pub async fn read_message<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limits: &WireLimits,
+) -> Result<Frame, WireError> {
     let mut fr = FrameReader {
         r,
         crc: crc32fast::Hasher::new(),
     };
-    let header_len = fr
-        .preamble(KIND_TRANSFER, "transfer", limits.max_header_bytes())
+    let (kind, header_len) = fr
+        .preamble(
+            &[KIND_TRANSFER, KIND_LAYER],
+            "transfer or layer",
+            limits.max_header_bytes(),
+        )
         .await?;
+    if kind == KIND_LAYER {
+        return read_layer(fr, header_len, limits).await.map(Frame::Layer);
+    }
     let mut header = vec![0u8; header_len];
     fr.fill(&mut header, "header").await?;
     let mut c = Cursor { buf: &header };
@@ -568,7 +661,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             "do not match the chained hashes of the tokens",
         ));
     }
-    Ok(KvTransfer {
+    Ok(Frame::Transfer(KvTransfer {
         request_id,
         model_fingerprint,
         dtype,
@@ -581,7 +674,167 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             first_block,
             blocks,
         },
+    }))
+}
+
+async fn read_layer<R: AsyncRead + Unpin>(
+    mut fr: FrameReader<'_, R>,
+    header_len: usize,
+    limits: &WireLimits,
+) -> Result<LayerFrame, WireError> {
+    if header_len != LAYER_HEADER_BYTES as usize {
+        return Err(invalid(
+            "header length",
+            format!("a layer header is {LAYER_HEADER_BYTES} bytes, not {header_len}"),
+        ));
+    }
+    let mut header = [0u8; LAYER_HEADER_BYTES as usize];
+    fr.fill(&mut header, "header").await?;
+    let mut c = Cursor { buf: &header };
+    let request_id = c.u64("request id")?;
+    let layer = c.u32("layer")?;
+    let n_blocks = c.u32("n_blocks")?;
+    let part_bytes = c.u32("part_bytes")?;
+    if n_blocks > limits.max_blocks {
+        return Err(WireError::TooLarge {
+            field: "n_blocks",
+            value: n_blocks as u64,
+            limit: limits.max_blocks as u64,
+        });
+    }
+    if part_bytes > limits.max_bytes_per_block {
+        return Err(WireError::TooLarge {
+            field: "part_bytes",
+            value: part_bytes as u64,
+            limit: limits.max_bytes_per_block as u64,
+        });
+    }
+    let expected = n_blocks as u64 * part_bytes as u64;
+    let payload_len = fr.u64("payload length").await?;
+    if payload_len != expected {
+        return Err(invalid(
+            "payload length",
+            format!("{payload_len}, but {n_blocks} parts of {part_bytes} bytes make {expected}"),
+        ));
+    }
+    if payload_len > limits.max_payload_bytes {
+        return Err(WireError::TooLarge {
+            field: "payload length",
+            value: payload_len,
+            limit: limits.max_payload_bytes,
+        });
+    }
+    let mut parts = Vec::with_capacity(n_blocks as usize);
+    for _ in 0..n_blocks {
+        let mut part = vec![0u8; part_bytes as usize];
+        fr.fill(&mut part, "payload").await?;
+        parts.push(part);
+    }
+    fr.check_crc().await?;
+    Ok(LayerFrame {
+        request_id,
+        layer,
+        parts,
     })
+}
+
+/// The layer frames of one streamed transfer, as they arrive on a connection, bounded by the
+/// limits before anything is kept.
+#[derive(Debug, Default)]
+pub struct LayerAssembly {
+    request_id: Option<u64>,
+    /// By layer.
+    layers: std::collections::BTreeMap<u32, Vec<Vec<u8>>>,
+    bytes: u64,
+}
+
+impl LayerAssembly {
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    pub fn add(&mut self, frame: LayerFrame, limits: &WireLimits) -> Result<(), WireError> {
+        if self.request_id.is_some_and(|id| id != frame.request_id) {
+            return Err(invalid("request id", "layers of two transfers interleaved"));
+        }
+        self.request_id = Some(frame.request_id);
+        let bytes: u64 = frame.parts.iter().map(|p| p.len() as u64).sum();
+        if self.bytes + bytes > limits.max_payload_bytes {
+            return Err(WireError::TooLarge {
+                field: "streamed payload",
+                value: self.bytes + bytes,
+                limit: limits.max_payload_bytes,
+            });
+        }
+        if self.layers.insert(frame.layer, frame.parts).is_some() {
+            return Err(invalid(
+                "layer",
+                format!("layer {} sent twice", frame.layer),
+            ));
+        }
+        self.bytes += bytes;
+        Ok(())
+    }
+
+    /// Puts the layers into the blocks of the transfer frame that closes them (its blocks
+    /// empty): every layer once, each with the transfer's blocks, parts of one size.
+    pub fn complete(self, mut t: KvTransfer, limits: &WireLimits) -> Result<KvTransfer, WireError> {
+        if self.request_id != Some(t.request_id) {
+            return Err(invalid(
+                "request id",
+                "the closing frame names another transfer",
+            ));
+        }
+        let n_blocks = t.kv.blocks.len();
+        if t.kv.blocks.iter().any(|b| !b.is_empty()) {
+            return Err(invalid("blocks", "a closing frame carries no block bytes"));
+        }
+        let expected: Vec<u32> = (0..t.n_layers).collect();
+        if !self.layers.keys().copied().eq(expected.iter().copied()) {
+            return Err(invalid(
+                "layer",
+                format!(
+                    "{} layer frames for a {}-layer model",
+                    self.layers.len(),
+                    t.n_layers
+                ),
+            ));
+        }
+        let part_bytes = self
+            .layers
+            .values()
+            .next()
+            .and_then(|p| p.first())
+            .map_or(0, Vec::len);
+        if self
+            .layers
+            .values()
+            .any(|parts| parts.len() != n_blocks || parts.iter().any(|p| p.len() != part_bytes))
+        {
+            return Err(invalid(
+                "n_blocks",
+                format!("every layer must carry {n_blocks} parts of {part_bytes} bytes"),
+            ));
+        }
+        let block_bytes = part_bytes as u64 * t.n_layers as u64;
+        if block_bytes > limits.max_bytes_per_block as u64 {
+            return Err(WireError::TooLarge {
+                field: "bytes_per_block",
+                value: block_bytes,
+                limit: limits.max_bytes_per_block as u64,
+            });
+        }
+        let mut blocks: Vec<Vec<u8>> = (0..n_blocks)
+            .map(|_| Vec::with_capacity(block_bytes as usize))
+            .collect();
+        for parts in self.layers.into_values() {
+            for (block, part) in blocks.iter_mut().zip(parts) {
+                block.extend_from_slice(&part);
+            }
+        }
+        t.kv.blocks = blocks;
+        Ok(t)
+    }
 }
 
 pub async fn read_ack<R: AsyncRead + Unpin>(r: &mut R) -> Result<Ack, WireError> {
@@ -589,8 +842,8 @@ pub async fn read_ack<R: AsyncRead + Unpin>(r: &mut R) -> Result<Ack, WireError>
         r,
         crc: crc32fast::Hasher::new(),
     };
-    let header_len = fr
-        .preamble(KIND_ACK, "ack", ACK_HEADER_BYTES as u64)
+    let (_, header_len) = fr
+        .preamble(&[KIND_ACK], "ack", ACK_HEADER_BYTES as u64)
         .await?;
     if header_len != ACK_HEADER_BYTES as usize {
         return Err(invalid(

@@ -187,23 +187,47 @@ impl KvCache {
     pub fn export_blocks(&self, blocks: &[u32]) -> Result<Vec<Vec<u8>>, RuntimeError> {
         self.check_block_ids(blocks, "export")?;
         let mut out = vec![Vec::with_capacity(self.bytes_per_block()); blocks.len()];
+        for layer in 0..self.n_layers() {
+            for (block, part) in out.iter_mut().zip(self.export_layer(layer, blocks)?) {
+                block.extend_from_slice(&part);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes of one layer of one block, K then V: what [`KvCache::export_layer`] yields per
+    /// block.
+    pub fn layer_part_bytes(&self) -> usize {
+        2 * self.layer_block_bytes()
+    }
+
+    /// One layer's part of [`KvCache::export_blocks`]: per block, that layer's K then V bytes.
+    /// Part `l` of a block sits at byte `l * layer_part_bytes()` of its export, so the layers of
+    /// a transfer can be sent as each is computed and put together on arrival.
+    pub fn export_layer(&self, layer: usize, blocks: &[u32]) -> Result<Vec<Vec<u8>>, RuntimeError> {
+        self.check_block_ids(blocks, "export")?;
+        if layer >= self.n_layers() {
+            return Err(RuntimeError::Invalid(format!(
+                "export: layer {layer} out of range (the cache has {} layers)",
+                self.n_layers()
+            )));
+        }
+        let mut out = vec![Vec::with_capacity(self.layer_part_bytes()); blocks.len()];
         if blocks.is_empty() {
             return Ok(out);
         }
         let ids = Tensor::from_slice(blocks, blocks.len(), &self.device)?;
         let chunk = self.layer_block_bytes();
-        for (k, v) in self.k.iter().zip(&self.v) {
-            for pool in [k, v] {
-                // (kv_heads, n, bs, head_dim) -> (n, bs, kv_heads, head_dim)
-                let t = self
-                    .blocked(pool)?
-                    .index_select(&ids, 1)?
-                    .permute((1, 2, 0, 3))?
-                    .contiguous()?;
-                let bytes = le_bytes(&t)?;
-                for (block, part) in out.iter_mut().zip(bytes.chunks_exact(chunk)) {
-                    block.extend_from_slice(part);
-                }
+        for pool in [&self.k[layer], &self.v[layer]] {
+            // (kv_heads, n, bs, head_dim) -> (n, bs, kv_heads, head_dim)
+            let t = self
+                .blocked(pool)?
+                .index_select(&ids, 1)?
+                .permute((1, 2, 0, 3))?
+                .contiguous()?;
+            let bytes = le_bytes(&t)?;
+            for (block, part) in out.iter_mut().zip(bytes.chunks_exact(chunk)) {
+                block.extend_from_slice(part);
             }
         }
         Ok(out)

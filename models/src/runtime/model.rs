@@ -170,6 +170,17 @@ impl Model {
     /// validated whole before the cache is touched; two sequences may share read-only blocks
     /// (a common prefix) but never write the same slot.
     pub fn forward(&self, cache: &mut KvCache, batch: &[SeqInput]) -> Result<Tensor, RuntimeError> {
+        self.forward_observed(cache, batch, &mut |_, _| Ok(()))
+    }
+
+    /// [`Model::forward`], calling `on_layer(l, cache)` once layer `l`'s K and V of the step
+    /// are in the cache: a prefill worker sends each layer's KV while the next is computed.
+    pub fn forward_observed(
+        &self,
+        cache: &mut KvCache,
+        batch: &[SeqInput],
+        on_layer: &mut dyn FnMut(usize, &KvCache) -> Result<(), RuntimeError>,
+    ) -> Result<Tensor, RuntimeError> {
         self.check_cache(cache)?;
         let packed = self.pack(cache, batch)?;
         let dev = &self.device;
@@ -208,6 +219,7 @@ impl Model {
                 .reshape((t, kvh, hd))?;
             let v = v.transpose(0, 1)?.contiguous()?;
             cache.write(li, &slots, &k, &v)?;
+            on_layer(li, cache)?;
 
             // Head h attends with kv head h / group: view Q as (T, kv_heads, group, head_dim).
             let q = q.reshape((t, kvh, group, hd))?;
