@@ -1,0 +1,368 @@
+//! Running one case: the simulator on the derived scenario, then the real cluster (spawned
+//! with `disagg-hw serve`) driven by the load generator with the same scenario and seed, and
+//! the outputs of the comparison.
+
+use crate::case::{Case, CaseError, Derived, Mode, Predictor};
+use crate::compare::{Comparison, format_error};
+use crate::svg::{Panel, cdf_svg};
+use hw::loadgen::{BenchOptions, LoadgenError};
+use sim::engine::{RunOptions, SimError};
+use sim::metrics::{RequestRecord, Summary};
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Case(#[from] CaseError),
+    #[error("simulator: {0}")]
+    Sim(#[from] SimError),
+    #[error("{hw_bin} serve: {message}")]
+    Serve { hw_bin: String, message: String },
+    #[error("load generator: {0}")]
+    Loadgen(#[from] LoadgenError),
+    #[error("{path}: {message}")]
+    Write { path: String, message: String },
+}
+
+fn write_error(path: &Path, e: impl std::fmt::Display) -> RunError {
+    RunError::Write {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// The machine the measurement ran on.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    /// Names the results directory (`validation/results/TAG/`).
+    pub tag: String,
+    /// CPU model, cores, OS.
+    pub description: String,
+}
+
+impl Machine {
+    /// This machine: its CPU model and core count, from /proc/cpuinfo where there is one.
+    pub fn this(tag: Option<String>) -> Machine {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                    .map(|(_, name)| name.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        Machine {
+            tag: tag.unwrap_or_else(|| format!("cpu-{cores}core")),
+            description: format!(
+                "{cpu}, {cores} cores, {} {}",
+                std::env::consts::OS,
+                std::env::consts::ARCH
+            ),
+        }
+    }
+}
+
+/// `disagg-hw` in the directory of `exe` or the one above (test binaries live in `deps/`).
+pub fn hw_bin_beside(exe: &Path) -> Result<PathBuf, String> {
+    let name = format!("disagg-hw{}", std::env::consts::EXE_SUFFIX);
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(&name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!(
+                "no {name} beside {} (cargo build --release -p hw), or give --hw-bin PATH",
+                exe.display()
+            )
+        })
+}
+
+/// What every case of one invocation shares.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    pub hw_bin: PathBuf,
+    pub machine: Machine,
+    /// The command line, for the report.
+    pub command: String,
+}
+
+/// A case, its derived sides and where its outputs go.
+pub struct Prepared {
+    pub case: Case,
+    pub derived: Derived,
+    pub dir: PathBuf,
+}
+
+/// Loads a case and derives both sides into `out_root/NAME/`, before anything runs, so a bad
+/// case is found at once.
+pub fn prepare(path: &Path, out_root: &Path) -> Result<Prepared, CaseError> {
+    let case = Case::load(path)?;
+    let dir = out_root.join(&case.name);
+    let derived = case.derive(&dir)?;
+    Ok(Prepared { case, derived, dir })
+}
+
+/// Both runs of a case.
+pub struct CaseRun {
+    pub name: String,
+    pub predicted: Summary,
+    pub measured: Summary,
+    pub comparison: Comparison,
+    pub dir: PathBuf,
+    /// The machine's 1-minute load average before and after the measurement: other work on
+    /// the machine slows the measured side and not the predicted one.
+    pub load_before_after: (Option<f64>, Option<f64>),
+}
+
+/// The 1-minute load average (Linux); `None` where /proc/loadavg cannot be read.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `3.52` or `?`.
+pub fn format_load(load: Option<f64>) -> String {
+    load.map_or("?".to_string(), |l| format!("{l:.2}"))
+}
+
+/// Simulates, measures and writes the outputs of one prepared case.
+pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunError> {
+    let scenario = &p.derived.scenario;
+    let setup = &scenario.setups[0];
+    let predicted = sim::engine::run(scenario, setup, RunOptions::default())?;
+    let load_before = load_average();
+    let measured = measure(p, settings)?;
+    let load_before_after = (load_before, load_average());
+    let comparison = Comparison::new(&predicted.summary, &measured.summary);
+    let csv = |name: &str, records: &[RequestRecord]| {
+        let path = p.dir.join(name);
+        let file = File::create(&path).map_err(|e| write_error(&path, e))?;
+        sim::metrics::write_requests_csv(BufWriter::new(file), records)
+            .map_err(|e| write_error(&path, e))
+    };
+    csv("requests-predicted.csv", &predicted.records)?;
+    csv("requests-measured.csv", &measured.records)?;
+    let path = p.dir.join("comparison.csv");
+    let file = File::create(&path).map_err(|e| write_error(&path, e))?;
+    comparison
+        .write_csv(BufWriter::new(file))
+        .map_err(|e| write_error(&path, e))?;
+    let svg = cdf(&p.case.name, &predicted.records, &measured.records);
+    let path = p.dir.join("cdf.svg");
+    std::fs::write(&path, svg).map_err(|e| write_error(&path, e))?;
+    let run = CaseRun {
+        name: p.case.name.clone(),
+        predicted: predicted.summary,
+        measured: measured.summary,
+        comparison,
+        dir: p.dir.clone(),
+        load_before_after,
+    };
+    let path = p.dir.join("report.md");
+    let text = report(p, &run, settings, measured.delayed_sends);
+    std::fs::write(&path, text).map_err(|e| write_error(&path, e))?;
+    Ok(run)
+}
+
+/// The CDF figure of a case from both runs' completed requests.
+pub fn cdf(case: &str, predicted: &[RequestRecord], measured: &[RequestRecord]) -> String {
+    let ms = |records: &[RequestRecord], f: fn(&RequestRecord) -> u64| -> Vec<f64> {
+        records
+            .iter()
+            .filter(|r| r.is_completed())
+            .map(|r| f(r) as f64 / 1e6)
+            .collect()
+    };
+    let (p_ttft, m_ttft) = (
+        ms(predicted, RequestRecord::ttft_ns),
+        ms(measured, RequestRecord::ttft_ns),
+    );
+    let (p_e2e, m_e2e) = (
+        ms(predicted, RequestRecord::e2e_ns),
+        ms(measured, RequestRecord::e2e_ns),
+    );
+    cdf_svg(
+        &format!("{case}: CDF of TTFT and E2E latency"),
+        &[
+            Panel {
+                title: "TTFT",
+                predicted_ms: &p_ttft,
+                measured_ms: &m_ttft,
+            },
+            Panel {
+                title: "E2E latency",
+                predicted_ms: &p_e2e,
+                measured_ms: &m_e2e,
+            },
+        ],
+    )
+}
+
+/// A running `disagg-hw serve`; killed on drop, and it ends with this process however that
+/// ends (`--exit-with-parent`); its workers end with it.
+struct Served {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the case's cluster and waits for its `ready` line; the cluster's log goes to
+/// `serve.log` in the case's directory.
+fn serve(p: &Prepared, hw_bin: &Path) -> Result<Served, RunError> {
+    let error = |message: String| RunError::Serve {
+        hw_bin: hw_bin.display().to_string(),
+        message,
+    };
+    let log_path = p.dir.join("serve.log");
+    let log = File::create(&log_path).map_err(|e| write_error(&log_path, e))?;
+    let mut child = Command::new(hw_bin)
+        .args(["serve", "--exit-with-parent", "--config"])
+        .arg(p.dir.join("cluster.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| error(format!("cannot start it: {e}")))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut served = Served {
+        child,
+        url: String::new(),
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line.map_err(|e| error(format!("reading its output: {e}")))?;
+        if let Some(url) = line.strip_prefix("ready ") {
+            served.url = url.trim().to_string();
+            break;
+        }
+    }
+    if served.url.is_empty() {
+        let status = served
+            .child
+            .wait()
+            .map_or_else(|e| e.to_string(), |s| s.to_string());
+        return Err(error(format!(
+            "exited before it was ready ({status}); its log is {}",
+            log_path.display()
+        )));
+    }
+    // The worker and registry lines follow; nothing else is expected, but a full pipe must
+    // never stall the cluster.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(served)
+}
+
+/// Runs the case's workload against a fresh cluster.
+fn measure(p: &Prepared, settings: &RunSettings) -> Result<hw::loadgen::BenchOutput, RunError> {
+    let served = serve(p, &settings.hw_bin)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| RunError::Serve {
+            hw_bin: settings.hw_bin.display().to_string(),
+            message: format!("cannot start the load generator's runtime: {e}"),
+        })?;
+    let options = BenchOptions::new(served.url.clone());
+    let output = runtime.block_on(hw::loadgen::run(&p.derived.scenario, &options))?;
+    drop(served);
+    Ok(output)
+}
+
+fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u64) -> String {
+    let case = &p.case;
+    let c = &case.cluster;
+    let workers = match c.mode {
+        Mode::Aggregated => format!("{} aggregated", c.aggregated_workers),
+        Mode::Disaggregated => format!(
+            "{} prefill + {} decode over {}",
+            c.prefill_workers,
+            c.decode_workers,
+            case.transport.name()
+        ),
+    };
+    let predictor = match &case.predictor {
+        Predictor::Profile(path) => format!("calibration profile `{}`", path.display()),
+        Predictor::Roofline(spec) => format!(
+            "the roofline `{}` (the profile `{}` is not read while the case names a roofline)",
+            spec.name,
+            case.profile.display()
+        ),
+    };
+    let mut out = format!("# Validation case `{}`\n\n", case.name);
+    if !case.description.is_empty() {
+        out.push_str(&format!("{}\n\n", case.description));
+    }
+    out.push_str(&format!(
+        "- case: `{}`\n- command: `{}`\n- machine: {} (results tag `{}`)\n",
+        case.file, settings.command, settings.machine.description, settings.machine.tag
+    ));
+    out.push_str(&format!(
+        "- real: `disagg-hw serve --config cluster.toml`: {} {} on {workers} worker(s), router \
+         `{}`, {} KV blocks, {} seqs and {} tokens per step per worker\n",
+        case.model.name,
+        case.dtype.name(),
+        c.router.name(),
+        c.kv_blocks,
+        c.max_num_seqs,
+        c.max_batched_tokens
+    ));
+    out.push_str(&format!(
+        "- predicted: `scenario.toml` (one setup of the same shape), steps priced by {predictor}, \
+         KV over link `{}`\n",
+        case.link
+    ));
+    out.push_str(&format!(
+        "- workload: seed {}; requests completed / rejected: measured {} / {}, predicted {} / {}\n",
+        case.seed,
+        run.measured.completed,
+        run.measured.rejected,
+        run.predicted.completed,
+        run.predicted.rejected
+    ));
+    out.push_str(&format!(
+        "- machine load: 1-minute load average {} before the measurement, {} after\n",
+        format_load(run.load_before_after.0),
+        format_load(run.load_before_after.1)
+    ));
+    if delayed_sends > 0 {
+        out.push_str(&format!(
+            "- note: {delayed_sends} sends waited for a free slot: the measured load was not \
+             fully open loop\n"
+        ));
+    }
+    out.push_str("\n## Predicted against measured\n\n");
+    out.push_str(&run.comparison.markdown_table());
+    out.push_str("\nError is (predicted - measured) / measured.\n\n");
+    match run.comparison.worst() {
+        Some((row, error)) => out.push_str(&format!(
+            "Worst error: **{}**, {} (predicted {}, measured {}).\n",
+            row.metric,
+            format_error(Some(error)),
+            row.unit.format(row.predicted),
+            row.unit.format(row.measured)
+        )),
+        None => out.push_str("No metric has a relative error (nothing was measured).\n"),
+    }
+    out.push_str(
+        "\n![TTFT and E2E CDFs, predicted dashed, measured solid](cdf.svg)\n\n\
+         Files: `requests-measured.csv`, `requests-predicted.csv` (one row per request, the \
+         simulator's schema), `comparison.csv`, `cdf.svg`, `cluster.toml`, `scenario.toml`, \
+         `serve.log`.\n",
+    );
+    out
+}

@@ -1,0 +1,105 @@
+//! One tiny case through the whole harness: a real prefill + decode cluster on loopback
+//! (`disagg-hw serve`, which `cargo test --workspace` builds beside this test) serving the
+//! fetched SmolLM2-135M GGUF, and the simulator on the same workload.
+
+use std::path::Path;
+use validation::run::{Machine, RunSettings, hw_bin_beside, prepare, run_case};
+use validation::sim;
+
+const CASE: &str = r#"name = "tiny"
+description = "three short requests through one prefill and one decode worker"
+seed = 5
+model = "smollm2-135m"
+transport = "tcp"
+profile = "no-profile-yet.toml"
+link = "tcp-10g"
+hardware = "dgx-spark"
+
+[cluster]
+mode = "disaggregated"
+prefill_workers = 1
+decode_workers = 1
+router = { policy = "round_robin" }
+kv_blocks = 64
+max_num_seqs = 4
+max_batched_tokens = 256
+
+[workload]
+arrival = { process = "poisson", rate_per_s = 4.0 }
+sessions = 3
+system_prompt_tokens = 16
+user_tokens = { dist = "uniform", min = 8, max = 24 }
+output_tokens = { dist = "uniform", min = 3, max = 6 }
+
+[slo]
+ttft_ms = 1000.0
+tpot_ms = 200.0
+"#;
+
+#[test]
+fn a_case_runs_on_both_sides_and_writes_its_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let case_path = dir.path().join("tiny.toml");
+    std::fs::write(&case_path, CASE).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let settings = RunSettings {
+        hw_bin: hw_bin_beside(&exe).unwrap_or_else(|e| panic!("{e}")),
+        machine: Machine::this(Some("test".into())),
+        command: "end-to-end test".into(),
+    };
+    let out = dir.path().join("results");
+    let prepared = prepare(&case_path, &out).unwrap_or_else(|e| panic!("{e}"));
+    let run = run_case(&prepared, &settings).unwrap_or_else(|e| panic!("{e}"));
+
+    let case_dir = out.join("tiny");
+    assert_eq!(run.dir, case_dir);
+    for file in [
+        "cluster.toml",
+        "scenario.toml",
+        "serve.log",
+        "requests-measured.csv",
+        "requests-predicted.csv",
+        "comparison.csv",
+        "report.md",
+        "cdf.svg",
+    ] {
+        assert!(case_dir.join(file).is_file(), "{file} was not written");
+    }
+    for s in [&run.measured, &run.predicted] {
+        assert_eq!((s.completed, s.rejected), (3, 0), "{s:?}");
+        assert!(
+            s.transfer_overhead_share > 0.0,
+            "a disaggregated run ships KV"
+        );
+    }
+    // One workload on both sides: the same requests, each generating exactly its planned
+    // tokens (end-of-sequence ignored).
+    let read = |name: &str| {
+        let file = std::fs::File::open(case_dir.join(name)).unwrap();
+        sim::metrics::read_requests_csv(file).unwrap()
+    };
+    let (measured, predicted) = (
+        read("requests-measured.csv"),
+        read("requests-predicted.csv"),
+    );
+    let plan = |records: &[sim::metrics::RequestRecord]| -> Vec<(u64, u32, u32)> {
+        records
+            .iter()
+            .map(|r| (r.request_id, r.prompt_tokens, r.output_tokens))
+            .collect()
+    };
+    assert_eq!(plan(&measured), plan(&predicted));
+
+    let report = std::fs::read_to_string(case_dir.join("report.md")).unwrap();
+    assert!(
+        report.contains("| metric | predicted | measured | error % |"),
+        "{report}"
+    );
+    assert!(report.contains("Worst error: **"), "{report}");
+    assert!(report.contains("end-to-end test"), "{report}");
+    let svg = std::fs::read_to_string(case_dir.join("cdf.svg")).unwrap();
+    assert_eq!(svg.matches("<path").count(), 4, "two sides in two panels");
+    let comparison = std::fs::read_to_string(case_dir.join("comparison.csv")).unwrap();
+    assert_eq!(comparison.lines().count(), 1 + run.comparison.rows.len());
+    assert!(Path::new(&settings.hw_bin).is_file());
+}
