@@ -10,7 +10,8 @@
 #      loaded instead;
 #   3. `cargo build --release -p hw --features cuda` (kernels for compute capability 9.0, H100
 #      and H200), in its own target directory so a second run reuses everything;
-#   4. the stripped binary in `.devbin/disagg-hw`.
+#   4. the stripped binary, gzipped (the device run carries at most 64 MiB), in
+#      `.devpack/disagg-hw.gz`: carry `.devpack` and `gunzip -c` it there.
 #
 # Usage: hw/gpu/build-cuda.sh            (cache: target/cuda, or $DISAGG_CUDA_CACHE)
 # On the GPU machine: LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64
@@ -57,6 +58,7 @@ export RUSTFLAGS="-L $STUB -L $CUDA_ROOT/lib"
 export CARGO_TARGET_DIR=$CACHE/target
 cargo build --release --locked -p hw --features cuda --bin disagg-hw
 
-mkdir -p "$ROOT/.devbin"
-strip -o "$ROOT/.devbin/disagg-hw" "$CARGO_TARGET_DIR/release/disagg-hw"
-ls -l "$ROOT/.devbin/disagg-hw"
+mkdir -p "$ROOT/.devpack"
+strip -o "$CACHE/disagg-hw" "$CARGO_TARGET_DIR/release/disagg-hw"
+gzip -9 -c "$CACHE/disagg-hw" >"$ROOT/.devpack/disagg-hw.gz"
+ls -l "$ROOT/.devpack/disagg-hw.gz"
