@@ -189,6 +189,14 @@ impl TcpTransport {
     }
 }
 
+/// What a streamed send keeps across its attempt: the closing frame still to come, the layers
+/// sent (to resend whole), when the first left.
+struct Streamed {
+    last: Option<tokio::sync::oneshot::Receiver<KvTransfer>>,
+    sent: Vec<super::LayerParts>,
+    started: Option<std::time::Instant>,
+}
+
 impl TcpTransport {
     /// One connection carrying each layer as it comes, then the closing frame; the ack of the
     /// closing frame answers for the whole. Returns what was sent, to retry whole on failure.
@@ -198,8 +206,7 @@ impl TcpTransport {
         addr: SocketAddr,
         request_id: u64,
         layers: &mut mpsc::UnboundedReceiver<super::LayerParts>,
-        last: &mut Option<tokio::sync::oneshot::Receiver<KvTransfer>>,
-        sent: &mut Vec<super::LayerParts>,
+        state: &mut Streamed,
     ) -> Result<(Ack, u64, KvTransfer), TransportError> {
         let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
             .await
@@ -217,6 +224,7 @@ impl TcpTransport {
         let mut wire_bytes = 0;
         let mut write_error = None;
         while let Some((layer, parts)) = layers.recv().await {
+            state.started.get_or_insert_with(std::time::Instant::now);
             let frame = wire::LayerFrame {
                 request_id,
                 layer,
@@ -228,9 +236,9 @@ impl TcpTransport {
                     Err(e) => write_error = Some(e),
                 }
             }
-            sent.push((frame.layer, frame.parts));
+            state.sent.push((frame.layer, frame.parts));
         }
-        let closing = match last.take() {
+        let closing = match state.last.take() {
             Some(rx) => rx.await.map_err(|_| TransportError::Refused {
                 endpoint: to.clone(),
                 request_id,
@@ -277,12 +285,18 @@ impl KvTransport for TcpTransport {
                 endpoint: to.clone(),
             });
         };
-        let started = std::time::Instant::now();
-        let mut last = Some(last);
-        let mut sent = Vec::new();
+        // The transfer starts with its first layer: the connection is opened before the
+        // prefill, so that no layer waits for it.
+        let mut state = Streamed {
+            last: Some(last),
+            sent: Vec::new(),
+            started: None,
+        };
         let (ack, wire_bytes, closing) = self
-            .attempt_streamed(to, addr, request_id, &mut layers, &mut last, &mut sent)
+            .attempt_streamed(to, addr, request_id, &mut layers, &mut state)
             .await?;
+        let Streamed { sent, started, .. } = state;
+        let started = started.unwrap_or_else(std::time::Instant::now);
         if ack.status == AckStatus::Ok && ack.request_id == request_id {
             return Ok(TransferReceipt {
                 request_id,
