@@ -2,6 +2,7 @@
 //! metrics) so that the served system and the simulated one run the same bookkeeping.
 
 pub mod bench_model;
+pub mod calibrate;
 pub mod cluster;
 pub mod engine;
 pub mod fetch;

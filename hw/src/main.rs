@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use hw::cluster::Cluster;
 use hw::cluster::serve::FrontendOptions;
 use hw::sim::routing::Role;
-use hw::{bench_model, fetch};
+use hw::{bench_model, calibrate, fetch};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -58,6 +58,33 @@ enum Command {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         repeats: usize,
+    },
+    /// Measure step and KV transfer times on a device and write a calibration profile for the
+    /// simulator (TOML) and every raw sample beside it (CSV).
+    Calibrate {
+        /// cpu, or cuda:N (a build with feature `cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// smollm2-135m (the fetched GGUF) or any preset with seeded random weights (step
+        /// times do not depend on the weights' values).
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        /// A GGUF file to load instead.
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+        /// f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// The profile to write; NAME.csv beside it gets the samples. Default:
+        /// configs/calibration/MODEL-DTYPE-DEVICE.toml.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A few points of each kind, to check that everything runs.
+        #[arg(long)]
+        quick: bool,
+        /// The machine in words, for the profile; default: the CPU's model and cores.
+        #[arg(long)]
+        machine: Option<String>,
     },
     /// Start a whole cluster on this machine: the frontend (OpenAI-compatible HTTP API,
     /// router, registry) and every worker of the cluster file as a child process. Prints
@@ -153,6 +180,23 @@ fn main() -> ExitCode {
             };
             bench(&model, random, gguf, &dtype, &device, &plan)
         }
+        Command::Calibrate {
+            device,
+            model,
+            gguf,
+            dtype,
+            out,
+            quick,
+            machine,
+        } => calibrate_device(CalibrateArgs {
+            device,
+            model,
+            gguf,
+            dtype,
+            out,
+            quick,
+            machine,
+        }),
         Command::Serve(args) => frontend(args, true),
         Command::Frontend(args) => frontend(args, false),
         Command::Prefill(args) => worker(args, Role::Prefill),
@@ -192,6 +236,21 @@ fn fetch_model(name: &str, cache_dir: Option<PathBuf>) -> Result<(), String> {
     Ok(())
 }
 
+/// A `--device` value.
+fn parse_device(device: &str) -> Result<models::runtime::Device, String> {
+    use models::runtime::Device;
+    match device.strip_prefix("cuda:") {
+        None if device == "cpu" => Ok(Device::Cpu),
+        Some(n) => {
+            let ordinal = n
+                .parse()
+                .map_err(|_| format!("--device: bad GPU ordinal in `{device}`"))?;
+            Device::new_cuda(ordinal).map_err(|e| format!("--device {device}: {e}"))
+        }
+        None => Err(format!("--device: expected cpu or cuda:N, got `{device}`")),
+    }
+}
+
 fn bench(
     model: &str,
     random: bool,
@@ -200,18 +259,8 @@ fn bench(
     device: &str,
     plan: &bench_model::BenchPlan,
 ) -> Result<(), String> {
-    use models::runtime::Device;
     let dtype = hw::parse_dtype(dtype)?;
-    let device = match device.strip_prefix("cuda:") {
-        None if device == "cpu" => Device::Cpu,
-        Some(n) => {
-            let ordinal = n
-                .parse()
-                .map_err(|_| format!("--device: bad GPU ordinal in `{device}`"))?;
-            Device::new_cuda(ordinal).map_err(|e| format!("--device {device}: {e}"))?
-        }
-        None => return Err(format!("--device: expected cpu or cuda:N, got `{device}`")),
-    };
+    let device = parse_device(device)?;
     let loaded = bench_model::load_model(model, random, gguf.as_deref(), dtype, &device)
         .map_err(|e| e.to_string())?;
     println!(
@@ -228,6 +277,122 @@ fn bench(
     );
     let rows = bench_model::run(loaded, plan).map_err(|e| e.to_string())?;
     print!("{}", bench_model::table(&rows));
+    Ok(())
+}
+
+struct CalibrateArgs {
+    device: String,
+    model: String,
+    gguf: Option<PathBuf>,
+    dtype: String,
+    out: Option<PathBuf>,
+    quick: bool,
+    machine: Option<String>,
+}
+
+fn calibrate_device(args: CalibrateArgs) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let tensor_dtype = hw::parse_dtype(&args.dtype)?;
+    let device = parse_device(&args.device)?;
+    let out = args.out.unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "configs/calibration/{}-{}-{}.toml",
+            args.model,
+            args.dtype,
+            args.device.replace(':', "")
+        ))
+    });
+    let csv_path = out.with_extension("csv");
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let model = bench_model::load_model(
+        &args.model,
+        false,
+        args.gguf.as_deref(),
+        tensor_dtype,
+        &device,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut words: Vec<String> = std::env::args().skip(1).collect();
+    words.insert(0, "disagg-hw".into());
+    let meta = sim::calibration::Meta {
+        machine: args.machine.unwrap_or_else(|| match &device {
+            models::runtime::Device::Cpu => calibrate::cpu_description(),
+            _ => format!("{} with {}", args.device, calibrate::cpu_description()),
+        }),
+        device: args.device.clone(),
+        model: args.model.clone(),
+        dtype: hw::spec_dtype(tensor_dtype),
+        threads: calibrate::compute_threads(),
+        block_size_tokens: models::runtime::DEFAULT_BLOCK_SIZE_TOKENS as u32,
+        sampling: "greedy".into(),
+        disagg_version: env!("CARGO_PKG_VERSION").into(),
+        candle_version: calibrate::candle_version(),
+        date: calibrate::utc_date(),
+        command: words.join(" "),
+    };
+    let plan = if args.quick {
+        calibrate::Plan::quick()
+    } else {
+        calibrate::Plan::full()
+    };
+    println!(
+        "calibrating {} ({}) on {}: {}, {} threads",
+        args.model, args.dtype, args.device, meta.machine, meta.threads
+    );
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} samples [{elapsed} of ~{duration}] {msg}",
+            )
+            .expect("valid progress template"),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = std::time::Instant::now();
+    let cal = calibrate::run(model, &plan, meta, &bar).map_err(|e| e.to_string())?;
+    let profile_text = cal.profile.to_toml().map_err(|e| e.to_string())?;
+    let header = format!(
+        "# Calibration profile of {} ({}) on {} ({}), written by\n\
+         #   {}\n\
+         # Step times: the median of the repeats of one engine step (forward pass, logits\n\
+         # to the host, a greedy sample per finished row), in ns. Raw samples: {}.\n\n",
+        cal.profile.meta.model,
+        cal.profile.meta.dtype.name(),
+        cal.profile.meta.device,
+        cal.profile.meta.machine,
+        cal.profile.meta.command,
+        csv_path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+    );
+    std::fs::write(&out, header + &profile_text).map_err(|e| format!("{}: {e}", out.display()))?;
+    let file =
+        std::fs::File::create(&csv_path).map_err(|e| format!("{}: {e}", csv_path.display()))?;
+    calibrate::write_csv(std::io::BufWriter::new(file), &cal.samples)
+        .map_err(|e| format!("{}: {e}", csv_path.display()))?;
+    let rows = calibrate::accuracy(&cal).map_err(|e| e.to_string())?;
+    println!(
+        "{} samples in {:.0} s; wrote {} and {}\n",
+        cal.samples.len(),
+        started.elapsed().as_secs_f64(),
+        out.display(),
+        csv_path.display()
+    );
+    print!("{}", calibrate::accuracy_table(&rows));
+    print!("\n{}", calibrate::checks_table(&cal.checks));
+    let link = &cal.profile.link[0];
+    println!(
+        "\n{}: {:.2} GB/s on the wire, {:.2} GB/s per host copy, {} us per transfer",
+        link.name,
+        link.bytes_per_s() / 1e9,
+        link.host_copy_bytes_per_s.unwrap_or(0.0) / 1e9,
+        link.per_transfer_overhead_ns / 1000
+    );
     Ok(())
 }
 

@@ -2,6 +2,8 @@
 //! that same workload. Parsing rejects unknown fields; every error is one line naming the file,
 //! the line and the field.
 
+use crate::calibration::Profile;
+use crate::cost::{CostModel, Measured, Roofline};
 use crate::hardware::HardwareSpec;
 use crate::kv::DEFAULT_BLOCK_SIZE_TOKENS;
 use crate::metrics::Slo;
@@ -82,8 +84,14 @@ pub enum Mode {
 #[serde(deny_unknown_fields)]
 pub struct SetupConfig {
     pub name: String,
-    /// A hardware preset or a `[[hardware]]` of this file, by name.
-    pub hardware: String,
+    /// A hardware preset or a `[[hardware]]` of this file, by name: step times from its
+    /// roofline. Leave out when `profile` is given.
+    #[serde(default)]
+    pub hardware: Option<String>,
+    /// A calibration profile (`disagg-hw calibrate`), relative to this file: step times
+    /// measured on its device, and its fitted links to name in `link`.
+    #[serde(default)]
+    pub profile: Option<String>,
     /// The link from each GPU to the fabric, by name.
     pub link: String,
     /// The link between GPUs of one host (NVLink), when hosts have several.
@@ -143,6 +151,10 @@ pub struct EngineConfig {
     pub max_queue: u32,
     /// Longest prompt plus output; the model's context length when left out.
     pub max_model_len: Option<u32>,
+    /// KV blocks per worker. Required with a profile (a measured device has no memory
+    /// figure); otherwise it replaces what GPU memory less weights would hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_blocks: Option<u32>,
 }
 
 impl Default for EngineConfig {
@@ -156,6 +168,7 @@ impl Default for EngineConfig {
             gpu_memory_utilization: 0.9,
             max_queue: 4096,
             max_model_len: None,
+            kv_blocks: None,
         }
     }
 }
@@ -176,11 +189,22 @@ pub struct Scenario {
     pub base_dir: PathBuf,
 }
 
+/// Where a setup's step times come from.
+#[derive(Clone, Debug)]
+pub enum StepTimes {
+    /// The roofline of a hardware spec (modelled).
+    Roofline(HardwareSpec),
+    /// A calibration profile's tables (measured).
+    Measured(Measured),
+}
+
 /// One cluster to simulate.
 #[derive(Clone, Debug)]
 pub struct Setup {
     pub name: String,
-    pub hardware: HardwareSpec,
+    pub step_times: StepTimes,
+    /// KV blocks of each worker.
+    pub kv_blocks: u32,
     pub link: LinkSpec,
     pub intra_link: Option<LinkSpec>,
     pub gpus_per_host: u32,
@@ -197,6 +221,19 @@ pub struct Setup {
 impl Setup {
     pub fn hosts(&self) -> u32 {
         (self.workers.len() as u32).div_ceil(self.gpus_per_host)
+    }
+
+    /// The cost model that prices this setup's steps for `scenario`'s model.
+    pub fn cost_model(&self, scenario: &Scenario) -> Box<dyn CostModel> {
+        match &self.step_times {
+            StepTimes::Roofline(hw) => Box::new(Roofline::new(
+                hw,
+                &scenario.model,
+                scenario.dtype,
+                scenario.kv_dtype,
+            )),
+            StepTimes::Measured(cost) => Box::new(cost.clone()),
+        }
     }
 }
 
@@ -344,10 +381,11 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             .cloned()
             .or_else(|| HardwareSpec::preset(name))
     };
-    let link = |name: &str| {
+    let link = |name: &str, profile: Option<&Profile>| {
         raw.link
             .iter()
             .find(|l| l.name == name)
+            .or_else(|| profile.and_then(|p| p.link(name)))
             .cloned()
             .or_else(|| LinkSpec::preset(name))
     };
@@ -356,28 +394,80 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
     let mut setups = Vec::with_capacity(raw.setup.len());
     for (i, s) in raw.setup.iter().enumerate() {
         let at = |field: &str| format!("setup[{i}].{field}");
-        let hw = hardware(&s.hardware).ok_or_else(|| {
-            err(
-                &at("hardware"),
-                format!(
-                    "unknown hardware `{}`, expected one of {} or a [[hardware]] of this file",
-                    s.hardware,
-                    HardwareSpec::PRESETS.join(", ")
-                ),
-            )
-        })?;
+        let (step_times, profile) = match (&s.hardware, &s.profile) {
+            (Some(name), None) => {
+                let hw = hardware(name).ok_or_else(|| {
+                    err(
+                        &at("hardware"),
+                        format!(
+                            "unknown hardware `{name}`, expected one of {} or a [[hardware]] \
+                             of this file",
+                            HardwareSpec::PRESETS.join(", ")
+                        ),
+                    )
+                })?;
+                (StepTimes::Roofline(hw), None)
+            }
+            (None, Some(file)) => {
+                let path = base_dir.join(file);
+                let profile =
+                    Profile::load(&path).map_err(|e| err(&at("profile"), e.to_string()))?;
+                let measured = &profile.meta;
+                if measured.model != model.name || measured.dtype != dtype || kv_dtype != dtype {
+                    return Err(err(
+                        &at("profile"),
+                        format!(
+                            "the profile measured {} in {} (KV too); the scenario's model is {} \
+                             in {} (KV {})",
+                            measured.model,
+                            measured.dtype.name(),
+                            model.name,
+                            dtype.name(),
+                            kv_dtype.name()
+                        ),
+                    ));
+                }
+                let cost = Measured::new(&profile)
+                    .map_err(|e| err(&at("profile"), format!("{}: {e}", path.display())))?;
+                (StepTimes::Measured(cost), Some(profile))
+            }
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    &at("hardware"),
+                    "give `hardware` or `profile`, not both: a profile's measured step times \
+                     replace the hardware's roofline"
+                        .to_string(),
+                ));
+            }
+            (None, None) => {
+                return Err(err(
+                    &at("hardware"),
+                    "missing: give `hardware` (a preset or a [[hardware]], for modelled step \
+                     times) or `profile` (a calibration profile, for measured ones)"
+                        .to_string(),
+                ));
+            }
+        };
         let unknown_link = |field: &str, name: &str| {
             err(
                 &at(field),
                 format!(
-                    "unknown link `{name}`, expected one of {} or a [[link]] of this file",
-                    LinkSpec::PRESETS.join(", ")
+                    "unknown link `{name}`, expected one of {} or a [[link]] of this file{}",
+                    LinkSpec::PRESETS.join(", "),
+                    if profile.is_some() {
+                        " or of the profile"
+                    } else {
+                        ""
+                    }
                 ),
             )
         };
-        let fabric = link(&s.link).ok_or_else(|| unknown_link("link", &s.link))?;
+        let fabric =
+            link(&s.link, profile.as_ref()).ok_or_else(|| unknown_link("link", &s.link))?;
         let intra = match &s.intra_link {
-            Some(name) => Some(link(name).ok_or_else(|| unknown_link("intra_link", name))?),
+            Some(name) => {
+                Some(link(name, profile.as_ref()).ok_or_else(|| unknown_link("intra_link", name))?)
+            }
             None => None,
         };
         if s.gpus_per_host == 0 {
@@ -456,6 +546,7 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
                 e.gpu_memory_utilization > 0.0 && e.gpu_memory_utilization <= 1.0,
             ),
             ("max_model_len", e.max_model_len != Some(0)),
+            ("kv_blocks", e.kv_blocks != Some(0)),
         ];
         for (field, ok) in engine_checks {
             if !ok {
@@ -467,26 +558,42 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
                 ));
             }
         }
-        let kv_block_bytes = model.kv_bytes_per_token(kv_dtype) * e.block_size_tokens as u64;
-        let kv_bytes =
-            hw.memory_bytes() * e.gpu_memory_utilization - model.weight_bytes(dtype) as f64;
-        if kv_bytes < kv_block_bytes as f64 {
-            return Err(err(
-                &at("hardware"),
-                format!(
-                    "{} ({} GiB x {}) cannot hold {} in {} ({:.1} GiB) and a KV block",
-                    hw.name,
-                    hw.memory_gib,
-                    e.gpu_memory_utilization,
-                    model.name,
-                    dtype.name(),
-                    model.weight_bytes(dtype) as f64 / (1u64 << 30) as f64
-                ),
-            ));
-        }
+        let kv_blocks = match (&step_times, e.kv_blocks) {
+            (_, Some(blocks)) => blocks,
+            (StepTimes::Measured(_), None) => {
+                return Err(err(
+                    &at("engine.kv_blocks"),
+                    "required with a profile: a measured device has no memory figure to \
+                     size the KV pool from (blocks per worker)"
+                        .to_string(),
+                ));
+            }
+            (StepTimes::Roofline(hw), None) => {
+                let kv_block_bytes =
+                    model.kv_bytes_per_token(kv_dtype) * e.block_size_tokens as u64;
+                let kv_bytes =
+                    hw.memory_bytes() * e.gpu_memory_utilization - model.weight_bytes(dtype) as f64;
+                if kv_bytes < kv_block_bytes as f64 {
+                    return Err(err(
+                        &at("hardware"),
+                        format!(
+                            "{} ({} GiB x {}) cannot hold {} in {} ({:.1} GiB) and a KV block",
+                            hw.name,
+                            hw.memory_gib,
+                            e.gpu_memory_utilization,
+                            model.name,
+                            dtype.name(),
+                            model.weight_bytes(dtype) as f64 / (1u64 << 30) as f64
+                        ),
+                    ));
+                }
+                (kv_bytes / kv_block_bytes as f64).floor() as u32
+            }
+        };
         setups.push(Setup {
             name: s.name.clone(),
-            hardware: hw,
+            step_times,
+            kv_blocks,
             link: fabric,
             intra_link: intra,
             gpus_per_host: s.gpus_per_host,
@@ -667,6 +774,151 @@ mod tests {
         );
         let msg = parse(&text).unwrap_err().to_string();
         assert!(msg.contains("cannot hold llama-3.1-70b"), "{msg}");
+    }
+
+    /// A scenario of `model` in f32 with a small workload and the start of one setup.
+    fn head(model: &str) -> String {
+        format!(
+            r#"name = "t"
+[model]
+preset = "{model}"
+dtype = "f32"
+[workload]
+arrival = {{ process = "poisson", rate_per_s = 1.0 }}
+sessions = 3
+turns = {{ dist = "constant", value = 2 }}
+user_tokens = {{ dist = "uniform", min = 16, max = 64 }}
+output_tokens = {{ dist = "uniform", min = 8, max = 16 }}
+think_time = {{ dist = "exponential", mean_secs = 1.0 }}
+[[setup]]
+name = "s"
+mode = "aggregated"
+aggregated_workers = 1
+"#
+        )
+    }
+
+    /// A scenario beside the sample profile in a fresh directory; `setup` is its one setup.
+    fn with_profile(tag: &str, setup: &str) -> Result<Scenario, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("disagg-profile-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("cal")).unwrap();
+        let profile = crate::calibration::tests::sample();
+        std::fs::write(dir.join("cal/p.toml"), profile.to_toml().unwrap()).unwrap();
+        let text = format!("{}{setup}", head("smollm2-135m"));
+        let result = Scenario::parse(&text, "s.toml", dir.clone());
+        std::fs::remove_dir_all(&dir).unwrap();
+        result
+    }
+
+    #[test]
+    fn a_setup_with_a_profile_needs_no_hardware_and_names_its_links() {
+        let s = with_profile(
+            "ok",
+            "profile = \"cal/p.toml\"\nlink = \"tcp-test\"\n[setup.engine]\nkv_blocks = 256\n",
+        )
+        .unwrap();
+        let setup = &s.setups[0];
+        assert_eq!(setup.kv_blocks, 256);
+        assert_eq!(setup.link.name, "tcp-test");
+        assert!(matches!(setup.step_times, StepTimes::Measured(_)));
+        let mut w = crate::cost::StepWork::default();
+        w.add_decode(256);
+        let profile = crate::calibration::tests::sample();
+        assert_eq!(
+            setup.cost_model(&s).step_ns(&w),
+            profile.decode.time_ns[0][1]
+        );
+        // A preset link still resolves beside the profile's.
+        let s = with_profile(
+            "preset",
+            "profile = \"cal/p.toml\"\nlink = \"tcp-10g\"\n[setup.engine]\nkv_blocks = 8\n",
+        )
+        .unwrap();
+        assert_eq!(s.setups[0].link.name, "tcp-10g");
+    }
+
+    #[test]
+    fn profile_setups_are_checked_field_by_field() {
+        let cases = [
+            (
+                "nokv",
+                "profile = \"cal/p.toml\"\nlink = \"tcp-test\"\n",
+                "setup[0].engine.kv_blocks: required with a profile",
+            ),
+            (
+                "both",
+                "profile = \"cal/p.toml\"\nhardware = \"dgx-spark\"\nlink = \"tcp-10g\"\n",
+                "setup[0].hardware: give `hardware` or `profile`, not both",
+            ),
+            (
+                "neither",
+                "link = \"tcp-10g\"\n",
+                "setup[0].hardware: missing: give `hardware`",
+            ),
+            (
+                "absent",
+                "profile = \"cal/none.toml\"\nlink = \"tcp-10g\"\n[setup.engine]\nkv_blocks = 8\n",
+                "setup[0].profile: ",
+            ),
+            (
+                "link",
+                "hardware = \"dgx-spark\"\nlink = \"tcp-test\"\n",
+                "setup[0].link: unknown link `tcp-test`",
+            ),
+            (
+                "zero",
+                "profile = \"cal/p.toml\"\nlink = \"tcp-test\"\n[setup.engine]\nkv_blocks = 0\n",
+                "setup[0].engine.kv_blocks: out of range",
+            ),
+        ];
+        for (tag, setup, expected) in cases {
+            let msg = with_profile(tag, setup).unwrap_err().to_string();
+            assert!(msg.starts_with("s.toml:"), "{msg}");
+            assert!(msg.contains(expected), "{tag}: {msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+        let msg = with_profile(
+            "absent2",
+            "profile = \"cal/none.toml\"\nlink = \"tcp-10g\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("none.toml"), "{msg}");
+    }
+
+    #[test]
+    fn a_profile_of_another_model_is_refused() {
+        let dir = std::env::temp_dir().join(format!("disagg-profile-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let profile = crate::calibration::tests::sample();
+        std::fs::write(dir.join("p.toml"), profile.to_toml().unwrap()).unwrap();
+        let text = format!(
+            "{}profile = \"p.toml\"\nlink = \"tcp-10g\"\n[setup.engine]\nkv_blocks = 8\n",
+            head("tinyllama-1.1b")
+        );
+        let msg = Scenario::parse(&text, "s.toml", dir.clone())
+            .unwrap_err()
+            .to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            msg.contains("the profile measured smollm2-135m in f32"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn kv_blocks_overrides_the_memory_arithmetic() {
+        let s = Scenario::default_scenario();
+        assert!(s.setups[0].kv_blocks > 100_000, "a DGX Spark holds many");
+        let text =
+            DEFAULT_SCENARIO.replacen("[setup.engine]", "[setup.engine]\nkv_blocks = 123", 1);
+        assert_ne!(text, DEFAULT_SCENARIO);
+        let s = parse(&text).unwrap();
+        assert_eq!(s.setups[1].kv_blocks, 123);
+        assert_eq!(
+            s.setups[0].kv_blocks,
+            Scenario::default_scenario().setups[0].kv_blocks
+        );
     }
 
     #[test]

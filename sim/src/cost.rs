@@ -1,6 +1,10 @@
 //! Step-time cost models. The engine describes one iteration's work in aggregate and a cost
-//! model prices it: a roofline from the hardware spec here; a measured profile implements the
-//! same trait.
+//! model prices it: a roofline from the hardware spec for hardware nobody has measured, or
+//! [`Measured`], a calibration profile's tables interpolated.
+
+mod measured;
+
+pub use measured::Measured;
 
 use crate::hardware::HardwareSpec;
 use crate::time::Nanos;

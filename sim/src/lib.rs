@@ -4,6 +4,7 @@
 //! The real backend (`hw`) imports these modules, so a simulated eviction is the eviction that
 //! happens and a property test of the router tests the router that serves.
 
+pub mod calibration;
 pub mod config;
 pub mod cost;
 pub mod engine;

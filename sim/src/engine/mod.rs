@@ -10,7 +10,7 @@ mod queue;
 mod worker;
 
 use crate::config::{Mode, Scenario, Setup};
-use crate::cost::Roofline;
+use crate::cost::CostModel;
 use crate::kv::{BlockHash, KvEvent};
 use crate::metrics::{self, Outcome, RequestRecord, Summary, TokenGaps, WorkerStats};
 use crate::network::{EdgeStats, Network, Topology};
@@ -91,7 +91,7 @@ struct Simulation<'a> {
     now: Nanos,
     queue: EventQueue,
     events: u64,
-    cost: Roofline,
+    cost: Box<dyn CostModel>,
     block_size: u32,
     kv_bytes_per_token: u64,
     max_model_len: u32,
@@ -136,10 +136,7 @@ impl<'a> Simulation<'a> {
         let engine = &setup.engine;
         let block_size = engine.block_size_tokens;
         let kv_bytes_per_token = scenario.model.kv_bytes_per_token(scenario.kv_dtype);
-        let kv_budget = setup.hardware.memory_bytes() * engine.gpu_memory_utilization
-            - scenario.model.weight_bytes(scenario.dtype) as f64;
-        let capacity_blocks =
-            (kv_budget / (kv_bytes_per_token * block_size as u64) as f64).floor() as u32;
+        let capacity_blocks = setup.kv_blocks;
         let index_enabled = setup.router.uses_index()
             || setup.prefill_router.uses_index()
             || setup.mode == Mode::Conditional;
@@ -182,12 +179,7 @@ impl<'a> Simulation<'a> {
             now: 0,
             queue: EventQueue::default(),
             events: 0,
-            cost: Roofline::new(
-                &setup.hardware,
-                &scenario.model,
-                scenario.dtype,
-                scenario.kv_dtype,
-            ),
+            cost: setup.cost_model(scenario),
             block_size,
             kv_bytes_per_token,
             max_model_len,

@@ -3,7 +3,7 @@
 //! is full (as vLLM schedules).
 
 use super::{Event, Simulation, TokenTime};
-use crate::cost::{CostModel, StepWork};
+use crate::cost::StepWork;
 use crate::kv::{BlockHash, BlockId, BlockManager, KvEvent};
 use crate::metrics::{RequestRecord, WorkerStats};
 use crate::routing::{Role, WorkerId};
