@@ -230,6 +230,11 @@ impl Case {
                     i64::from(c.max_batched_tokens).into(),
                 );
                 w.insert("max_waiting".into(), i64::from(c.max_waiting).into());
+                // The simulator starts a transfer when its prefill ends, so the real prefill
+                // workers send whole transfers too (no layer streaming) until it models that.
+                if *role == sim::routing::Role::Prefill {
+                    w.insert("stream_kv_layers".into(), false.into());
+                }
                 Value::Table(w)
             })
             .collect();
@@ -246,7 +251,7 @@ impl Case {
     /// engine limits and KV pool, priced by the profile (or the case's roofline).
     pub fn scenario_toml(&self) -> String {
         let c = &self.cluster;
-        let mut engine = to_table(&EngineConfig {
+        let engine = to_table(&EngineConfig {
             block_size_tokens: BLOCK_SIZE_TOKENS,
             max_num_seqs: c.max_num_seqs,
             max_batched_tokens: c.max_batched_tokens,
@@ -255,6 +260,7 @@ impl Case {
             gpu_memory_utilization: 1.0,
             max_queue: c.max_waiting,
             max_model_len: Some(self.max_model_len()),
+            kv_blocks: Some(c.kv_blocks),
         });
         let mut setup = Table::new();
         setup.insert("name".into(), self.name.clone().into());
@@ -262,7 +268,6 @@ impl Case {
         match &self.predictor {
             Predictor::Profile(path) => {
                 setup.insert("profile".into(), path.display().to_string().into());
-                engine.insert("kv_blocks".into(), i64::from(c.kv_blocks).into());
             }
             Predictor::Roofline(spec) => {
                 setup.insert("hardware".into(), spec.name.clone().into());
