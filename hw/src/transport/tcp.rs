@@ -208,6 +208,10 @@ impl TcpTransport {
         layers: &mut mpsc::UnboundedReceiver<super::LayerParts>,
         state: &mut Streamed,
     ) -> Result<(Ack, u64, KvTransfer), TransportError> {
+        // Connect when the first layer is ready, not before: a request may wait in the prefill
+        // worker's queue for longer than the receiver lets a connection idle.
+        let mut next = layers.recv().await;
+        state.started = Some(std::time::Instant::now());
         let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| TransportError::Timeout {
@@ -223,8 +227,7 @@ impl TcpTransport {
         let mut stream = IdleTimeout::new(stream, self.config.idle_timeout);
         let mut wire_bytes = 0;
         let mut write_error = None;
-        while let Some((layer, parts)) = layers.recv().await {
-            state.started.get_or_insert_with(std::time::Instant::now);
+        while let Some((layer, parts)) = next {
             let frame = wire::LayerFrame {
                 request_id,
                 layer,
@@ -237,6 +240,7 @@ impl TcpTransport {
                 }
             }
             state.sent.push((frame.layer, frame.parts));
+            next = layers.recv().await;
         }
         let closing = match state.last.take() {
             Some(rx) => rx.await.map_err(|_| TransportError::Refused {
@@ -285,8 +289,7 @@ impl KvTransport for TcpTransport {
                 endpoint: to.clone(),
             });
         };
-        // The transfer starts with its first layer: the connection is opened before the
-        // prefill, so that no layer waits for it.
+        // The transfer starts with its first layer.
         let mut state = Streamed {
             last: Some(last),
             sent: Vec::new(),
