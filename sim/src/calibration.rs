@@ -256,11 +256,7 @@ pub enum FitError {
 impl Profile {
     /// Reads and checks a profile file.
     pub fn load(path: &Path) -> Result<Profile, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            file: file.clone(),
-            source,
-        })?;
+        let (text, file) = crate::config::read_config(path)?;
         Profile::parse(&text, &file)
     }
 

@@ -256,11 +256,7 @@ pub enum ConfigError {
 impl Scenario {
     /// Reads and checks a scenario file.
     pub fn load(path: &Path) -> Result<Scenario, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            file: file.clone(),
-            source,
-        })?;
+        let (text, file) = read_config(path)?;
         let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         Scenario::parse(&text, &file, base_dir)
     }
@@ -275,6 +271,15 @@ impl Scenario {
     pub fn parse(text: &str, file: &str, base_dir: PathBuf) -> Result<Scenario, ConfigError> {
         let raw: ScenarioFile = from_toml(text, file)?;
         resolve(raw, base_dir).map_err(|(path, message)| invalid_at(text, file, &path, message))
+    }
+}
+
+/// A config file's text and its name for error messages.
+pub fn read_config(path: &Path) -> Result<(String, String), ConfigError> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((text, file)),
+        Err(source) => Err(ConfigError::Io { file, source }),
     }
 }
 
@@ -349,17 +354,9 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
     raw.workload
         .validate()
         .map_err(|e| split_path(&e.to_string(), "workload"))?;
-    for (field, value) in [
-        ("slo.ttft_ms", raw.slo.ttft_ms),
-        ("slo.tpot_ms", raw.slo.tpot_ms),
-    ] {
-        if !(value.is_finite() && value > 0.0) {
-            return Err(err(
-                field,
-                format!("must be a positive number, got {value}"),
-            ));
-        }
-    }
+    raw.slo
+        .validate()
+        .map_err(|(field, message)| err(field, message))?;
     for (i, hw) in raw.hardware.iter().enumerate() {
         hw.validate()
             .map_err(|e| split_path(&e, &format!("hardware[{i}]")))?;

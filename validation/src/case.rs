@@ -165,11 +165,7 @@ pub enum CaseError {
 
 impl Case {
     pub fn load(path: &Path) -> Result<Case, CaseError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            file: file.clone(),
-            source,
-        })?;
+        let (text, file) = sim::config::read_config(path)?;
         let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         Case::parse(&text, &file, &base_dir)
     }
@@ -514,17 +510,9 @@ fn check(raw: CaseFile, file: &str, base_dir: &Path) -> Result<Case, (String, St
         WorkloadError::Invalid { field, message } => (field, message),
         other => ("workload".into(), other.to_string()),
     })?;
-    for (field, value) in [
-        ("slo.ttft_ms", raw.slo.ttft_ms),
-        ("slo.tpot_ms", raw.slo.tpot_ms),
-    ] {
-        if !(value.is_finite() && value > 0.0) {
-            return Err(err(
-                field,
-                format!("must be a positive number, got {value}"),
-            ));
-        }
-    }
+    raw.slo
+        .validate()
+        .map_err(|(field, message)| err(field, message))?;
     for (i, spec) in raw.hardware_specs.iter().enumerate() {
         spec.validate()
             .map_err(|e| located(&format!("hardware_spec[{i}]"), &e))?;

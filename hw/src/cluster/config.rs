@@ -4,7 +4,7 @@
 
 use crate::engine::EngineConfig;
 use serde::Deserialize;
-use sim::config::{ConfigError, from_toml, invalid_at};
+use sim::config::{ConfigError, from_toml, invalid_at, read_config};
 use sim::routing::{Policy, Role};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -171,11 +171,7 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn load(path: &Path) -> Result<Cluster, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            file: file.clone(),
-            source,
-        })?;
+        let (text, file) = read_config(path)?;
         let base_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         Cluster::parse(text, file, base_dir)
     }

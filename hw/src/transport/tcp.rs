@@ -150,15 +150,12 @@ impl TcpTransport {
         }
     }
 
-    /// One connection: write the frame, read the ack. A refusal may arrive while the frame is
-    /// still being written (the receiver stops reading), so the ack is read even then.
-    async fn attempt(
+    /// A connection to `addr` within the connect timeout, failing when idle too long.
+    async fn connect(
         &self,
         to: &Endpoint,
         addr: SocketAddr,
-        transfer: &KvTransfer,
-    ) -> Result<(Ack, u64), TransportError> {
-        let request_id = transfer.request_id;
+    ) -> Result<IdleTimeout<TcpStream>, TransportError> {
         let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| TransportError::Timeout {
@@ -171,7 +168,19 @@ impl TcpTransport {
                 source,
             })?;
         stream.set_nodelay(true).ok();
-        let mut stream = IdleTimeout::new(stream, self.config.idle_timeout);
+        Ok(IdleTimeout::new(stream, self.config.idle_timeout))
+    }
+
+    /// One connection: write the frame, read the ack. A refusal may arrive while the frame is
+    /// still being written (the receiver stops reading), so the ack is read even then.
+    async fn attempt(
+        &self,
+        to: &Endpoint,
+        addr: SocketAddr,
+        transfer: &KvTransfer,
+    ) -> Result<(Ack, u64), TransportError> {
+        let request_id = transfer.request_id;
+        let mut stream = self.connect(to, addr).await?;
         let written = wire::write_frame(&mut stream, transfer).await;
         match (wire::read_ack(&mut stream).await, written) {
             (Ok(ack), Ok(bytes)) => Ok((ack, bytes)),
@@ -212,19 +221,7 @@ impl TcpTransport {
         // worker's queue for longer than the receiver lets a connection idle.
         let mut next = layers.recv().await;
         state.started = Some(std::time::Instant::now());
-        let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| TransportError::Timeout {
-                endpoint: to.clone(),
-                during: "connecting",
-                timeout_ms: self.config.connect_timeout.as_millis(),
-            })?
-            .map_err(|source| TransportError::Connect {
-                endpoint: to.clone(),
-                source,
-            })?;
-        stream.set_nodelay(true).ok();
-        let mut stream = IdleTimeout::new(stream, self.config.idle_timeout);
+        let mut stream = self.connect(to, addr).await?;
         let mut wire_bytes = 0;
         let mut write_error = None;
         while let Some((layer, parts)) = next {

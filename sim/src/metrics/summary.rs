@@ -20,6 +20,16 @@ pub struct Slo {
 }
 
 impl Slo {
+    /// Both bounds must be positive and finite; an error is (field path, message).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        for (field, value) in [("slo.ttft_ms", self.ttft_ms), ("slo.tpot_ms", self.tpot_ms)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err((field, format!("must be a positive number, got {value}")));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether a completed request met the SLO. A request with fewer than two output tokens
     /// has no TPOT and is judged on TTFT alone.
     pub fn is_met_by(&self, record: &RequestRecord) -> bool {
