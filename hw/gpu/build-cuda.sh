@@ -14,6 +14,8 @@
 #      `.devpack/disagg-hw.gz`: carry `.devpack` and `gunzip -c` it there.
 #
 # Usage: hw/gpu/build-cuda.sh            (cache: target/cuda, or $DISAGG_CUDA_CACHE)
+# Checkouts may share one cache (its paths are in every fingerprint, so a cache of its own means
+# a full rebuild): builds into it take turns, each packing the binary it built.
 # On the GPU machine: LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -25,6 +27,10 @@ PACKAGES=(
     "nvidia-curand==10.4.0.*" "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-crt==13.0.*"
     "nvidia-cuda-cccl==13.0.*" "nvidia-nvvm==13.0.*"
 )
+
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock 9
 
 if [ ! -e "$TOOLKIT/.complete" ]; then
     echo "== CUDA 13.0 toolkit from PyPI into $TOOLKIT"
@@ -59,6 +65,6 @@ export CARGO_TARGET_DIR=$CACHE/target
 cargo build --release --locked -p hw --features cuda --bin disagg-hw
 
 mkdir -p "$ROOT/.devpack"
-strip -o "$CACHE/disagg-hw" "$CARGO_TARGET_DIR/release/disagg-hw"
-gzip -9 -c "$CACHE/disagg-hw" >"$ROOT/.devpack/disagg-hw.gz"
+strip -o "$ROOT/.devpack/disagg-hw" "$CARGO_TARGET_DIR/release/disagg-hw"
+gzip -9 -f "$ROOT/.devpack/disagg-hw"
 ls -l "$ROOT/.devpack/disagg-hw.gz"
