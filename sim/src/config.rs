@@ -99,6 +99,14 @@ pub struct SetupConfig {
     pub intra_link: Option<String>,
     #[serde(default = "one")]
     pub gpus_per_host: u32,
+    /// Workers that time-share one device (two processes on one GPU, or single-threaded
+    /// workers on one CPU): workers i * n .. (i + 1) * n share device i.
+    #[serde(default = "one")]
+    pub workers_per_device: u32,
+    /// How many of a device's workers step at full speed at once (a CPU's cores over each
+    /// worker's threads); when more are busy, they share it equally.
+    #[serde(default = "one")]
+    pub device_parallelism: u32,
     pub mode: Mode,
     #[serde(default)]
     pub aggregated_workers: u32,
@@ -208,8 +216,12 @@ pub struct Setup {
     pub link: LinkSpec,
     pub intra_link: Option<LinkSpec>,
     pub gpus_per_host: u32,
+    /// Workers i * n .. (i + 1) * n time-share device i (n = `workers_per_device`)...
+    pub workers_per_device: u32,
+    /// ...and at most this many of them step at full speed at once.
+    pub device_parallelism: u32,
     pub mode: Mode,
-    /// Role of each worker, by worker id; worker i runs on GPU i.
+    /// Role of each worker, by worker id; worker i's KV leaves through GPU i's link.
     pub workers: Vec<Role>,
     pub router: Policy,
     pub prefill_router: Policy,
@@ -470,6 +482,21 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
         if s.gpus_per_host == 0 {
             return Err(err(&at("gpus_per_host"), "must be at least 1".to_string()));
         }
+        if s.workers_per_device == 0 {
+            return Err(err(
+                &at("workers_per_device"),
+                "must be at least 1".to_string(),
+            ));
+        }
+        if s.device_parallelism == 0 || s.device_parallelism > s.workers_per_device {
+            return Err(err(
+                &at("device_parallelism"),
+                format!(
+                    "must be in 1..={} (workers_per_device)",
+                    s.workers_per_device
+                ),
+            ));
+        }
         let workers: Vec<Role> = match s.mode {
             Mode::Aggregated => {
                 if s.aggregated_workers == 0 {
@@ -568,16 +595,22 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             (StepTimes::Roofline(hw), None) => {
                 let kv_block_bytes =
                     model.kv_bytes_per_token(kv_dtype) * e.block_size_tokens as u64;
-                let kv_bytes =
-                    hw.memory_bytes() * e.gpu_memory_utilization - model.weight_bytes(dtype) as f64;
+                // Each worker sharing the device holds its own weights and its share of memory.
+                let kv_bytes = hw.memory_bytes() * e.gpu_memory_utilization
+                    / s.workers_per_device as f64
+                    - model.weight_bytes(dtype) as f64;
                 if kv_bytes < kv_block_bytes as f64 {
                     return Err(err(
                         &at("hardware"),
                         format!(
-                            "{} ({} GiB x {}) cannot hold {} in {} ({:.1} GiB) and a KV block",
+                            "{} ({} GiB x {}{}) cannot hold {} in {} ({:.1} GiB) and a KV block",
                             hw.name,
                             hw.memory_gib,
                             e.gpu_memory_utilization,
+                            match s.workers_per_device {
+                                1 => String::new(),
+                                n => format!(" / {n} workers"),
+                            },
                             model.name,
                             dtype.name(),
                             model.weight_bytes(dtype) as f64 / (1u64 << 30) as f64
@@ -594,6 +627,8 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             link: fabric,
             intra_link: intra,
             gpus_per_host: s.gpus_per_host,
+            workers_per_device: s.workers_per_device,
+            device_parallelism: s.device_parallelism,
             mode: s.mode,
             workers,
             router: s.router.clone(),

@@ -152,6 +152,8 @@ struct Knobs {
     memory_gib: f64,
     delay_ms: f64,
     chunked: bool,
+    /// (workers per device, device parallelism)
+    sharing: (u32, u32),
 }
 
 fn random_scenario(k: &Knobs) -> String {
@@ -164,6 +166,7 @@ fn random_scenario(k: &Knobs) -> String {
         memory_gib,
         delay_ms,
         chunked,
+        sharing,
     } = *k;
     let policies = [
         "{ policy = \"round_robin\" }",
@@ -173,6 +176,8 @@ fn random_scenario(k: &Knobs) -> String {
         "{ policy = \"kv_aware\", temperature = 0.5 }",
     ];
     let policy = policies[policy % policies.len()];
+    // Workers sharing a GPU share its memory.
+    let memory_gib = memory_gib * sharing.0 as f64;
     let pools = match mode % 3 {
         0 => format!(
             "mode = \"aggregated\"\naggregated_workers = {}",
@@ -218,13 +223,16 @@ link = "tcp-10g"
 {pools}
 router = {policy}
 registry_delay_ms = {delay_ms}
+workers_per_device = {}
+device_parallelism = {}
 [setup.engine]
 max_num_seqs = 8
 max_batched_tokens = 256
 chunked_prefill = {chunked}
 gpu_memory_utilization = 1.0
 max_queue = 12
-"#
+"#,
+        sharing.0, sharing.1
     )
 }
 
@@ -295,8 +303,9 @@ proptest! {
         memory_gib in 0.27f64..0.6,
         delay_ms in prop_oneof![Just(0.0), 0.0f64..20.0],
         chunked in any::<bool>(),
+        sharing in (1u32..4).prop_flat_map(|n| (Just(n), 1..=n)),
     ) {
-        let knobs = Knobs { seed, mode, workers, policy, rate, memory_gib, delay_ms, chunked };
+        let knobs = Knobs { seed, mode, workers, policy, rate, memory_gib, delay_ms, chunked, sharing };
         let text = random_scenario(&knobs);
         let scenario = parse(&text);
         let options = RunOptions { token_times: true, keep_requests: true, progress: None };
@@ -322,6 +331,7 @@ fn small_kv_pools_preempt_and_still_complete_everything() {
         memory_gib: 0.27,
         delay_ms: 0.0,
         chunked: true,
+        sharing: (1, 1),
     });
     let scenario = parse(&text);
     let options = RunOptions {
@@ -404,4 +414,73 @@ fn the_seed_table_orders_its_setups_as_the_physics_says() {
     );
     assert!(full.latency_hit_ms.unwrap() < full.latency_miss_ms.unwrap());
     assert!(full.transfer_overhead_share < rdma.transfer_overhead_share);
+}
+
+fn two_workers(rate_per_s: f64, workers_per_device: u32, device_parallelism: u32) -> Scenario {
+    parse(&format!(
+        r#"
+name = "sharing"
+seed = 5
+[model]
+preset = "smollm2-135m"
+[workload]
+arrival = {{ process = "constant", rate_per_s = {rate_per_s} }}
+sessions = 2
+turns = {{ dist = "constant", value = 1 }}
+user_tokens = {{ dist = "constant", value = 300 }}
+output_tokens = {{ dist = "constant", value = 40 }}
+[[setup]]
+name = "shared"
+hardware = "h100-sxm"
+link = "tcp-10g"
+mode = "aggregated"
+aggregated_workers = 2
+workers_per_device = {workers_per_device}
+device_parallelism = {device_parallelism}
+"#
+    ))
+}
+
+#[test]
+fn workers_sharing_a_device_slow_each_other_only_when_they_oversubscribe_it() {
+    let e2e = |scenario: &Scenario| -> Vec<u64> {
+        let out = engine::run(scenario, &scenario.setups[0], RunOptions::default()).unwrap();
+        assert_eq!(out.summary.completed, 2);
+        out.records
+            .iter()
+            .map(|r| r.end_ns - r.arrival_ns)
+            .collect()
+    };
+    // Arrivals 1 us apart: both workers compute at the same time.
+    let apart = e2e(&two_workers(1e6, 1, 1));
+    assert_eq!(
+        apart,
+        e2e(&two_workers(1e6, 2, 2)),
+        "room for both: no slowdown"
+    );
+    let shared = e2e(&two_workers(1e6, 2, 1));
+    for (s, a) in shared.iter().zip(&apart) {
+        let ratio = *s as f64 / *a as f64;
+        assert!(
+            (1.9..=2.01).contains(&ratio),
+            "one device, two busy workers: {ratio}"
+        );
+    }
+    // Arrivals 1000 s apart: never busy together, so sharing costs nothing.
+    assert_eq!(e2e(&two_workers(1e-3, 1, 1)), e2e(&two_workers(1e-3, 2, 1)));
+    let bad = Scenario::parse(
+        &sim::config::DEFAULT_SCENARIO.replacen(
+            "mode = \"aggregated\"",
+            "workers_per_device = 2\ndevice_parallelism = 3\nmode = \"aggregated\"",
+            1,
+        ),
+        "s.toml",
+        PathBuf::from("."),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("device_parallelism: must be in 1..=2"),
+        "{bad}"
+    );
 }

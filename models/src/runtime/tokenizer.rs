@@ -51,6 +51,9 @@ impl ChatMessage {
 #[derive(Clone, Debug)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Counted once: the library counts by copying the whole vocabulary, too slow to do for
+    /// every decoded token.
+    vocab_size: usize,
     eos_token_ids: Vec<u32>,
     chat_template: Option<String>,
 }
@@ -208,6 +211,7 @@ impl Tokenizer {
         let mut seen = std::collections::HashSet::new();
         eos_token_ids.retain(|id| seen.insert(*id));
         Ok(Tokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             eos_token_ids,
             chat_template: string("tokenizer.chat_template")?.map(str::to_string),
@@ -229,6 +233,7 @@ impl Tokenizer {
         })?;
         let eos_token_ids = end_of_generation_ids(&inner);
         Ok(Tokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             eos_token_ids,
             chat_template: None,
@@ -270,7 +275,7 @@ impl Tokenizer {
 
     /// Tokens in the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// The Jinja chat template the GGUF file carries (`tokenizer.chat_template`), if any.

@@ -6,6 +6,7 @@
 //! after a think time. Every KV block change a worker makes reaches the router's block index
 //! after the registry's delay.
 
+mod device;
 mod queue;
 mod worker;
 
@@ -18,6 +19,7 @@ use crate::rng::{self, Stream};
 use crate::routing::{BlockIndex, Role, RouteRequest, Router, WorkerId, WorkerLoad};
 use crate::time::Nanos;
 use crate::workload::{Request, Workload, WorkloadError};
+use device::Device;
 use queue::{Event, EventQueue};
 use std::collections::VecDeque;
 use worker::{Phase, Seq, Worker};
@@ -97,6 +99,7 @@ struct Simulation<'a> {
     max_model_len: u32,
     min_capacity_blocks: u32,
     workers: Vec<Worker>,
+    devices: Vec<Device>,
     loads: Vec<WorkerLoad>,
     seqs: Slab<Seq>,
     /// Follow-up turns waiting for their arrival time.
@@ -185,6 +188,9 @@ impl<'a> Simulation<'a> {
             max_model_len,
             min_capacity_blocks: capacity_blocks,
             overlap_scratch: vec![0; workers.len()],
+            devices: (0..workers.len().div_ceil(setup.workers_per_device as usize))
+                .map(|_| Device::default())
+                .collect(),
             workers,
             loads,
             seqs: Slab::default(),
@@ -234,7 +240,11 @@ impl<'a> Simulation<'a> {
                     let req = self.follow_ups.remove(slot);
                     self.arrive(req);
                 }
-                Event::StepDone(w) => self.step_done(w),
+                Event::StepDone(w, generation) => {
+                    if self.workers[w as usize].step.generation == generation {
+                        self.step_done(w);
+                    }
+                }
                 Event::TransferSent(slot) => self.transfer_sent(slot),
                 Event::TransferLanded(slot) => self.transfer_landed(slot),
                 Event::NetworkWake(version) => {

@@ -11,8 +11,8 @@ pub enum Event {
     NextArrival,
     /// A follow-up turn held in the request slab arrives.
     Arrive(u32),
-    /// A worker's iteration ends.
-    StepDone(u32),
+    /// A worker's iteration ends, unless it was rescheduled since (worker, generation).
+    StepDone(u32, u32),
     /// A transfer's sender-side work (setup, staging copies, serialization) is done; its bytes
     /// enter the network.
     TransferSent(u32),
@@ -69,17 +69,17 @@ mod tests {
     #[test]
     fn ties_pop_in_insertion_order() {
         let mut q = EventQueue::default();
-        q.push(5, Event::StepDone(2));
+        q.push(5, Event::StepDone(2, 0));
         q.push(3, Event::Registry);
-        q.push(5, Event::StepDone(1));
+        q.push(5, Event::StepDone(1, 0));
         q.push(5, Event::NextArrival);
         let order: Vec<_> = std::iter::from_fn(|| q.pop()).collect();
         assert_eq!(
             order,
             vec![
                 (3, Event::Registry),
-                (5, Event::StepDone(2)),
-                (5, Event::StepDone(1)),
+                (5, Event::StepDone(2, 0)),
+                (5, Event::StepDone(1, 0)),
                 (5, Event::NextArrival)
             ]
         );
@@ -89,20 +89,20 @@ mod tests {
     fn in_order_events_merge_by_time_then_insertion() {
         let mut q = EventQueue::default();
         q.push_in_order(4, Event::Registry);
-        q.push(5, Event::StepDone(1));
+        q.push(5, Event::StepDone(1, 0));
         q.push_in_order(5, Event::Registry);
-        q.push(4, Event::StepDone(2));
-        q.push(9, Event::StepDone(3));
+        q.push(4, Event::StepDone(2, 0));
+        q.push(9, Event::StepDone(3, 0));
         q.push_in_order(9, Event::NextArrival);
         let order: Vec<_> = std::iter::from_fn(|| q.pop()).collect();
         assert_eq!(
             order,
             vec![
                 (4, Event::Registry),
-                (4, Event::StepDone(2)),
-                (5, Event::StepDone(1)),
+                (4, Event::StepDone(2, 0)),
+                (5, Event::StepDone(1, 0)),
                 (5, Event::Registry),
-                (9, Event::StepDone(3)),
+                (9, Event::StepDone(3, 0)),
                 (9, Event::NextArrival)
             ]
         );

@@ -2,6 +2,7 @@
 //! chunked prefill, a cap on sequences, and preemption by recomputation when the KV cache
 //! is full (as vLLM schedules).
 
+use super::device::StepProgress;
 use super::{Event, Simulation, TokenTime};
 use crate::cost::StepWork;
 use crate::kv::{BlockHash, BlockId, BlockManager, KvEvent};
@@ -105,6 +106,7 @@ pub struct Worker {
     /// The step in flight: (slot, prefill chunk tokens; 0 for a decode token).
     pub batch: Vec<(u32, u32)>,
     pub busy: bool,
+    pub(super) step: StepProgress,
     busy_ns: Nanos,
     steps: u64,
     prefill_tokens: u64,
@@ -130,6 +132,7 @@ impl Worker {
             running: Vec::new(),
             batch: Vec::new(),
             busy: false,
+            step: StepProgress::default(),
             busy_ns: 0,
             steps: 0,
             prefill_tokens: 0,
@@ -314,12 +317,11 @@ impl Simulation<'_> {
         let step_ns = self.cost.step_ns(&work);
         worker.busy = true;
         worker.batch = batch;
-        worker.busy_ns += step_ns;
         worker.steps += 1;
         worker.prefill_tokens += work.prefill_tokens;
         worker.decode_tokens += work.decode_seqs as u64;
         worker.peak_used_blocks = worker.peak_used_blocks.max(worker.kv.used_blocks());
-        self.queue.push(self.now + step_ns, Event::StepDone(w));
+        self.begin_step(w, step_ns);
     }
 
     /// A step ends: decode tokens come out, prefill chunks land, finished prefills move on.
@@ -327,8 +329,11 @@ impl Simulation<'_> {
         let wi = w as usize;
         let bs = self.block_size;
         let now = self.now;
+        self.end_step(w);
         let batch = std::mem::take(&mut self.workers[wi].batch);
-        self.workers[wi].busy = false;
+        let worker = &mut self.workers[wi];
+        worker.busy = false;
+        worker.busy_ns += now - worker.step.started_ns;
         let mut prefilled = std::mem::take(&mut self.prefilled_scratch);
         let mut finished = std::mem::take(&mut self.finished_scratch);
         // Tokens of one step mostly share a gap: count runs of equal gaps.
