@@ -7,6 +7,7 @@
 
 mod batch;
 mod detok;
+pub mod steps;
 
 use crate::frontend::{
     Backend, BackendError, GenerateEvent, GenerateInput, GenerateRequest, ModelInfo, Role,
@@ -45,6 +46,8 @@ pub struct EngineConfig {
     pub local_prefill_tokens: usize,
     /// The worker's cluster index, as traces name it.
     pub worker_id: u32,
+    /// Where to write the step trace (`steps::StepTrace`), if anywhere.
+    pub step_trace: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +61,7 @@ impl Default for EngineConfig {
             prefix_caching: true,
             local_prefill_tokens: 0,
             worker_id: 0,
+            step_trace: None,
         }
     }
 }
@@ -235,6 +239,12 @@ impl Engine {
             prefill_asks: hooks.prefill_asks,
             reports: hooks.reports,
         });
+        let trace = match &config.step_trace {
+            Some(path) => Some(steps::StepTrace::create(path).map_err(|e| {
+                PagedError::Invalid(format!("step_trace: {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         let mut batcher = batch::Batcher::new(
             paged,
@@ -243,6 +253,7 @@ impl Engine {
             &config,
             context_tokens,
         );
+        batcher.trace = trace;
         let thread = std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || batcher.run(rx))

@@ -316,6 +316,9 @@ fn calibrate_device(args: CalibrateArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let mut words: Vec<String> = std::env::args().skip(1).collect();
     words.insert(0, "disagg-hw".into());
+    if let Ok(threads) = std::env::var("RAYON_NUM_THREADS") {
+        words.insert(0, format!("RAYON_NUM_THREADS={threads}"));
+    }
     let meta = sim::calibration::Meta {
         machine: args.machine.unwrap_or_else(|| match &device {
             models::runtime::Device::Cpu => calibrate::cpu_description(),

@@ -106,6 +106,9 @@ pub struct ClusterShape {
     /// Requests waiting at one worker beyond which new ones are refused.
     #[serde(default = "default_max_waiting")]
     pub max_waiting: u32,
+    /// CPU threads of each worker's model; default: every core.
+    #[serde(default)]
+    pub threads_per_worker: Option<u32>,
 }
 
 fn default_max_waiting() -> u32 {
@@ -142,6 +145,8 @@ pub struct Case {
     link_specs: Vec<LinkSpec>,
     /// The case file, as errors name it.
     pub file: String,
+    /// Cores of the machine the workers share (this one's, unless set).
+    pub cores: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +231,13 @@ impl Case {
                     i64::from(c.max_batched_tokens).into(),
                 );
                 w.insert("max_waiting".into(), i64::from(c.max_waiting).into());
+                w.insert(
+                    "step_trace".into(),
+                    format!("steps-{}-{i}.csv", role.name()).into(),
+                );
+                if let Some(threads) = c.threads_per_worker {
+                    w.insert("threads".into(), i64::from(threads).into());
+                }
                 // The simulator starts a transfer when its prefill ends, so the real prefill
                 // workers send whole transfers too (no layer streaming) until it models that.
                 if *role == sim::routing::Role::Prefill {
@@ -286,6 +298,9 @@ impl Case {
             }
         }
         setup.insert("router".into(), to_value(&c.router));
+        let (workers_per_device, device_parallelism) = self.cpu_sharing();
+        setup.insert("workers_per_device".into(), workers_per_device.into());
+        setup.insert("device_parallelism".into(), device_parallelism.into());
         setup.insert("engine".into(), Value::Table(engine));
 
         let mut model = Table::new();
@@ -307,6 +322,15 @@ impl Case {
         }
         doc.insert("setup".into(), Value::Array(vec![Value::Table(setup)]));
         self.header("the simulated cluster") + &doc.to_string()
+    }
+
+    /// Every worker runs on this machine's CPU: (workers sharing it, how many of them step at
+    /// full speed at once: the cores over each worker's threads).
+    pub fn cpu_sharing(&self) -> (i64, i64) {
+        let workers = self.roles().len() as i64;
+        let threads = self.cluster.threads_per_worker.unwrap_or(self.cores).max(1);
+        let parallel = i64::from(self.cores / threads).clamp(1, workers);
+        (workers, parallel)
     }
 
     /// The roofline with its memory set to the weights plus `kv_blocks` blocks (and half a
@@ -498,6 +522,10 @@ fn check(raw: CaseFile, file: &str, base_dir: &Path) -> Result<Case, (String, St
         ("cluster.max_num_seqs", c.max_num_seqs),
         ("cluster.max_batched_tokens", c.max_batched_tokens),
         ("cluster.max_waiting", c.max_waiting),
+        (
+            "cluster.threads_per_worker",
+            c.threads_per_worker.unwrap_or(1),
+        ),
     ] {
         if value == 0 {
             return Err(err(field, "must be positive".into()));
@@ -585,6 +613,7 @@ fn check(raw: CaseFile, file: &str, base_dir: &Path) -> Result<Case, (String, St
         slo: raw.slo,
         link_specs: raw.link_specs,
         file: file.to_string(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
     })
 }
 
@@ -841,6 +870,46 @@ tpot_ms = 50.0
         assert!(doc.get("hardware").is_none());
         assert_eq!(setup["engine"]["kv_blocks"].as_integer(), Some(64));
         assert_eq!(setup["link"].as_str(), Some("tcp-10g"));
+    }
+
+    #[test]
+    fn workers_share_the_cpu_as_their_threads_allow() {
+        let sharing = |threads: Option<&str>, cores: u32| {
+            let text = match threads {
+                Some(t) => CASE.replace(
+                    "max_batched_tokens = ",
+                    &format!("threads_per_worker = {t}\nmax_batched_tokens = "),
+                ),
+                None => CASE.to_string(),
+            };
+            let mut case = parse(&text).unwrap();
+            case.cores = cores;
+            let doc: Table = case.scenario_toml().parse().unwrap();
+            let setup = &doc["setup"].as_array().unwrap()[0];
+            let cluster: Table = case.cluster_toml().parse().unwrap();
+            let threads = cluster["worker"].as_array().unwrap()[0]
+                .get("threads")
+                .cloned();
+            (
+                setup["workers_per_device"].as_integer().unwrap(),
+                setup["device_parallelism"].as_integer().unwrap(),
+                threads.and_then(|t| t.as_integer()),
+            )
+        };
+        let workers = parse(CASE).unwrap().roles().len() as i64;
+        assert_eq!(workers, 3);
+        // Every worker computes on every core: one at a time at full speed.
+        assert_eq!(sharing(None, 8), (3, 1, None));
+        assert_eq!(sharing(Some("1"), 2), (3, 2, Some(1)));
+        assert_eq!(sharing(Some("1"), 16), (3, 3, Some(1)));
+        assert_eq!(sharing(Some("4"), 8), (3, 2, Some(4)));
+        assert!(
+            error(&CASE.replace(
+                "max_batched_tokens = ",
+                "threads_per_worker = 0\nmax_batched_tokens = "
+            ))
+            .contains("cluster.threads_per_worker: must be positive")
+        );
     }
 
     #[test]

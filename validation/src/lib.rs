@@ -6,6 +6,7 @@ pub mod case;
 pub mod compare;
 pub mod overall;
 pub mod run;
+pub mod steps;
 pub mod svg;
 
 pub use hw;

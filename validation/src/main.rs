@@ -86,6 +86,7 @@ fn main() -> ExitCode {
         match run_case(p, &settings) {
             Ok(run) => {
                 print!("{}", run.comparison.text_table());
+                print!("{}", validation::steps::table(&run.steps));
                 println!(
                     "load average {} before, {} after",
                     format_load(run.load_before_after.0),

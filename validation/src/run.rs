@@ -4,6 +4,7 @@
 
 use crate::case::{Case, CaseError, Derived, Mode, Predictor};
 use crate::compare::{Comparison, format_error};
+use crate::steps::{self, StepKind};
 use crate::svg::{Panel, cdf_svg};
 use hw::loadgen::{BenchOptions, LoadgenError};
 use sim::engine::{RunOptions, SimError};
@@ -25,6 +26,8 @@ pub enum RunError {
     Loadgen(#[from] LoadgenError),
     #[error("{path}: {message}")]
     Write { path: String, message: String },
+    #[error("step trace: {0}")]
+    Steps(String),
 }
 
 fn write_error(path: &Path, e: impl std::fmt::Display) -> RunError {
@@ -117,6 +120,8 @@ pub struct CaseRun {
     /// The machine's 1-minute load average before and after the measurement: other work on
     /// the machine slows the measured side and not the predicted one.
     pub load_before_after: (Option<f64>, Option<f64>),
+    /// The real workers' steps against the cost model's price for the same work.
+    pub steps: Vec<StepKind>,
 }
 
 /// The 1-minute load average (Linux); `None` where /proc/loadavg cannot be read.
@@ -142,6 +147,8 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
     let load_before = load_average();
     let measured = measure(p, settings)?;
     let load_before_after = (load_before, load_average());
+    let steps =
+        steps::compare(&p.dir, setup.cost_model(scenario).as_ref()).map_err(RunError::Steps)?;
     let comparison = Comparison::new(&predicted.summary, &measured.summary);
     let csv = |name: &str, records: &[RequestRecord]| {
         let path = p.dir.join(name);
@@ -166,6 +173,7 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         comparison,
         dir: p.dir.clone(),
         load_before_after,
+        steps,
     };
     let path = p.dir.join("report.md");
     let text = report(p, &run, settings, measured.delayed_sends);
@@ -359,10 +367,15 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
         None => out.push_str("No metric has a relative error (nothing was measured).\n"),
     }
     out.push_str(
+        "\n## Step times\n\nEvery step the real workers ran (`steps-WORKER.csv`), against \
+         the cost model's price for the same work:\n\n",
+    );
+    out.push_str(&steps::table(&run.steps));
+    out.push_str(
         "\n![TTFT and E2E CDFs, predicted dashed, measured solid](cdf.svg)\n\n\
          Files: `requests-measured.csv`, `requests-predicted.csv` (one row per request, the \
-         simulator's schema), `comparison.csv`, `cdf.svg`, `cluster.toml`, `scenario.toml`, \
-         `serve.log`.\n",
+         simulator's schema), `steps-WORKER.csv` (one row per real step), `comparison.csv`, \
+         `cdf.svg`, `cluster.toml`, `scenario.toml`, `serve.log`.\n",
     );
     out
 }

@@ -113,6 +113,14 @@ pub struct WorkerConfig {
     /// the whole KV once the prefill is done.
     #[serde(default = "yes")]
     pub stream_kv_layers: bool,
+    /// CPU threads the worker's model computes with (`RAYON_NUM_THREADS` of its process, set
+    /// by `serve`); default: every core. One per worker keeps workers sharing a CPU from
+    /// stalling each other's parallel steps.
+    #[serde(default)]
+    pub threads: Option<u32>,
+    /// A CSV of every engine step's work and times (relative to the cluster file).
+    #[serde(default)]
+    pub step_trace: Option<PathBuf>,
 }
 
 fn any_loopback_port() -> SocketAddr {
@@ -261,6 +269,7 @@ fn check(c: &ClusterConfig) -> Result<(), (String, String)> {
             ("kv_blocks", w.kv_blocks as usize),
             ("max_batched_tokens", w.max_batched_tokens),
             ("max_num_seqs", w.max_num_seqs),
+            ("threads", w.threads.unwrap_or(1) as usize),
         ] {
             if value == 0 {
                 return Err((at(field), "must be positive".into()));

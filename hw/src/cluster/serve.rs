@@ -2,7 +2,7 @@
 //! API) and, for `disagg-hw serve`, every worker of the cluster file as a child process.
 
 use super::backend::{ClusterBackend, ClusterOptions};
-use super::config::Cluster;
+use super::config::{Cluster, WorkerConfig};
 use super::registry::{EmbeddedRegistry, Registry, registry_api};
 use crate::frontend::{Metrics, ServerConfig, serve_listener};
 use models::runtime::GgufFile;
@@ -86,7 +86,7 @@ pub async fn run_frontend(cluster: &Cluster, options: FrontendOptions) -> Result
     let mut children = Vec::new();
     if options.spawn_workers {
         for w in &cluster.config.workers {
-            let child = spawn_worker(&options, &w.name, w.role, registry_addr)?;
+            let child = spawn_worker(&options, w, registry_addr)?;
             eprintln!(
                 "started worker {} ({}), pid {}",
                 w.name,
@@ -118,13 +118,16 @@ pub async fn run_frontend(cluster: &Cluster, options: FrontendOptions) -> Result
 
 fn spawn_worker(
     options: &FrontendOptions,
-    name: &str,
-    role: Role,
+    worker: &WorkerConfig,
     registry: SocketAddr,
 ) -> Result<Child, String> {
+    let name = &worker.name;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find disagg-hw: {e}"))?;
     let mut command = Command::new(exe);
-    command.arg(role.name());
+    command.arg(worker.role.name());
+    if let Some(threads) = worker.threads {
+        command.env("RAYON_NUM_THREADS", threads.to_string());
+    }
     if let Some(path) = &options.config_path {
         command.arg("--config").arg(path);
     }

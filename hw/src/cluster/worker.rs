@@ -149,7 +149,8 @@ pub async fn run(
         prefill_asks: (wc.role == Role::Decode).then_some(asks_tx),
         reports: Some(reports_tx),
     };
-    let engine_config = wc.engine(index);
+    let mut engine_config = wc.engine(index);
+    engine_config.step_trace = wc.step_trace.as_ref().map(|p| cluster.base_dir.join(p));
     let block_size_tokens = engine_config.block_size_tokens;
     let engine = Engine::new(model, tokenizer, engine_config, hooks).map_err(|e| e.to_string())?;
     let worker = Arc::new(Worker {

@@ -11,6 +11,7 @@
 //! its cached prefix pinned) and then waits for a prefill worker's KV of the rest; a prefill
 //! worker's job ends once its first token is sampled and its KV exported.
 
+use super::steps::{StepRow, StepTrace};
 use super::{
     EngineReport, Inbox, Job, PrefillAsk, PrefillOutput, RemoteKv, Request, Shared, State,
 };
@@ -48,6 +49,7 @@ pub(super) struct Batcher {
     events: Vec<KvEvent>,
     /// What the last report said, so that unchanged load is not reported again.
     last_load: (u32, u32, u32),
+    pub trace: Option<StepTrace>,
 }
 
 impl Batcher {
@@ -71,6 +73,7 @@ impl Batcher {
             running: Vec::new(),
             events: Vec::new(),
             last_load: (u32::MAX, u32::MAX, u32::MAX),
+            trace: None,
         }
     }
 
@@ -369,6 +372,35 @@ impl Batcher {
                 *streamed = true;
             }
         }
+        let mut row = self.trace.as_ref().map(|trace| {
+            let mut step = sim::cost::StepWork::default();
+            for &(seq, n) in &work {
+                let tokens = self.paged.tokens(seq).map_or(0, |t| t.len());
+                let pending = self.paged.pending_tokens(seq).unwrap_or(0);
+                let context = (tokens - pending) as u64;
+                let decoding = self
+                    .running
+                    .iter()
+                    .any(|r| r.seq == seq && r.state == State::Decoding);
+                if decoding {
+                    step.add_decode(context);
+                } else {
+                    step.add_prefill(n as u64, context);
+                }
+            }
+            StepRow {
+                start_ns: trace.since_start_ns(Instant::now()),
+                forward_ns: 0,
+                end_ns: 0,
+                decode_seqs: step.decode_seqs,
+                decode_context_tokens: step.decode_context_tokens,
+                prefill_seqs: step.prefill_seqs,
+                prefill_tokens: step.prefill_tokens,
+                prefill_attention_pairs: step.prefill_attention_pairs,
+                prefill_kv_read_tokens: step.prefill_kv_read_tokens,
+            }
+        });
+        let forward_start = Instant::now();
         let rows = self
             .paged
             .step_streaming(&work, &stream, &mut |i, layer, parts| {
@@ -391,9 +423,17 @@ impl Batcher {
                 return;
             }
         };
+        let forward_ns = forward_start.elapsed().as_nanos() as u64;
         for ((seq, _), row) in work.into_iter().zip(rows) {
             if self.paged.pending_tokens(seq).unwrap_or(1) == 0 {
                 self.sample(seq, &row);
+            }
+        }
+        if let (Some(trace), Some(row)) = (&mut self.trace, &mut row) {
+            row.forward_ns = forward_ns;
+            row.end_ns = trace.since_start_ns(Instant::now());
+            if !trace.record(row) {
+                self.trace = None;
             }
         }
     }

@@ -1,0 +1,148 @@
+//! Step times, measured against predicted: every step a real worker ran (its step trace),
+//! priced by the simulator's cost model for the same work. Where the latencies miss, this
+//! says whether the step times are the part that misses.
+
+use hw::engine::steps::{self, StepRow};
+use sim::cost::CostModel;
+use std::path::Path;
+
+/// The steps of one kind.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepKind {
+    pub kind: &'static str,
+    pub steps: usize,
+    pub measured_ms_p50: f64,
+    pub predicted_ms_p50: f64,
+    /// Median over steps of (predicted - measured) / measured, in percent.
+    pub error_pct_p50: f64,
+    /// Median share of the step spent outside the forward pass (sampling, detokenization,
+    /// hand-off), in percent.
+    pub outside_forward_pct_p50: f64,
+}
+
+fn kind(row: &StepRow) -> &'static str {
+    match (row.decode_seqs > 0, row.prefill_seqs > 0) {
+        (true, false) => "decode",
+        (false, true) => "prefill",
+        _ => "mixed",
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Reads every `steps-*.csv` in `dir` and compares each kind of step with `cost`.
+pub fn compare(dir: &Path, cost: &dyn CostModel) -> Result<Vec<StepKind>, String> {
+    let mut rows = Vec::new();
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("steps-") && n.ends_with(".csv"))
+        })
+        .collect();
+    paths.sort();
+    for path in &paths {
+        rows.extend(steps::read(path)?);
+    }
+    Ok(["decode", "prefill", "mixed"]
+        .into_iter()
+        .filter_map(|k| {
+            let of_kind: Vec<&StepRow> = rows.iter().filter(|r| kind(r) == k).collect();
+            if of_kind.is_empty() {
+                return None;
+            }
+            let measured = |r: &StepRow| r.end_ns.saturating_sub(r.start_ns) as f64;
+            let predicted = |r: &StepRow| cost.step_ns(&r.work()) as f64;
+            Some(StepKind {
+                kind: k,
+                steps: of_kind.len(),
+                measured_ms_p50: median(of_kind.iter().map(|r| measured(r) / 1e6).collect()),
+                predicted_ms_p50: median(of_kind.iter().map(|r| predicted(r) / 1e6).collect()),
+                error_pct_p50: median(
+                    of_kind
+                        .iter()
+                        .map(|r| 100.0 * (predicted(r) - measured(r)) / measured(r).max(1.0))
+                        .collect(),
+                ),
+                outside_forward_pct_p50: median(
+                    of_kind
+                        .iter()
+                        .map(|r| 100.0 * (1.0 - r.forward_ns as f64 / measured(r).max(1.0)))
+                        .collect(),
+                ),
+            })
+        })
+        .collect())
+}
+
+/// The markdown table of `kinds`.
+pub fn table(kinds: &[StepKind]) -> String {
+    let mut out = String::from(
+        "| step | steps | measured p50 | predicted p50 | error p50 | outside the forward pass |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    for k in kinds {
+        out.push_str(&format!(
+            "| {} | {} | {:.1} ms | {:.1} ms | {:+.1}% | {:.1}% |\n",
+            k.kind,
+            k.steps,
+            k.measured_ms_p50,
+            k.predicted_ms_p50,
+            k.error_pct_p50,
+            k.outside_forward_pct_p50
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sim::cost::StepWork;
+
+    /// 10 ms per step, whatever the work.
+    struct Flat;
+    impl CostModel for Flat {
+        fn step_ns(&self, _: &StepWork) -> u64 {
+            10_000_000
+        }
+    }
+
+    #[test]
+    fn steps_are_grouped_by_kind_and_compared_with_the_cost_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "start_ns,forward_ns,end_ns,decode_seqs,decode_context_tokens,prefill_seqs,prefill_tokens,prefill_attention_pairs,prefill_kv_read_tokens\n\
+                    0,7000000,8000000,1,100,0,0,0,0\n\
+                    9000000,11000000,21500000,2,200,0,0,0,0\n\
+                    30000000,19000000,50000000,0,0,1,64,2080,64\n";
+        std::fs::write(dir.path().join("steps-decode-1.csv"), text).unwrap();
+        std::fs::write(dir.path().join("other.csv"), "not a trace").unwrap();
+        let kinds = compare(dir.path(), &Flat).unwrap();
+        assert_eq!(kinds.len(), 2);
+        let decode = &kinds[0];
+        assert_eq!((decode.kind, decode.steps), ("decode", 2));
+        assert!((decode.measured_ms_p50 - 10.25).abs() < 1e-9);
+        // +25% and -20%: the median of the two.
+        assert!((decode.error_pct_p50 - 2.5).abs() < 1e-9);
+        let prefill = &kinds[1];
+        assert_eq!((prefill.kind, prefill.steps), ("prefill", 1));
+        assert!((prefill.error_pct_p50 + 50.0).abs() < 1e-9);
+        assert!((prefill.outside_forward_pct_p50 - 5.0).abs() < 1e-9);
+        assert!(table(&kinds).contains("| decode | 2 | 10.2 ms | 10.0 ms | +2.5% |"));
+        std::fs::write(dir.path().join("steps-bad.csv"), "start_ns\nx\n").unwrap();
+        assert!(
+            compare(dir.path(), &Flat)
+                .unwrap_err()
+                .contains("steps-bad.csv")
+        );
+    }
+}
