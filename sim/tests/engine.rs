@@ -484,3 +484,46 @@ fn workers_sharing_a_device_slow_each_other_only_when_they_oversubscribe_it() {
         "{bad}"
     );
 }
+
+#[test]
+fn a_decode_worker_takes_landed_kv_between_its_steps() {
+    let scenario = small_default();
+    let setup = scenario
+        .setups
+        .iter()
+        .find(|s| s.name == "Disagg + TCP")
+        .unwrap();
+    let options = RunOptions {
+        token_times: true,
+        ..RunOptions::default()
+    };
+    let out = engine::run(&scenario, setup, options).unwrap();
+    // Times at which each decode worker emitted tokens of other requests: its step ends.
+    let mut step_ends: BTreeMap<u32, std::collections::BTreeSet<u64>> = BTreeMap::new();
+    let worker_of: BTreeMap<u64, u32> = out
+        .records
+        .iter()
+        .filter_map(|r| Some((r.request_id, r.decode_worker?)))
+        .collect();
+    for t in out.token_times.iter().filter(|t| t.token_index > 0) {
+        step_ends
+            .entry(worker_of[&t.request_id])
+            .or_default()
+            .insert(t.time_ns);
+    }
+    let (mut waited, mut at_once) = (0, 0);
+    for r in out.records.iter().filter(|r| r.transfer_bytes > 0) {
+        assert!(r.first_token_ns >= r.transfer_end_ns);
+        if r.first_token_ns == r.transfer_end_ns {
+            at_once += 1;
+        } else {
+            let ends = &step_ends[&r.decode_worker.unwrap()];
+            assert!(ends.contains(&r.first_token_ns), "request {}", r.request_id);
+            waited += 1;
+        }
+    }
+    assert!(
+        waited > 0 && at_once > 0,
+        "{waited} waited, {at_once} at once"
+    );
+}

@@ -502,23 +502,34 @@ impl Simulation<'_> {
         }
     }
 
-    /// The KV is on the decode worker: the prefill worker lets go of its copy (still cached)
-    /// and the decode worker starts generating.
+    /// The KV is on the decode worker: the prefill worker lets go of its copy (still cached);
+    /// the decode worker takes it (and emits the first token) once its running step is over.
     fn transfer_landed(&mut self, slot: u32) {
-        let now = self.now;
         let seq = self.seqs.get_mut(slot);
-        seq.rec.transfer_end_ns = now;
+        seq.rec.transfer_end_ns = self.now;
         let (p, d) = (seq.prefill_worker, seq.decode_worker);
         let prefill_blocks = std::mem::take(&mut seq.prefill_blocks);
         let prompt_blocks = seq.prompt_blocks;
-        // The transferred full blocks join the decode worker's prefix cache.
-        let full = (seq.req.prompt_tokens / self.block_size) as usize;
-        let kv = &mut self.workers[d as usize].kv;
-        let first = (seq.decode_cached_tokens / self.block_size) as usize;
-        kv.commit_all(&seq.blocks[first..full], &seq.hashes[first..full]);
         self.workers[p as usize].kv.free(&prefill_blocks);
         self.release_load(p, prompt_blocks);
         self.wake.push(p);
+        if self.workers[d as usize].busy {
+            self.workers[d as usize].landed.push(slot);
+        } else {
+            self.take_landed(slot);
+        }
+    }
+
+    /// The decode worker takes a landed transfer: its full blocks join the prefix cache and
+    /// the request starts generating.
+    fn take_landed(&mut self, slot: u32) {
+        let seq = self.seqs.get(slot);
+        let d = seq.decode_worker;
+        let full = (seq.req.prompt_tokens / self.block_size) as usize;
+        let first = (seq.decode_cached_tokens / self.block_size) as usize;
+        self.workers[d as usize]
+            .kv
+            .commit_all(&seq.blocks[first..full], &seq.hashes[first..full]);
         self.first_token(slot);
         if self.seqs.get(slot).req.output_tokens <= 1 {
             self.complete(slot);

@@ -105,6 +105,9 @@ pub struct Worker {
     pub running: Vec<u32>,
     /// The step in flight: (slot, prefill chunk tokens; 0 for a decode token).
     pub batch: Vec<(u32, u32)>,
+    /// Transfers that landed while a step was running: the engine takes them in between
+    /// steps, as a real one handles the KV it received before its next iteration.
+    pub landed: Vec<u32>,
     pub busy: bool,
     pub(super) step: StepProgress,
     busy_ns: Nanos,
@@ -131,6 +134,7 @@ impl Worker {
             waiting: VecDeque::new(),
             running: Vec::new(),
             batch: Vec::new(),
+            landed: Vec::new(),
             busy: false,
             step: StepProgress::default(),
             busy_ns: 0,
@@ -422,6 +426,12 @@ impl Simulation<'_> {
         finished.clear();
         self.prefilled_scratch = prefilled;
         self.finished_scratch = finished;
+        let landed = std::mem::take(&mut self.workers[wi].landed);
+        for &slot in &landed {
+            self.take_landed(slot);
+        }
+        self.workers[wi].landed = landed;
+        self.workers[wi].landed.clear();
         self.wake.push(w);
     }
 
