@@ -226,3 +226,49 @@ fn incremental_detokenization_streams_exactly_the_whole_decode() {
     assert_eq!(detok.text(), tokenizer.decode(&ids, true).unwrap());
     assert_eq!(detok.text(), text);
 }
+
+#[tokio::test]
+async fn the_step_trace_records_each_step_in_the_simulators_terms() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("steps.csv");
+    let config = EngineConfig {
+        kv_blocks: 64,
+        step_trace: Some(trace.clone()),
+        ..EngineConfig::default()
+    };
+    let path = models::runtime::test_gguf_path().unwrap();
+    let backend =
+        EngineBackend::from_gguf(&path, MODEL, TensorDType::F32, &Device::Cpu, config).unwrap();
+    let app = router(
+        Arc::new(backend),
+        Arc::new(Metrics::new()),
+        ServerConfig::default(),
+    );
+    let prompt: Vec<u32> = (100..140).collect();
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 5, "temperature": 0,
+                      "ignore_eos": true});
+    let (status, text) = post(&app, "/v1/completions", body).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let rows = steps::read(&trace).unwrap();
+    // One prefill step of the 40-token prompt, then a decode step per further token.
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    assert_eq!((rows[0].prefill_seqs, rows[0].prefill_tokens), (1, 40));
+    assert_eq!(rows[0].decode_seqs, 0);
+    for (i, row) in rows[1..].iter().enumerate() {
+        assert_eq!((row.decode_seqs, row.prefill_seqs), (1, 0));
+        assert_eq!(row.decode_context_tokens, 40 + i as u64);
+    }
+    for pair in rows.windows(2) {
+        assert!(pair[0].start_ns <= pair[0].end_ns && pair[0].end_ns <= pair[1].start_ns);
+        assert!(pair[0].forward_ns <= pair[0].end_ns - pair[0].start_ns);
+    }
+    let bad = EngineConfig {
+        step_trace: Some(dir.path().join("absent/steps.csv")),
+        ..EngineConfig::default()
+    };
+    let e = EngineBackend::from_gguf(&path, MODEL, TensorDType::F32, &Device::Cpu, bad)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("step_trace:"), "{e}");
+}
