@@ -8,6 +8,7 @@
 mod cache;
 mod error;
 mod gguf;
+mod linear;
 mod model;
 mod rope;
 mod safetensors;
@@ -17,6 +18,7 @@ mod weights;
 
 pub use cache::{DEFAULT_BLOCK_SIZE_TOKENS, KvCache};
 pub use error::RuntimeError;
+pub use linear::linear;
 pub use model::{Model, SeqInput};
 pub use sampling::{FinishReason, Sampler, SamplingParams, Stop, argmax};
 pub use weights::{LayerWeights, RopeStyle, Weights};

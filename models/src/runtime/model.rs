@@ -6,6 +6,7 @@
 //! gathered from that sequence's blocks.
 
 use super::cache::KvCache;
+use super::linear::linear;
 use super::rope::Rope;
 use super::{RuntimeError, Weights};
 use crate::ModelSpec;
@@ -203,7 +204,7 @@ impl Model {
         let mut x = self.embed.index_select(&tokens, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
-            let qkv = h.matmul(&layer.wqkv.t()?)?;
+            let qkv = linear(&h, &layer.wqkv)?;
             let q = qkv
                 .narrow(1, 0, q_dim)?
                 .contiguous()?
@@ -254,16 +255,16 @@ impl Model {
                 outs.push(o);
             }
             let attn = Tensor::cat(&outs, 0)?;
-            x = (x + attn.matmul(&layer.wo.t()?)?)?;
+            x = (x + linear(&attn, &layer.wo)?)?;
 
             let h = rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate_up = h.matmul(&layer.w_gate_up.t()?)?;
+            let gate_up = linear(&h, &layer.w_gate_up)?;
             let act = (gate_up.narrow(1, 0, inter)?.silu()? * gate_up.narrow(1, inter, inter)?)?;
-            x = (x + act.matmul(&layer.w_down.t()?)?)?;
+            x = (x + linear(&act, &layer.w_down)?)?;
         }
         let last = Tensor::from_vec(packed.last_rows, batch.len(), dev)?;
         let h = rms_norm(&x.index_select(&last, 0)?, &self.norm, eps)?;
-        Ok(h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        Ok(linear(&h, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 
     fn check_cache(&self, cache: &KvCache) -> Result<(), RuntimeError> {
