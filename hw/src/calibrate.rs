@@ -48,9 +48,13 @@ pub struct Plan {
     pub checks: Vec<StepShape>,
     /// Prompt lengths whose KV is transferred.
     pub transfer_tokens: Vec<u32>,
+    /// Timed repeats of each step in each pass.
     pub prefill_repeats: usize,
     pub step_repeats: usize,
     pub transfer_repeats: usize,
+    /// Sweeps over every step grid; a step's time is the median over all of them, so that a
+    /// machine that drifts over minutes (a shared or virtual one) weighs on every point alike.
+    pub passes: usize,
 }
 
 impl Plan {
@@ -85,9 +89,10 @@ impl Plan {
                 mixed(6, 300, 100, 0),
             ],
             transfer_tokens: vec![16, 64, 256, 512, 1024, 2048],
-            prefill_repeats: 5,
-            step_repeats: 7,
+            prefill_repeats: 2,
+            step_repeats: 3,
             transfer_repeats: 9,
+            passes: 3,
         }
     }
 
@@ -106,6 +111,7 @@ impl Plan {
             prefill_repeats: 1,
             step_repeats: 3,
             transfer_repeats: 3,
+            passes: 1,
         }
     }
 
@@ -115,8 +121,7 @@ impl Plan {
         let context = self.context_chunk_tokens.len() * self.context_tokens.len();
         let decode = self.decode_seqs.len() * self.decode_context_tokens.len();
         let steps = decode + self.mixed.len() + self.checks.len();
-        ((prefill + context) * self.prefill_repeats
-            + steps * self.step_repeats
+        (((prefill + context) * self.prefill_repeats + steps * self.step_repeats) * self.passes
             + self.transfer_tokens.len() * self.transfer_repeats) as u64
     }
 
@@ -156,8 +161,14 @@ impl Plan {
                 ));
             }
         }
-        if self.prefill_repeats == 0 || self.step_repeats == 0 || self.transfer_repeats == 0 {
-            return Err(CalibrateError::Plan("repeats must be positive".into()));
+        if self.prefill_repeats == 0
+            || self.step_repeats == 0
+            || self.transfer_repeats == 0
+            || self.passes == 0
+        {
+            return Err(CalibrateError::Plan(
+                "repeats and passes must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -290,66 +301,17 @@ pub fn run(
     bar.set_message("prefilling the donor sequence");
     bench.build_donor(plan)?;
 
-    let grid = |bench: &mut Bench,
-                kind: Kind,
-                what: &str,
-                shapes: Vec<StepShape>,
-                repeats: usize|
-     -> Result<Vec<u64>, CalibrateError> {
-        let mut medians = Vec::with_capacity(shapes.len());
-        for shape in shapes {
-            bar.set_message(format!("{what} {}", describe(&shape)));
-            medians.push(median(&bench.measure(kind, shape, repeats, bar)?));
-        }
-        Ok(medians)
-    };
-    let rows = |medians: Vec<u64>, cols: usize| -> Vec<Vec<u64>> {
-        medians.chunks(cols).map(<[u64]>::to_vec).collect()
-    };
-
-    // Decode first: its cells are cheap and the most numerous, so the bar's estimate settles.
-    let shapes = cells(
+    let decode_shapes = cells(
         &plan.decode_seqs,
         &plan.decode_context_tokens,
         StepShape::decode,
     );
-    let decode = grid(
-        &mut bench,
-        Kind::Decode,
-        "decode",
-        shapes,
-        plan.step_repeats,
-    )?;
-    let shapes = cells(&plan.prefill_seqs, &plan.prefill_tokens, |b, t| {
+    let prefill_shapes = cells(&plan.prefill_seqs, &plan.prefill_tokens, |b, t| {
         StepShape::prefill(b, t, 0)
     });
-    let prefill = grid(
-        &mut bench,
-        Kind::Prefill,
-        "prefill",
-        shapes,
-        plan.prefill_repeats,
-    )?;
-    let prefill_context = if plan.context_tokens.is_empty() {
-        None
-    } else {
-        let shapes = cells(&plan.context_chunk_tokens, &plan.context_tokens, |t, c| {
-            StepShape::prefill(1, t, c)
-        });
-        let medians = grid(
-            &mut bench,
-            Kind::PrefillContext,
-            "prefill after context",
-            shapes,
-            plan.prefill_repeats,
-        )?;
-        Some(ContextTable {
-            repeats: plan.prefill_repeats as u32,
-            tokens: plan.context_chunk_tokens.clone(),
-            context_tokens: plan.context_tokens.clone(),
-            time_ns: rows(medians, plan.context_tokens.len()),
-        })
-    };
+    let context_shapes = cells(&plan.context_chunk_tokens, &plan.context_tokens, |t, c| {
+        StepShape::prefill(1, t, c)
+    });
     let mixed_shapes: Vec<StepShape> = plan
         .mixed
         .iter()
@@ -358,20 +320,59 @@ pub fn run(
             ..*s
         })
         .collect();
-    let mixed = grid(
-        &mut bench,
-        Kind::Mixed,
-        "mixed",
-        mixed_shapes.clone(),
-        plan.step_repeats,
-    )?;
-    let checks = grid(
-        &mut bench,
-        Kind::Check,
-        "check",
-        plan.checks.clone(),
-        plan.step_repeats,
-    )?;
+    // Decode first: its cells are cheap and the most numerous, so the bar's estimate settles.
+    let grids: [(Kind, &str, &[StepShape], usize); 5] = [
+        (Kind::Decode, "decode", &decode_shapes, plan.step_repeats),
+        (
+            Kind::Prefill,
+            "prefill",
+            &prefill_shapes,
+            plan.prefill_repeats,
+        ),
+        (
+            Kind::PrefillContext,
+            "prefill after context",
+            &context_shapes,
+            plan.prefill_repeats,
+        ),
+        (Kind::Mixed, "mixed", &mixed_shapes, plan.step_repeats),
+        (Kind::Check, "check", &plan.checks, plan.step_repeats),
+    ];
+    let mut samples: Vec<Vec<Vec<u64>>> = grids
+        .iter()
+        .map(|(_, _, shapes, _)| vec![Vec::new(); shapes.len()])
+        .collect();
+    for pass in 0..plan.passes {
+        for ((kind, what, shapes, repeats), samples) in grids.iter().zip(&mut samples) {
+            for (&shape, samples) in shapes.iter().zip(samples) {
+                bar.set_message(format!(
+                    "pass {}/{}: {what} {}",
+                    pass + 1,
+                    plan.passes,
+                    describe(&shape)
+                ));
+                samples.extend(bench.measure(*kind, shape, *repeats, bar)?);
+            }
+        }
+    }
+    let mut medians = samples
+        .iter()
+        .map(|points| points.iter().map(|s| median(s)).collect::<Vec<u64>>());
+    let mut next = || medians.next().expect("one per grid");
+    let (decode, prefill, context, mixed, checks) = (next(), next(), next(), next(), next());
+    let rows = |medians: Vec<u64>, cols: usize| -> Vec<Vec<u64>> {
+        medians.chunks(cols).map(<[u64]>::to_vec).collect()
+    };
+    let (step_repeats, prefill_repeats) = (
+        (plan.step_repeats * plan.passes) as u32,
+        (plan.prefill_repeats * plan.passes) as u32,
+    );
+    let prefill_context = (!plan.context_tokens.is_empty()).then(|| ContextTable {
+        repeats: prefill_repeats,
+        tokens: plan.context_chunk_tokens.clone(),
+        context_tokens: plan.context_tokens.clone(),
+        time_ns: rows(context, plan.context_tokens.len()),
+    });
     bar.set_message("KV transfers over TCP on loopback");
     let transfer = bench.transfers(model, plan, bar)?;
     let link = fit_link(TCP_LOOPBACK, LinkKind::Tcp, &transfer)?;
@@ -379,21 +380,21 @@ pub fn run(
     let mut profile = Profile {
         meta,
         prefill: PrefillTable {
-            repeats: plan.prefill_repeats as u32,
+            repeats: prefill_repeats,
             seqs: plan.prefill_seqs.clone(),
             tokens: plan.prefill_tokens.clone(),
             time_ns: rows(prefill, plan.prefill_tokens.len()),
         },
         prefill_context,
         decode: DecodeTable {
-            repeats: plan.step_repeats as u32,
+            repeats: step_repeats,
             seqs: plan.decode_seqs.clone(),
             context_tokens: plan.decode_context_tokens.clone(),
             time_ns: rows(decode, plan.decode_context_tokens.len()),
         },
         mixed: MixedSteps {
             shared_ns: 0,
-            repeats: plan.step_repeats as u32,
+            repeats: step_repeats,
             step: mixed_shapes
                 .iter()
                 .zip(mixed)
