@@ -59,7 +59,7 @@ impl Under {
 
 /// Measures every size of the plan, smallest first as given.
 pub fn run(plan: &TransferPlan) -> Result<Vec<Row>, TransferBenchError> {
-    if plan.block_bytes == 0 || plan.block_bytes % 2 != 0 {
+    if plan.block_bytes == 0 || !plan.block_bytes.is_multiple_of(2) {
         return Err(TransferBenchError::Invalid(format!(
             "--block-bytes: {} is not a positive whole number of bf16 elements",
             plan.block_bytes

@@ -217,3 +217,21 @@ pub fn assemble_layers(mut parts: Vec<LayerParts>, n_blocks: usize) -> Vec<Vec<u
     }
     blocks
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transports_are_selected_by_name() {
+        for kind in TransportKind::ALL {
+            assert_eq!(kind.name().parse::<TransportKind>(), Ok(kind));
+        }
+        let err = "rdma".parse::<TransportKind>().unwrap_err();
+        assert!(err.contains("`rdma`"), "{err}");
+        assert_eq!(
+            Endpoint::CudaPeer("decode-0".into()).to_string(),
+            "cuda-p2p://decode-0"
+        );
+    }
+}

@@ -17,7 +17,10 @@ pub struct CopyBaseline {
     dst: Gpu,
     src_buf: CudaSlice<u8>,
     dst_buf: CudaSlice<u8>,
-    host: PinnedHostSlice<u8>,
+    /// Pinned buffers of each side's context: an event of one context is never recorded on
+    /// the other's stream.
+    host_out: PinnedHostSlice<u8>,
+    host_in: PinnedHostSlice<u8>,
     bytes: usize,
     peer_access: bool,
 }
@@ -34,12 +37,15 @@ impl CopyBaseline {
             .inbound
             .alloc_zeros::<u8>(bytes)
             .map_err(at("cuMemAllocAsync"))?;
-        // SAFETY: only ever a copy destination or source of whole bytes.
-        let host = unsafe {
-            src.context()
-                .alloc_pinned_with_flags::<u8>(bytes, sys::CU_MEMHOSTALLOC_PORTABLE)
-        }
-        .map_err(at("cuMemHostAlloc"))?;
+        let pinned = |gpu: &Gpu| {
+            // SAFETY: only ever a copy destination or source of whole bytes.
+            unsafe {
+                gpu.context()
+                    .alloc_pinned_with_flags::<u8>(bytes, sys::CU_MEMHOSTALLOC_PORTABLE)
+            }
+            .map_err(at("cuMemHostAlloc"))
+        };
+        let (host_out, host_in) = (pinned(&src)?, pinned(&dst)?);
         src.outbound
             .synchronize()
             .and_then(|()| dst.inbound.synchronize())
@@ -49,7 +55,8 @@ impl CopyBaseline {
             dst,
             src_buf,
             dst_buf,
-            host,
+            host_out,
+            host_in,
             bytes,
             peer_access,
         })
@@ -90,7 +97,7 @@ impl CopyBaseline {
         let stream = self.src.outbound.clone();
         let started = Instant::now();
         stream
-            .memcpy_dtoh(&self.src_buf, &mut self.host)
+            .memcpy_dtoh(&self.src_buf, &mut self.host_out)
             .map_err(at("cuMemcpyDtoHAsync"))?;
         stream.synchronize().map_err(at("cuStreamSynchronize"))?;
         Ok(started.elapsed().as_nanos() as u64)
@@ -101,7 +108,7 @@ impl CopyBaseline {
         let stream = self.dst.inbound.clone();
         let started = Instant::now();
         stream
-            .memcpy_htod(&self.host, &mut self.dst_buf)
+            .memcpy_htod(&self.host_in, &mut self.dst_buf)
             .map_err(at("cuMemcpyHtoDAsync"))?;
         stream.synchronize().map_err(at("cuStreamSynchronize"))?;
         Ok(started.elapsed().as_nanos() as u64)

@@ -251,14 +251,12 @@ fn enqueue_staged(
         src.outbound
             .wait(&in_done[b])
             .map_err(at("cuStreamWaitEvent"))?;
+        // The buffer first: reaching it binds the context that allocated it.
+        let buf = pinned.get_mut(b, n)?;
         src.bind()?;
         // SAFETY: in-range copies; the buffer's reuse is ordered by the events.
         unsafe {
-            result::memcpy_dtoh_async(
-                pinned.get_mut(b, n)?,
-                src_ptr + offset as u64,
-                src.outbound.cu_stream(),
-            )
+            result::memcpy_dtoh_async(buf, src_ptr + offset as u64, src.outbound.cu_stream())
         }
         .map_err(at("cuMemcpyDtoHAsync"))?;
         out_done[b]
@@ -267,16 +265,11 @@ fn enqueue_staged(
         dst.inbound
             .wait(&out_done[b])
             .map_err(at("cuStreamWaitEvent"))?;
+        let buf = pinned.get(b, n)?;
         dst.bind()?;
         // SAFETY: as above.
-        unsafe {
-            result::memcpy_htod_async(
-                dst_ptr + offset as u64,
-                pinned.get(b, n)?,
-                dst.inbound.cu_stream(),
-            )
-        }
-        .map_err(at("cuMemcpyHtoDAsync"))?;
+        unsafe { result::memcpy_htod_async(dst_ptr + offset as u64, buf, dst.inbound.cu_stream()) }
+            .map_err(at("cuMemcpyHtoDAsync"))?;
         in_done[b]
             .record(&dst.inbound)
             .map_err(at("cuEventRecord"))?;

@@ -55,8 +55,9 @@ async fn write_chunks<W: AsyncWrite + Unpin>(
     // socket, so the copy of one chunk overlaps the socket write of the previous.
     let enqueue = |i: usize, pinned: &mut PinnedPair| -> Result<(), CudaError> {
         let (offset, n) = chunk(len, i);
-        gpu.bind()?;
+        // The buffer first: reaching it binds the context that allocated it.
         let buf = pinned.get_mut(i % 2, n)?;
+        gpu.bind()?;
         // SAFETY: `src + offset .. + n` lies in the live tensor; the buffer is not read until
         // the event recorded after the copy completes.
         unsafe { result::memcpy_dtoh_async(buf, src + offset as u64, stream.cu_stream()) }
@@ -124,8 +125,8 @@ async fn read_chunks<R: AsyncRead + Unpin>(
         fr.fill(pinned.get_mut(i % 2, n).map_err(device_error)?, "payload")
             .await?;
         let enqueue = || -> Result<(), CudaError> {
-            gpu.bind()?;
             let buf = pinned.get(i % 2, n)?;
+            gpu.bind()?;
             // SAFETY: `dst + offset .. + n` lies in the allocation; the buffer is not written
             // again before the event recorded after this copy completes.
             unsafe { result::memcpy_htod_async(dst + offset as u64, buf, stream.cu_stream()) }
