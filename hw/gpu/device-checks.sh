@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Runs on a GPU machine (the device tool), from the repository root, carrying `.devpack` (built
-# by hw/gpu/build-cuda.sh): the CUDA build's `check-gpu` and `bench-transfer` for both GPU
-# transports, between cuda:0 and cuda:1 where there are two GPUs, else within cuda:0. Writes
-# under $OUT: run.log (the machine, every command and its output), check-gpu.md and one CSV per
-# benchmark. STEPS (default check,p2p,staged,tcp) picks what runs.
+# Runs on a GPU machine (the device tool) from a folder holding `.devpack` (built by
+# hw/gpu/build-cuda.sh): the repository root, or a carried copy of this script and `.devpack`
+# where the tool sends another checkout. Runs the CUDA build's `check-gpu`, then
+# `bench-transfer` for both GPU transports, between cuda:0 and cuda:1 where there are two
+# GPUs, else within cuda:0. Writes under $OUT: run.log (the machine, every command and its
+# output), check-gpu.md and one CSV per benchmark. STEPS (default check,p2p,staged,tcp) picks
+# what runs.
 set -uo pipefail
 : "${OUT:?set OUT to the folder for the results}"
 STEPS=${STEPS:-check,p2p,staged,tcp}
