@@ -547,6 +547,7 @@ impl Bench {
             blocks: (0..kv_len.div_ceil(bs))
                 .map(|b| donor.blocks[b % full].clone())
                 .collect(),
+            device: None,
             tokens,
         }
     }

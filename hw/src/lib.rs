@@ -2,7 +2,9 @@
 //! metrics) so that the served system and the simulated one run the same bookkeeping.
 
 pub mod bench_model;
+pub mod bench_transfer;
 pub mod calibrate;
+pub mod check_gpu;
 pub mod cluster;
 pub mod engine;
 pub mod fetch;

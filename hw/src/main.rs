@@ -86,6 +86,53 @@ enum Command {
         #[arg(long)]
         machine: Option<String>,
     },
+    /// The model on a device against the CPU in f32, on the same seeded weights: logits of a
+    /// batched prefill and greedy decode steps in f32, f16 and bf16 within bounds set by each
+    /// dtype's precision, and the KV export -> import round trip on the device. Prints tables;
+    /// exits non-zero on any failure.
+    CheckGpu {
+        /// cuda:N (or cpu, to check the CPU's half precision against its f32).
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        /// A model preset (seeded random weights); default: smollm2-135m, then tinyllama-1.1b.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, value_delimiter = ',', default_value = "f32,f16,bf16")]
+        dtypes: Vec<String>,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Also write the tables here (markdown).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// KV transfer bandwidth between two GPUs by message size, through a transport and, on
+    /// the same bytes, a plain peer copy and pinned host copies (a build with feature `cuda`).
+    BenchTransfer {
+        /// cuda-p2p (peer copies in this process) or tcp (GPU memory over loopback TCP).
+        #[arg(long, default_value = "cuda-p2p")]
+        transport: String,
+        #[arg(long, default_value = "cuda:0")]
+        src: String,
+        #[arg(long, default_value = "cuda:1")]
+        dst: String,
+        /// Message sizes: bytes with k/M/G (or Ki/Mi/Gi) units, or PRESET:TOKENS for a model's
+        /// bf16 KV; rounded up to whole blocks.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "1M,4M,tinyllama-1.1b:512,16M,64M,llama-3.1-8b:1024,256M"
+        )]
+        sizes: Vec<String>,
+        /// Bytes of one KV block; default: TinyLlama-1.1B's in bf16 (16 tokens).
+        #[arg(long)]
+        block_bytes: Option<usize>,
+        /// cuda-p2p through pinned host buffers even where peer copies are possible.
+        #[arg(long)]
+        staged: bool,
+        /// Write the rows as CSV here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Start a whole cluster on this machine: the frontend (OpenAI-compatible HTTP API,
     /// router, registry) and every worker of the cluster file as a child process. Prints
     /// `ready http://ADDR` when all workers have joined.
@@ -197,6 +244,30 @@ fn main() -> ExitCode {
             quick,
             machine,
         }),
+        Command::CheckGpu {
+            device,
+            model,
+            dtypes,
+            seed,
+            out,
+        } => check_gpu(&device, model.as_deref(), &dtypes, seed, out.as_deref()),
+        Command::BenchTransfer {
+            transport,
+            src,
+            dst,
+            sizes,
+            block_bytes,
+            staged,
+            out,
+        } => bench_transfer(BenchTransferArgs {
+            transport,
+            src,
+            dst,
+            sizes,
+            block_bytes,
+            staged,
+            out,
+        }),
         Command::Serve(args) => frontend(args, true),
         Command::Frontend(args) => frontend(args, false),
         Command::Prefill(args) => worker(args, Role::Prefill),
@@ -278,6 +349,130 @@ fn bench(
     let rows = bench_model::run(loaded, plan).map_err(|e| e.to_string())?;
     print!("{}", bench_model::table(&rows));
     Ok(())
+}
+
+/// `label` with the GPU's name where the build can ask the driver.
+fn describe_device(device: &models::runtime::Device, label: &str) -> String {
+    #[cfg(feature = "cuda")]
+    if let Ok(name) = hw::transport::cuda::Gpu::of(device).and_then(|g| g.name()) {
+        return format!("{label} ({name})");
+    }
+    let _ = device;
+    label.to_string()
+}
+
+fn check_gpu(
+    device_name: &str,
+    model: Option<&str>,
+    dtypes: &[String],
+    seed: u64,
+    out: Option<&Path>,
+) -> Result<(), String> {
+    let device = parse_device(device_name)?;
+    let dtypes = dtypes
+        .iter()
+        .map(|d| hw::parse_dtype(d).map_err(|e| format!("--dtypes: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let models: Vec<&str> = match model {
+        Some(m) => vec![m],
+        None => vec!["smollm2-135m", "tinyllama-1.1b"],
+    };
+    let label = describe_device(&device, device_name);
+    let plan = hw::check_gpu::CheckPlan {
+        seed,
+        ..Default::default()
+    };
+    let mut text = String::new();
+    let mut failed = Vec::new();
+    for name in models {
+        let spec = models::ModelSpec::preset(name).ok_or_else(|| {
+            format!(
+                "--model: unknown preset `{name}`, expected one of {}",
+                models::ModelSpec::PRESETS.join(", ")
+            )
+        })?;
+        let started = std::time::Instant::now();
+        let report = hw::check_gpu::check(&spec, &device, &label, &dtypes, &plan)
+            .map_err(|e| format!("check-gpu {name}: {e}"))?;
+        let section = format!(
+            "{}
+({:.1} s)
+
+",
+            report.table(),
+            started.elapsed().as_secs_f64()
+        );
+        print!("{section}");
+        text.push_str(&section);
+        if !report.pass() {
+            failed.push(name);
+        }
+    }
+    if let Some(path) = out {
+        std::fs::write(path, &text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(format!("check-gpu: {} failed", failed.join(", "))),
+    }
+}
+
+// Read only by the measurement, which needs feature `cuda`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct BenchTransferArgs {
+    transport: String,
+    src: String,
+    dst: String,
+    sizes: Vec<String>,
+    block_bytes: Option<usize>,
+    staged: bool,
+    out: Option<PathBuf>,
+}
+
+#[cfg(feature = "cuda")]
+fn bench_transfer(args: BenchTransferArgs) -> Result<(), String> {
+    use hw::bench_transfer as bt;
+    let transport: hw::transport::TransportKind = args
+        .transport
+        .parse()
+        .map_err(|e| format!("--transport: {e}"))?;
+    let sizes = args
+        .sizes
+        .iter()
+        .map(|s| bt::parse_size(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tinyllama = models::ModelSpec::preset("tinyllama-1.1b").expect("a preset");
+    let block_bytes = args
+        .block_bytes
+        .unwrap_or(16 * tinyllama.kv_bytes_per_token(models::DType::Bf16) as usize);
+    let plan = bt::TransferPlan {
+        transport,
+        src: parse_device(&args.src)?,
+        dst: parse_device(&args.dst)?,
+        sizes,
+        block_bytes,
+        staged: args.staged,
+    };
+    println!(
+        "bench-transfer: {} from {} to {}, blocks of {block_bytes} bytes{}",
+        transport.name(),
+        describe_device(&plan.src, &args.src),
+        describe_device(&plan.dst, &args.dst),
+        if args.staged { ", staged" } else { "" }
+    );
+    let rows = bt::run(&plan).map_err(|e| format!("bench-transfer: {e}"))?;
+    print!("{}", bt::table(&rows));
+    if let Some(path) = &args.out {
+        let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        bt::write_csv(std::io::BufWriter::new(file), &rows)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_transfer(_: BenchTransferArgs) -> Result<(), String> {
+    Err("bench-transfer: needs GPUs and a build with feature `cuda` (hw/gpu/build-cuda.sh)".into())
 }
 
 struct CalibrateArgs {

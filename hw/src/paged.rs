@@ -12,6 +12,9 @@ use sim::kv::{
 };
 use std::collections::BTreeMap;
 
+mod device_blocks;
+pub use device_blocks::DeviceBlocks;
+
 pub type SeqId = u64;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,13 +39,27 @@ pub struct KvExport {
     pub block_hashes: Vec<BlockHash>,
     /// Index of the first block carried: the receiver already holds those before it.
     pub first_block: usize,
-    /// Bytes of blocks `first_block..`, in the cache's export layout.
+    /// Bytes of blocks `first_block..`, in the cache's export layout; one empty entry per
+    /// block when the bytes are in `device` (or were streamed layer by layer).
     pub blocks: Vec<Vec<u8>>,
+    /// The same blocks left in device memory, when the exporter kept them there.
+    pub device: Option<DeviceBlocks>,
 }
 
 impl KvExport {
     pub fn payload_bytes(&self) -> usize {
-        self.blocks.iter().map(Vec::len).sum()
+        match &self.device {
+            Some(d) => d.payload_bytes(),
+            None => self.blocks.iter().map(Vec::len).sum(),
+        }
+    }
+
+    /// Bytes of each carried block (0 when none is carried).
+    pub fn bytes_per_block(&self) -> usize {
+        match &self.device {
+            Some(d) => d.bytes_per_block(),
+            None => self.blocks.first().map_or(0, Vec::len),
+        }
     }
 }
 
@@ -65,6 +82,45 @@ pub struct PagedModel {
     block_size: usize,
     seqs: BTreeMap<SeqId, Sequence>,
     next_id: SeqId,
+}
+
+/// What an export carries.
+enum Payload {
+    /// The blocks' bytes in host memory.
+    Host,
+    /// The blocks left on the model's device.
+    Device,
+    /// No bytes (they were streamed).
+    None,
+}
+
+/// Writes the export's carried blocks from the `skip`-th on into `ids` (as many), from host
+/// bytes or from device rows (moved to the cache's device first if they live elsewhere).
+fn write_payload(
+    cache: &mut models::runtime::KvCache,
+    ids: &[u32],
+    export: &KvExport,
+    skip: usize,
+) -> Result<(), PagedError> {
+    let Some(device) = &export.device else {
+        return Ok(cache.import_blocks(ids, &export.blocks[skip..])?);
+    };
+    if device.n_blocks() != export.blocks.len() {
+        return Err(PagedError::Invalid(format!(
+            "the transfer names {} blocks but holds {} in device memory",
+            export.blocks.len(),
+            device.n_blocks()
+        )));
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let rows = device.narrow(skip, ids.len())?;
+    let rows = rows
+        .rows()
+        .to_device(cache.device())
+        .map_err(RuntimeError::from)?;
+    Ok(cache.import_blocks_tensor(ids, &rows)?)
 }
 
 /// Chained hashes of the full blocks of `tokens`, extending `hashes` (which covers a prefix).
@@ -281,20 +337,26 @@ impl PagedModel {
 
     /// The sequence's KV from block `first_block` on (the receiver holds the ones before).
     pub fn export(&self, id: SeqId, first_block: usize) -> Result<KvExport, PagedError> {
-        self.export_with(id, first_block, true)
+        self.export_with(id, first_block, Payload::Host)
     }
 
     /// [`PagedModel::export`] without the bytes: one empty block per block, for a transfer
     /// whose layers were streamed during the step that computed them.
     pub fn export_header(&self, id: SeqId, first_block: usize) -> Result<KvExport, PagedError> {
-        self.export_with(id, first_block, false)
+        self.export_with(id, first_block, Payload::None)
+    }
+
+    /// [`PagedModel::export`] with the bytes left on the model's device
+    /// ([`KvExport::device`]): a GPU transport moves them from there.
+    pub fn export_device(&self, id: SeqId, first_block: usize) -> Result<KvExport, PagedError> {
+        self.export_with(id, first_block, Payload::Device)
     }
 
     fn export_with(
         &self,
         id: SeqId,
         first_block: usize,
-        with_bytes: bool,
+        payload: Payload,
     ) -> Result<KvExport, PagedError> {
         let seq = self.seq(id)?;
         let used = seq.kv_len.div_ceil(self.block_size);
@@ -303,10 +365,14 @@ impl PagedModel {
                 "sequence {id} has {used} blocks of KV; cannot start at block {first_block}"
             )));
         }
-        let blocks = if with_bytes {
-            self.cache.export_blocks(&seq.blocks[first_block..used])?
-        } else {
-            vec![Vec::new(); used - first_block]
+        let ids = &seq.blocks[first_block..used];
+        let (blocks, device) = match payload {
+            Payload::Host => (self.cache.export_blocks(ids)?, None),
+            Payload::Device if !ids.is_empty() => (
+                vec![Vec::new(); ids.len()],
+                Some(DeviceBlocks::new(self.cache.export_blocks_tensor(ids)?)?),
+            ),
+            Payload::Device | Payload::None => (vec![Vec::new(); ids.len()], None),
         };
         let full = seq.kv_len / self.block_size;
         Ok(KvExport {
@@ -315,6 +381,7 @@ impl PagedModel {
             block_hashes: seq.hashes[..full].to_vec(),
             first_block,
             blocks,
+            device,
         })
     }
 
@@ -359,8 +426,7 @@ impl PagedModel {
         }
         let skip = have - export.first_block;
         let seq = self.seqs.get_mut(&id).expect("checked above");
-        self.cache
-            .import_blocks(&seq.blocks[have..used], &export.blocks[skip..])?;
+        write_payload(&mut self.cache, &seq.blocks[have..used], export, skip)?;
         seq.kv_len = export.kv_len;
         self.commit(id);
         Ok(())
@@ -394,12 +460,9 @@ impl PagedModel {
             )));
         }
         let skip = have - export.first_block;
-        if let Err(e) = self
-            .cache
-            .import_blocks(&allocation.blocks[have..], &export.blocks[skip..])
-        {
+        if let Err(e) = write_payload(&mut self.cache, &allocation.blocks[have..], export, skip) {
             self.blocks.free(&allocation.blocks);
-            return Err(e.into());
+            return Err(e);
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -526,6 +589,56 @@ mod tests {
             logits = decode.step(&[(d, 1)]).unwrap();
         }
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn a_device_export_carries_the_host_bytes_and_imports_the_same() {
+        let prompt: Vec<u32> = (0..45).map(|i| (i * 3 % 97) as u32).collect();
+        let mut prefill = PagedModel::new(tiny(), 32, 16, true).unwrap();
+        let (p, _) = prefill.admit(&prompt).unwrap();
+        let n = prefill.pending_tokens(p).unwrap();
+        let first = argmax(&prefill.step(&[(p, n)]).unwrap(), 0);
+        prefill.push_token(p, first).unwrap();
+
+        let host = prefill.export(p, 0).unwrap();
+        let device = prefill.export_device(p, 0).unwrap();
+        let rows = device.device.as_ref().expect("rows left on the device");
+        assert_eq!(rows.to_host_blocks().unwrap(), host.blocks);
+        assert_eq!(device.blocks, vec![Vec::<u8>::new(); 3]);
+        assert_eq!(device.payload_bytes(), host.payload_bytes());
+        assert_eq!(device.bytes_per_block(), host.bytes_per_block());
+        let none = prefill.export_device(p, 3).unwrap();
+        assert!(none.device.is_none() && none.blocks.is_empty());
+
+        let continue_from = |export: &KvExport, reserve: bool| -> Vec<u32> {
+            let mut decode = PagedModel::new(tiny(), 24, 16, true).unwrap();
+            let d = if reserve {
+                let (d, _) = decode.admit(&prompt).unwrap();
+                decode.import_into(d, export).unwrap();
+                decode.push_token(d, first).unwrap();
+                d
+            } else {
+                decode.import(export).unwrap()
+            };
+            let mut out = Vec::new();
+            let mut logits = decode.step(&[(d, 1)]).unwrap();
+            for _ in 0..6 {
+                let t = argmax(&logits, 0);
+                out.push(t);
+                decode.push_token(d, t).unwrap();
+                logits = decode.step(&[(d, 1)]).unwrap();
+            }
+            out
+        };
+        let expected = continue_from(&host, false);
+        assert_eq!(continue_from(&device, false), expected);
+        assert_eq!(continue_from(&device, true), expected);
+
+        let mut short = device.clone();
+        short.device = Some(rows.narrow(0, 2).unwrap());
+        let mut decode = PagedModel::new(tiny(), 24, 16, true).unwrap();
+        let err = decode.import(&short).unwrap_err().to_string();
+        assert!(err.contains("names 3 blocks but holds 2"), "{err}");
     }
 
     #[test]

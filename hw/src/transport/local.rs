@@ -105,6 +105,7 @@ mod tests {
                 block_hashes: vec![],
                 first_block: 0,
                 blocks: vec![vec![7; 32]],
+                device: None,
             },
         }
     }

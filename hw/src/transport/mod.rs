@@ -2,15 +2,23 @@
 //!
 //! A [`KvTransport`] sends [`KvTransfer`]s to an [`Endpoint`]; on the receiving side each
 //! transport delivers accepted transfers into a tokio channel that the worker drains (its engine
-//! thread can `blocking_recv`). Implementations: in-process ([`local`]) and TCP ([`tcp`]).
-//! Whole transfers travel as one frame; streaming layers as they are computed is not done yet.
+//! thread can `blocking_recv`). Implementations: in-process ([`local`]), TCP ([`tcp`]) and, with
+//! feature `cuda`, peer copies between the GPUs of one process ([`cuda`]). A transfer whose
+//! blocks stay in device memory ([`crate::paged::KvExport::device`]) crosses TCP through pinned
+//! host buffers and lands in the receiver's GPU when its listener is told to
+//! ([`Landing::Device`]).
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+mod device_io;
 pub mod local;
 pub mod tcp;
 pub mod wire;
 
+pub use device_io::DeviceIoError;
 pub use wire::{KvTransfer, WireError, WireLimits, model_fingerprint};
 
+use models::runtime::Device;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +30,8 @@ pub enum Endpoint {
     Tcp(SocketAddr),
     /// A named inbox of a `local::LocalTransport`.
     Local(String),
+    /// A named inbox, on one GPU, of a `cuda::CudaP2pTransport`.
+    CudaPeer(String),
 }
 
 impl fmt::Display for Endpoint {
@@ -29,8 +39,56 @@ impl fmt::Display for Endpoint {
         match self {
             Endpoint::Tcp(addr) => write!(f, "tcp://{addr}"),
             Endpoint::Local(name) => write!(f, "local://{name}"),
+            Endpoint::CudaPeer(name) => write!(f, "cuda-p2p://{name}"),
         }
     }
+}
+
+/// The transports, by the names that configuration and command lines use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    Local,
+    Tcp,
+    CudaP2p,
+}
+
+impl TransportKind {
+    pub const ALL: [TransportKind; 3] = [
+        TransportKind::Local,
+        TransportKind::Tcp,
+        TransportKind::CudaP2p,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Local => "local",
+            TransportKind::Tcp => "tcp",
+            TransportKind::CudaP2p => "cuda-p2p",
+        }
+    }
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<TransportKind, String> {
+        TransportKind::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| format!("unknown transport `{name}` (local, tcp or cuda-p2p)"))
+    }
+}
+
+/// Where a receiver puts the payload of a whole transfer frame as it reads it.
+#[derive(Clone, Debug, Default)]
+pub enum Landing {
+    /// Host memory, one buffer per block.
+    #[default]
+    Host,
+    /// This device's memory (through pinned host buffers on a GPU): the transfer arrives with
+    /// [`crate::paged::KvExport::device`] set, ready to import there. Layer-streamed
+    /// transfers still arrive in host memory.
+    Device(Device),
 }
 
 /// What the sender learns once the receiver has accepted a transfer.
@@ -100,6 +158,12 @@ pub enum TransportError {
         request_id: u64,
         attempts: u32,
     },
+    #[error("moving request {request_id}'s KV to {endpoint}: {source}")]
+    Device {
+        endpoint: Endpoint,
+        request_id: u64,
+        source: Box<DeviceIoError>,
+    },
 }
 
 /// One layer of a transfer's blocks, as the prefill computes it: `(layer, per block that
@@ -152,4 +216,22 @@ pub fn assemble_layers(mut parts: Vec<LayerParts>, n_blocks: usize) -> Vec<Vec<u
         }
     }
     blocks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transports_are_selected_by_name() {
+        for kind in TransportKind::ALL {
+            assert_eq!(kind.name().parse::<TransportKind>(), Ok(kind));
+        }
+        let err = "rdma".parse::<TransportKind>().unwrap_err();
+        assert!(err.contains("`rdma`"), "{err}");
+        assert_eq!(
+            Endpoint::CudaPeer("decode-0".into()).to_string(),
+            "cuda-p2p://decode-0"
+        );
+    }
 }

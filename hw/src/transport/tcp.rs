@@ -7,7 +7,9 @@
 //! checksum sends it once more on a new connection, then gives up with an error.
 
 use super::wire::{self, Ack, AckStatus};
-use super::{Endpoint, KvTransfer, KvTransport, TransferReceipt, TransportError, WireLimits};
+use super::{
+    Endpoint, KvTransfer, KvTransport, Landing, TransferReceipt, TransportError, WireLimits,
+};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
@@ -181,7 +183,16 @@ impl TcpTransport {
     ) -> Result<(Ack, u64), TransportError> {
         let request_id = transfer.request_id;
         let mut stream = self.connect(to, addr).await?;
-        let written = wire::write_frame(&mut stream, transfer).await;
+        let written = match wire::write_frame(&mut stream, transfer).await {
+            Err(wire::WireError::Device(source)) => {
+                return Err(TransportError::Device {
+                    endpoint: to.clone(),
+                    request_id,
+                    source: Box::new(source),
+                });
+            }
+            written => written,
+        };
         match (wire::read_ack(&mut stream).await, written) {
             (Ok(ack), Ok(bytes)) => Ok((ack, bytes)),
             (Ok(ack), Err(_)) if ack.status != AckStatus::Ok => Ok((ack, 0)),
@@ -394,7 +405,9 @@ impl TcpTransport {
             AckStatus::InvalidFrame => {
                 Err(refused("invalid frame (over its limits or inconsistent)"))
             }
-            AckStatus::Unavailable => Err(refused("the receiving worker is gone")),
+            AckStatus::Unavailable => Err(refused(
+                "the receiver cannot take it (its worker is gone or its device failed)",
+            )),
         }
     }
 }
@@ -433,6 +446,18 @@ impl TcpKvListener {
         config: TcpConfig,
         deliver: mpsc::Sender<KvTransfer>,
     ) -> io::Result<TcpKvListener> {
+        TcpKvListener::bind_landing(addr, model_fingerprint, config, deliver, Landing::Host).await
+    }
+
+    /// [`TcpKvListener::bind`], putting each whole transfer's payload where `landing` says (a
+    /// GPU's memory, read from the socket through pinned host buffers).
+    pub async fn bind_landing(
+        addr: SocketAddr,
+        model_fingerprint: u64,
+        config: TcpConfig,
+        deliver: mpsc::Sender<KvTransfer>,
+        landing: Landing,
+    ) -> io::Result<TcpKvListener> {
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
         let stats = Arc::new(ListenerStats::default());
@@ -443,6 +468,7 @@ impl TcpKvListener {
                 config,
                 deliver,
                 stats: stats.clone(),
+                landing,
             },
         ));
         Ok(TcpKvListener {
@@ -478,6 +504,7 @@ struct Connection {
     config: TcpConfig,
     deliver: mpsc::Sender<KvTransfer>,
     stats: Arc<ListenerStats>,
+    landing: Landing,
 }
 
 async fn accept_loop(listener: TcpListener, conn: Connection) {
@@ -504,14 +531,16 @@ impl Connection {
         let limits = &self.config.limits;
         let mut layers = wire::LayerAssembly::default();
         loop {
-            let frame = match wire::read_message(&mut stream, limits).await {
+            let frame = match wire::read_message_to(&mut stream, limits, &self.landing).await {
                 Ok(wire::Frame::Layer(layer)) => match layers.add(layer, limits) {
                     Ok(()) => continue,
                     Err(e) => Err(e),
                 },
                 Ok(wire::Frame::Transfer(t)) => {
                     let closes = !layers.is_empty()
-                        || (!t.kv.blocks.is_empty() && t.kv.blocks.iter().all(Vec::is_empty));
+                        || (t.kv.device.is_none()
+                            && !t.kv.blocks.is_empty()
+                            && t.kv.blocks.iter().all(Vec::is_empty));
                     if closes {
                         std::mem::take(&mut layers).complete(t, limits)
                     } else {
@@ -523,6 +552,8 @@ impl Connection {
             let (request_id, status) = match frame {
                 Err(wire::WireError::Closed) => return,
                 Err(wire::WireError::ChecksumMismatch { .. }) => (0, AckStatus::ChecksumMismatch),
+                // The receiver's device failed, not the frame.
+                Err(wire::WireError::Device(_)) => (0, AckStatus::Unavailable),
                 Err(_) => (0, AckStatus::InvalidFrame),
                 Ok(t) if t.model_fingerprint != self.model_fingerprint => {
                     (t.request_id, AckStatus::FingerprintMismatch)
@@ -555,8 +586,9 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paged::KvExport;
+    use crate::paged::{DeviceBlocks, KvExport};
     use models::DType;
+    use models::runtime::{Device, TensorDType};
     use sim::kv::token_block_hashes;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -593,6 +625,7 @@ mod tests {
                             .collect()
                     })
                     .collect(),
+                device: None,
             },
         }
     }
@@ -683,6 +716,57 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rx.recv().await.unwrap(), t);
+    }
+
+    /// `t` with its blocks held as device rows (on the CPU device here).
+    fn on_device(t: &KvTransfer) -> KvTransfer {
+        let mut d = t.clone();
+        d.kv.device = Some(
+            DeviceBlocks::from_host_blocks(&t.kv.blocks, TensorDType::F16, &Device::Cpu).unwrap(),
+        );
+        d.kv.blocks = vec![Vec::new(); t.kv.blocks.len()];
+        d
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn device_rows_cross_in_the_same_frame_and_land_where_told() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let landing = Landing::Device(Device::Cpu);
+        let to_device = TcpKvListener::bind_landing(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            FINGERPRINT,
+            quick(),
+            tx,
+            landing,
+        )
+        .await
+        .unwrap();
+        let (to_host, mut host_rx) = listener(4).await;
+        let host = transfer(21, 5, 4096);
+        let rows = on_device(&host);
+        let transport = TcpTransport::new(quick());
+
+        let receipt = transport
+            .send(&to_device.endpoint(), rows.clone())
+            .await
+            .unwrap();
+        assert_eq!(receipt.payload_bytes, 5 * 4096);
+        assert_eq!(receipt.wire_bytes, wire::frame_len(&host).unwrap());
+        let got = rx.recv().await.unwrap();
+        assert!(got.kv.device.is_some(), "landed in device memory");
+        assert_eq!(got, rows);
+
+        // Host bytes to a device listener, device rows to a host listener.
+        transport
+            .send(&to_device.endpoint(), host.clone())
+            .await
+            .unwrap();
+        assert_eq!(rx.recv().await.unwrap(), rows);
+        transport
+            .send(&to_host.endpoint(), rows.clone())
+            .await
+            .unwrap();
+        assert_eq!(host_rx.recv().await.unwrap(), host);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,7 +59,9 @@
 //! A reader checks every count and length against [`WireLimits`] and against the other fields
 //! before it allocates anything for them, so a hostile or corrupt frame costs at most the limits.
 
+use super::Landing;
 use crate::paged::KvExport;
+use models::runtime::TensorDType;
 use models::{DType, ModelSpec};
 use sim::kv::{BlockHash, token_block_hashes};
 use std::io;
@@ -180,6 +182,8 @@ pub enum WireError {
     Invalid { field: &'static str, reason: String },
     #[error("checksum mismatch: frame says {expected:#010x}, content gives {computed:#010x}")]
     ChecksumMismatch { expected: u32, computed: u32 },
+    #[error("device memory: {0}")]
+    Device(#[from] super::DeviceIoError),
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> WireError {
@@ -239,18 +243,33 @@ fn to_u32(field: &'static str, value: usize) -> Result<u32, WireError> {
 }
 
 /// Preamble, header and payload length of a transfer frame; checks that the transfer can be
-/// encoded (counts fit, every block has the same size).
+/// encoded (counts fit, every block has the same size, device rows match the block count).
 fn transfer_prefix(t: &KvTransfer) -> Result<Vec<u8>, WireError> {
     let kv = &t.kv;
-    let bytes_per_block = kv.blocks.first().map_or(0, Vec::len);
-    if let Some(i) = kv.blocks.iter().position(|b| b.len() != bytes_per_block) {
-        return Err(invalid(
-            "blocks",
-            format!(
-                "block {i} has {} bytes, block 0 has {bytes_per_block}",
-                kv.blocks[i].len()
-            ),
-        ));
+    let bytes_per_block = kv.bytes_per_block();
+    match &kv.device {
+        Some(rows) if rows.n_blocks() != kv.blocks.len() => {
+            return Err(invalid(
+                "blocks",
+                format!(
+                    "{} blocks named, {} held in device memory",
+                    kv.blocks.len(),
+                    rows.n_blocks()
+                ),
+            ));
+        }
+        Some(_) => {}
+        None => {
+            if let Some(i) = kv.blocks.iter().position(|b| b.len() != bytes_per_block) {
+                return Err(invalid(
+                    "blocks",
+                    format!(
+                        "block {i} has {} bytes, block 0 has {bytes_per_block}",
+                        kv.blocks[i].len()
+                    ),
+                ));
+            }
+        }
     }
     let header_len =
         TRANSFER_FIXED_HEADER_BYTES as usize + 4 * kv.tokens.len() + 8 * kv.block_hashes.len();
@@ -285,10 +304,14 @@ pub fn frame_len(t: &KvTransfer) -> Result<u64, WireError> {
     Ok(transfer_prefix(t)?.len() as u64 + t.kv.payload_bytes() as u64 + 4)
 }
 
-/// The whole transfer frame in memory.
+/// The whole transfer frame in memory (device rows copied to the host).
 pub fn encode(t: &KvTransfer) -> Result<Vec<u8>, WireError> {
     let mut out = transfer_prefix(t)?;
-    for block in &t.kv.blocks {
+    let from_device = match &t.kv.device {
+        Some(rows) => Some(rows.to_host_blocks().map_err(super::DeviceIoError::from)?),
+        None => None,
+    };
+    for block in from_device.as_ref().unwrap_or(&t.kv.blocks) {
         out.extend_from_slice(block);
     }
     let crc = crc32fast::hash(&out);
@@ -296,8 +319,8 @@ pub fn encode(t: &KvTransfer) -> Result<Vec<u8>, WireError> {
     Ok(out)
 }
 
-/// Writes a transfer frame block by block, without assembling it in memory. Returns the bytes
-/// written.
+/// Writes a transfer frame block by block, without assembling it in memory (device rows go
+/// out from device memory through pinned chunks). Returns the bytes written.
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     t: &KvTransfer,
@@ -306,9 +329,14 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     let mut crc = crc32fast::Hasher::new();
     crc.update(&prefix);
     w.write_all(&prefix).await?;
-    for block in &t.kv.blocks {
-        crc.update(block);
-        w.write_all(block).await?;
+    match &t.kv.device {
+        Some(rows) => super::device_io::write_rows(w, rows, &mut crc).await?,
+        None => {
+            for block in &t.kv.blocks {
+                crc.update(block);
+                w.write_all(block).await?;
+            }
+        }
     }
     w.write_all(&crc.finalize().to_le_bytes()).await?;
     w.flush().await?;
@@ -333,13 +361,17 @@ pub async fn write_ack<W: AsyncWrite + Unpin>(w: &mut W, ack: &Ack) -> Result<()
 }
 
 /// Reads a frame while keeping the running checksum of everything read.
-struct FrameReader<'a, R> {
+pub(crate) struct FrameReader<'a, R> {
     r: &'a mut R,
     crc: crc32fast::Hasher,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<'_, R> {
-    async fn fill(&mut self, buf: &mut [u8], field: &'static str) -> Result<(), WireError> {
+    pub(crate) async fn fill(
+        &mut self,
+        buf: &mut [u8],
+        field: &'static str,
+    ) -> Result<(), WireError> {
         match self.r.read_exact(buf).await {
             Ok(_) => {
                 self.crc.update(buf);
@@ -546,6 +578,15 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     r: &mut R,
     limits: &WireLimits,
 ) -> Result<Frame, WireError> {
+    read_message_to(r, limits, &Landing::Host).await
+}
+
+/// [`read_message`], putting a transfer frame's payload where `landing` says.
+pub async fn read_message_to<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limits: &WireLimits,
+    landing: &Landing,
+) -> Result<Frame, WireError> {
     let mut fr = FrameReader {
         r,
         crc: crc32fast::Hasher::new(),
@@ -647,12 +688,29 @@ pub async fn read_message<R: AsyncRead + Unpin>(
             ),
         ));
     }
-    let mut blocks = Vec::with_capacity(n_blocks as usize);
-    for _ in 0..n_blocks {
-        let mut block = vec![0u8; bytes_per_block as usize];
-        fr.fill(&mut block, "payload").await?;
-        blocks.push(block);
-    }
+    let (blocks, device) = match landing {
+        Landing::Device(device) if payload_len > 0 => {
+            let dtype = kv_tensor_dtype(dtype, bytes_per_block)?;
+            let rows = super::device_io::read_rows(
+                &mut fr,
+                n_blocks as usize,
+                bytes_per_block as usize,
+                dtype,
+                device,
+            )
+            .await?;
+            (vec![Vec::new(); n_blocks as usize], Some(rows))
+        }
+        _ => {
+            let mut blocks = Vec::with_capacity(n_blocks as usize);
+            for _ in 0..n_blocks {
+                let mut block = vec![0u8; bytes_per_block as usize];
+                fr.fill(&mut block, "payload").await?;
+                blocks.push(block);
+            }
+            (blocks, None)
+        }
+    };
     fr.check_crc().await?;
     // The receiver keys its prefix cache by these hashes: they must be the tokens' own.
     if token_block_hashes(&tokens[..kv_len], block_size_tokens) != block_hashes {
@@ -673,8 +731,26 @@ pub async fn read_message<R: AsyncRead + Unpin>(
             block_hashes,
             first_block,
             blocks,
+            device,
         },
     }))
+}
+
+/// The element type of KV rows that land in device memory: blocks must hold whole elements.
+fn kv_tensor_dtype(dtype: DType, bytes_per_block: u32) -> Result<TensorDType, WireError> {
+    let t = match dtype {
+        DType::F32 => TensorDType::F32,
+        DType::F16 => TensorDType::F16,
+        DType::Bf16 => TensorDType::BF16,
+        DType::Fp8 => return Err(invalid("dtype", "fp8 KV cannot land in device memory")),
+    };
+    if !(bytes_per_block as usize).is_multiple_of(t.size_in_bytes()) {
+        return Err(invalid(
+            "bytes_per_block",
+            format!("{bytes_per_block} is not a whole number of {dtype:?} elements"),
+        ));
+    }
+    Ok(t)
 }
 
 async fn read_layer<R: AsyncRead + Unpin>(
@@ -923,6 +999,7 @@ mod tests {
                             .collect()
                     })
                     .collect(),
+                device: None,
             },
         }
     }

@@ -122,7 +122,18 @@ impl KvCache {
 
     /// Bytes of one block of one layer's K (or V).
     fn layer_block_bytes(&self) -> usize {
-        self.block_size_tokens * self.n_kv_heads * self.head_dim * self.dtype.size_in_bytes()
+        self.layer_block_elems() * self.dtype.size_in_bytes()
+    }
+
+    /// Elements of one block of one layer's K (or V).
+    fn layer_block_elems(&self) -> usize {
+        self.block_size_tokens * self.n_kv_heads * self.head_dim
+    }
+
+    /// Elements of one block over all layers, K and V: a row of
+    /// [`KvCache::export_blocks_tensor`].
+    pub fn elems_per_block(&self) -> usize {
+        self.n_layers() * 2 * self.layer_block_elems()
     }
 
     /// Fails with a message naming the first block id outside the pool.
@@ -225,12 +236,108 @@ impl KvCache {
                 .index_select(&ids, 1)?
                 .permute((1, 2, 0, 3))?
                 .contiguous()?;
-            let bytes = le_bytes(&t)?;
+            let bytes = tensor_le_bytes(&t)?;
             for (block, part) in out.iter_mut().zip(bytes.chunks_exact(chunk)) {
                 block.extend_from_slice(part);
             }
         }
         Ok(out)
+    }
+
+    /// [`KvCache::export_blocks`] without leaving the cache's device: one contiguous
+    /// `(blocks, elems_per_block)` tensor in the cache dtype whose row `i` holds exactly the
+    /// bytes that `export_blocks` gives for block `i`, so a transfer can stay in device memory
+    /// and still be written to the wire unchanged. At least one block.
+    pub fn export_blocks_tensor(&self, blocks: &[u32]) -> Result<Tensor, RuntimeError> {
+        self.check_block_ids(blocks, "export")?;
+        if blocks.is_empty() {
+            return Err(RuntimeError::Invalid(
+                "export: a device export needs at least one block".into(),
+            ));
+        }
+        let n = blocks.len();
+        let ids = Tensor::from_slice(blocks, n, &self.device)?;
+        let row = self.layer_block_elems();
+        let mut parts = Vec::with_capacity(2 * self.n_layers());
+        for layer in 0..self.n_layers() {
+            for pool in [&self.k[layer], &self.v[layer]] {
+                // (kv_heads, n, bs, head_dim) -> (n, bs, kv_heads, head_dim), one row per block
+                parts.push(
+                    self.blocked(pool)?
+                        .index_select(&ids, 1)?
+                        .permute((1, 2, 0, 3))?
+                        .contiguous()?
+                        .reshape((n, row))?,
+                );
+            }
+        }
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+
+    /// Writes rows made by [`KvCache::export_blocks_tensor`] (from a cache of the same model,
+    /// block size and dtype; on this cache's device) into the blocks `blocks`, pairwise.
+    pub fn import_blocks_tensor(
+        &mut self,
+        blocks: &[u32],
+        data: &Tensor,
+    ) -> Result<(), RuntimeError> {
+        self.check_block_ids(blocks, "import")?;
+        let expected = [blocks.len(), self.elems_per_block()];
+        if data.dims() != expected {
+            return Err(RuntimeError::Invalid(format!(
+                "import: device data of shape {:?} for {} blocks of {} elements",
+                data.dims(),
+                expected[0],
+                expected[1]
+            )));
+        }
+        if data.dtype() != self.dtype || !data.device().same_device(&self.device) {
+            return Err(RuntimeError::Invalid(format!(
+                "import: device data is {:?} on {:?}, the cache is {:?} on {:?}",
+                data.dtype(),
+                data.device().location(),
+                self.dtype,
+                self.device.location()
+            )));
+        }
+        check_distinct(blocks)?;
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let (n, bs, h, d) = (
+            blocks.len(),
+            self.block_size_tokens,
+            self.n_kv_heads,
+            self.head_dim,
+        );
+        let slots = self.slots_of(blocks)?;
+        let parts = data.reshape((n, 2 * self.n_layers(), bs, h, d))?;
+        for layer in 0..self.n_layers() {
+            for (kind, pool) in [&self.k[layer], &self.v[layer]].into_iter().enumerate() {
+                // (n, bs, kv_heads, head_dim) -> (kv_heads, n * bs, head_dim), one copy
+                let t = parts
+                    .narrow(1, layer * 2 + kind, 1)?
+                    .squeeze(1)?
+                    .permute((2, 0, 1, 3))?
+                    .contiguous()?
+                    .reshape((h, n * bs, d))?;
+                pool.scatter_set(&slots, &t, 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The scatter index of every slot of `blocks`, `(n_kv_heads, n * bs, head_dim)` u32.
+    fn slots_of(&self, blocks: &[u32]) -> Result<Tensor, RuntimeError> {
+        let (n, bs) = (blocks.len(), self.block_size_tokens);
+        let slots: Vec<u32> = blocks
+            .iter()
+            .flat_map(|&b| (0..bs as u32).map(move |j| b * bs as u32 + j))
+            .collect();
+        let shape = (self.n_kv_heads, n * bs, self.head_dim);
+        Ok(Tensor::from_vec(slots, (1, n * bs, 1), &self.device)?
+            .broadcast_as(shape)?
+            .contiguous()?)
     }
 
     /// Writes blocks exported by [`KvCache::export_blocks`] (from a cache of the same model,
@@ -257,26 +364,13 @@ impl KvCache {
                 self.dtype
             )));
         }
-        let mut sorted = blocks.to_vec();
-        sorted.sort_unstable();
-        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-            return Err(RuntimeError::Invalid(format!(
-                "import: block id {} given twice",
-                w[0]
-            )));
-        }
+        check_distinct(blocks)?;
         if blocks.is_empty() {
             return Ok(());
         }
         let (n, bs) = (blocks.len(), self.block_size_tokens);
-        let slots: Vec<u32> = blocks
-            .iter()
-            .flat_map(|&b| (0..bs as u32).map(move |j| b * bs as u32 + j))
-            .collect();
         let shape = (self.n_kv_heads, n * bs, self.head_dim);
-        let slots = Tensor::from_vec(slots, (1, n * bs, 1), &self.device)?
-            .broadcast_as(shape)?
-            .contiguous()?;
+        let slots = self.slots_of(blocks)?;
         let chunk = self.layer_block_bytes();
         let mut buf = Vec::with_capacity(n * chunk);
         for layer in 0..self.n_layers() {
@@ -299,8 +393,22 @@ impl KvCache {
     }
 }
 
-/// A contiguous f32/f16/bf16 tensor's elements as little-endian bytes.
-fn le_bytes(t: &Tensor) -> Result<Vec<u8>, RuntimeError> {
+/// Fails naming the first block id given twice.
+fn check_distinct(blocks: &[u32]) -> Result<(), RuntimeError> {
+    let mut sorted = blocks.to_vec();
+    sorted.sort_unstable();
+    match sorted.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(RuntimeError::Invalid(format!(
+            "import: block id {} given twice",
+            w[0]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A contiguous f32/f16/bf16 tensor's elements as little-endian bytes, on the host (copied
+/// there from any device).
+pub fn tensor_le_bytes(t: &Tensor) -> Result<Vec<u8>, RuntimeError> {
     fn encode<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
         let mut out = Vec::with_capacity(v.len() * N);
         for &x in v {
@@ -430,6 +538,45 @@ mod tests {
             assert_eq!(b.export_blocks(&[4, 1, 3]).unwrap(), sent, "{dtype:?}");
             assert_eq!(b.export_blocks(&[0, 2]).unwrap(), untouched, "{dtype:?}");
         }
+    }
+
+    #[test]
+    fn device_rows_hold_the_exported_bytes_and_import_back() {
+        let spec = small_spec();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let a = KvCache::new(&spec, 6, 4, dtype, &Device::Cpu).unwrap();
+            filled(&a, 0.0);
+            let rows = a.export_blocks_tensor(&[5, 1, 3]).unwrap();
+            assert_eq!(rows.dims(), &[3, a.elems_per_block()]);
+            assert_eq!(rows.dtype(), dtype);
+            let sent = a.export_blocks(&[5, 1, 3]).unwrap();
+            assert_eq!(tensor_le_bytes(&rows).unwrap(), sent.concat(), "{dtype:?}");
+
+            let mut b = KvCache::new(&spec, 5, 4, dtype, &Device::Cpu).unwrap();
+            filled(&b, 0.5);
+            let untouched = b.export_blocks(&[0, 2]).unwrap();
+            b.import_blocks_tensor(&[4, 1, 3], &rows).unwrap();
+            assert_eq!(b.export_blocks(&[4, 1, 3]).unwrap(), sent, "{dtype:?}");
+            assert_eq!(b.export_blocks(&[0, 2]).unwrap(), untouched, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn device_rows_of_another_shape_or_dtype_are_refused() {
+        let spec = small_spec();
+        let a = KvCache::new(&spec, 4, 4, DType::F32, &Device::Cpu).unwrap();
+        let mut b = KvCache::new(&spec, 4, 4, DType::F32, &Device::Cpu).unwrap();
+        let rows = a.export_blocks_tensor(&[0, 1]).unwrap();
+        let msg = invalid(b.import_blocks_tensor(&[2], &rows));
+        assert!(msg.contains("for 1 blocks"), "{msg}");
+        let msg = invalid(b.import_blocks_tensor(&[2, 2], &rows));
+        assert!(msg.contains("block id 2 given twice"), "{msg}");
+        let msg = invalid(b.import_blocks_tensor(&[2, 3], &rows.to_dtype(DType::F16).unwrap()));
+        assert!(msg.contains("F16"), "{msg}");
+        let msg = invalid(a.export_blocks_tensor(&[]));
+        assert!(msg.contains("at least one block"), "{msg}");
+        let msg = invalid(a.export_blocks_tensor(&[4]));
+        assert!(msg.contains("block id 4"), "{msg}");
     }
 
     fn invalid(r: Result<impl std::fmt::Debug, RuntimeError>) -> String {

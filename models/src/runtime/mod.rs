@@ -16,7 +16,7 @@ mod sampling;
 mod tokenizer;
 mod weights;
 
-pub use cache::{DEFAULT_BLOCK_SIZE_TOKENS, KvCache};
+pub use cache::{DEFAULT_BLOCK_SIZE_TOKENS, KvCache, tensor_le_bytes};
 pub use error::RuntimeError;
 pub use linear::linear;
 pub use model::{Model, SeqInput};

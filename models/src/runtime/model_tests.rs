@@ -473,32 +473,6 @@ fn only_suffix_blocks_travel_when_the_prefix_is_resident() {
     assert_same_run(&b, &a, "prefix resident, suffix imported");
 }
 
-fn cast(w: &Weights, dtype: DType) -> Weights {
-    let c = |t: &Tensor| t.to_dtype(dtype).unwrap();
-    Weights {
-        spec: w.spec.clone(),
-        rope: w.rope,
-        embed: c(&w.embed),
-        layers: w
-            .layers
-            .iter()
-            .map(|l| crate::runtime::LayerWeights {
-                attn_norm: c(&l.attn_norm),
-                wq: c(&l.wq),
-                wk: c(&l.wk),
-                wv: c(&l.wv),
-                wo: c(&l.wo),
-                ffn_norm: c(&l.ffn_norm),
-                w_gate: c(&l.w_gate),
-                w_up: c(&l.w_up),
-                w_down: c(&l.w_down),
-            })
-            .collect(),
-        norm: c(&w.norm),
-        lm_head: c(&w.lm_head),
-    }
-}
-
 /// Half-precision weights and caches run and stay near the f32 logits.
 #[test]
 fn half_precision_weights_and_caches_track_f32() {
@@ -531,8 +505,8 @@ fn half_precision_weights_and_caches_track_f32() {
     };
     let exact = run(w.clone(), DType::F32);
     for (weights, cache_dtype, tol) in [
-        (cast(&w, DType::F16), DType::F16, 0.02),
-        (cast(&w, DType::BF16), DType::BF16, 0.1),
+        (w.to(DType::F16, &Device::Cpu).unwrap(), DType::F16, 0.02),
+        (w.to(DType::BF16, &Device::Cpu).unwrap(), DType::BF16, 0.1),
         (w.clone(), DType::BF16, 0.05),
     ] {
         let dtype = weights.dtype();

@@ -53,6 +53,45 @@ impl Weights {
         self.embed.device()
     }
 
+    /// The same weights converted to `dtype` on `device`: one seeded draw serves every
+    /// device and dtype that is compared against it.
+    pub fn to(&self, dtype: DType, device: &Device) -> Result<Weights, RuntimeError> {
+        let to = |t: &Tensor| -> Result<Tensor, RuntimeError> {
+            Ok(t.to_dtype(dtype)?.to_device(device)?)
+        };
+        let embed = to(&self.embed)?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerWeights {
+                    attn_norm: to(&l.attn_norm)?,
+                    wq: to(&l.wq)?,
+                    wk: to(&l.wk)?,
+                    wv: to(&l.wv)?,
+                    wo: to(&l.wo)?,
+                    ffn_norm: to(&l.ffn_norm)?,
+                    w_gate: to(&l.w_gate)?,
+                    w_up: to(&l.w_up)?,
+                    w_down: to(&l.w_down)?,
+                })
+            })
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
+        let lm_head = if self.spec.tie_word_embeddings {
+            embed.clone()
+        } else {
+            to(&self.lm_head)?
+        };
+        Ok(Weights {
+            spec: self.spec.clone(),
+            rope: self.rope,
+            embed,
+            layers,
+            norm: to(&self.norm)?,
+            lm_head,
+        })
+    }
+
     /// Seeded random weights for any architecture: N(0, 0.02) matrices and unit norms, drawn
     /// on the CPU from ChaCha8 so that every device and dtype starts from the same numbers.
     pub fn random(
@@ -159,5 +198,22 @@ mod tests {
         assert!((var.sqrt() - 0.02).abs() < 1e-3, "{}", var.sqrt());
         let bf16 = Weights::random(&spec, DType::BF16, &Device::Cpu, 1).unwrap();
         assert_eq!(bf16.dtype(), DType::BF16);
+        let converted = a.to(DType::BF16, &Device::Cpu).unwrap();
+        assert_eq!(converted.dtype(), DType::BF16);
+        let bits = |w: &Weights| {
+            w.layers[3]
+                .wv
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(
+            bits(&converted),
+            bits(&bf16),
+            "converting equals drawing in bf16"
+        );
     }
 }

@@ -1,0 +1,235 @@
+//! KV between GPUs, with cudarc: peer copies between the GPUs of one process
+//! ([`CudaP2pTransport`]) and the pinned host buffers through which device KV crosses TCP
+//! ([`staging`]). Every CUDA call's result is checked and becomes a [`CudaError`].
+//!
+//! Copies run on streams of this module's own, two per device ([`Gpu`]), and each completes
+//! before its result is handed on, so candle's streams never see memory still being written.
+
+pub mod baseline;
+mod p2p;
+mod pinned;
+pub(crate) mod staging;
+
+pub use p2p::{CudaP2pTransport, P2pConfig, Route};
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, sys,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Device, DeviceLocation, Storage, Tensor};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("{op} failed: {source}")]
+    Driver {
+        op: &'static str,
+        source: DriverError,
+    },
+    #[error("{what} is on {location:?}, not on a CUDA device")]
+    NotCuda {
+        what: &'static str,
+        location: DeviceLocation,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Names the CUDA call a driver error came from.
+fn at(op: &'static str) -> impl FnOnce(DriverError) -> CudaError {
+    move |source| CudaError::Driver { op, source }
+}
+
+/// One GPU as the transports use it: candle's device handle (whose tensors they move) and two
+/// copy streams of their own, one for bytes leaving the GPU and one for bytes arriving, so that
+/// a copy out and a copy in overlap even on one GPU.
+#[derive(Clone, Debug)]
+pub struct Gpu {
+    device: Device,
+    cuda: CudaDevice,
+    outbound: Arc<CudaStream>,
+    inbound: Arc<CudaStream>,
+}
+
+/// The [`Gpu`] of every candle device seen so far, so streams are made once per device.
+static GPUS: Mutex<Vec<(DeviceId, Gpu)>> = Mutex::new(Vec::new());
+
+impl Gpu {
+    /// The GPU behind `device` (a `cuda:N` candle device).
+    pub fn of(device: &Device) -> Result<Gpu, CudaError> {
+        let Device::Cuda(cuda) = device else {
+            return Err(CudaError::NotCuda {
+                what: "the device",
+                location: device.location(),
+            });
+        };
+        let mut gpus = GPUS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, gpu)) = gpus.iter().find(|(id, _)| *id == cuda.id()) {
+            return Ok(gpu.clone());
+        }
+        let ctx = cuda.cuda_stream().context().clone();
+        if ctx.has_async_alloc() {
+            keep_freed_memory(&ctx)?;
+        }
+        let gpu = Gpu {
+            device: device.clone(),
+            cuda: cuda.clone(),
+            outbound: ctx.new_stream().map_err(at("cuStreamCreate"))?,
+            inbound: ctx.new_stream().map_err(at("cuStreamCreate"))?,
+        };
+        gpus.push((cuda.id(), gpu.clone()));
+        Ok(gpu)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.context().ordinal()
+    }
+
+    /// The GPU's name, as the driver gives it.
+    pub fn name(&self) -> Result<String, CudaError> {
+        self.context().name().map_err(at("cuDeviceGetName"))
+    }
+
+    fn context(&self) -> &Arc<CudaContext> {
+        self.inbound.context()
+    }
+
+    fn bind(&self) -> Result<(), CudaError> {
+        self.context()
+            .bind_to_thread()
+            .map_err(at("cuCtxSetCurrent"))
+    }
+
+    /// Whether the tensors of `self` and `other` are one candle device's.
+    fn same_handle(&self, other: &Gpu) -> bool {
+        self.cuda.id() == other.cuda.id()
+    }
+
+    /// Uninitialised memory for `elems` elements of `dtype`, allocated on the inbound stream
+    /// (so the copies that fill it there need no other ordering), and its address.
+    fn alloc(
+        &self,
+        dtype: DType,
+        elems: usize,
+    ) -> Result<(CudaStorageSlice, sys::CUdeviceptr), CudaError> {
+        let stream = &self.inbound;
+        let alloc = at("cuMemAllocAsync");
+        // SAFETY (each arm): the memory is written in full by the caller's copies before it is
+        // wrapped into a tensor that anything reads.
+        let mut slice = match dtype {
+            DType::U8 => CudaStorageSlice::U8(unsafe { stream.alloc(elems) }.map_err(alloc)?),
+            DType::F16 => CudaStorageSlice::F16(unsafe { stream.alloc(elems) }.map_err(alloc)?),
+            DType::BF16 => CudaStorageSlice::BF16(unsafe { stream.alloc(elems) }.map_err(alloc)?),
+            DType::F32 => CudaStorageSlice::F32(unsafe { stream.alloc(elems) }.map_err(alloc)?),
+            other => return Err(unsupported_dtype(other)),
+        };
+        let ptr = match &mut slice {
+            CudaStorageSlice::U8(s) => address_mut(s, stream),
+            CudaStorageSlice::F16(s) => address_mut(s, stream),
+            CudaStorageSlice::BF16(s) => address_mut(s, stream),
+            CudaStorageSlice::F32(s) => address_mut(s, stream),
+            _ => unreachable!("allocated as one of the four above"),
+        };
+        Ok((slice, ptr))
+    }
+
+    /// `slice` (from [`Gpu::alloc`], its copies complete) as a candle tensor of shape `dims`.
+    fn wrap(&self, slice: CudaStorageSlice, dims: &[usize]) -> Tensor {
+        let storage = Storage::Cuda(CudaStorage {
+            slice,
+            device: self.cuda.clone(),
+        });
+        Tensor::from_storage(storage, dims, BackpropOp::none(), false)
+    }
+}
+
+/// Makes the device's default memory pool keep what is freed instead of handing it back to
+/// the driver at every synchronisation (its default): a transfer allocates its landing rows,
+/// and re-mapping hundreds of megabytes each time would cost more than copying them.
+fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<(), CudaError> {
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: a valid device handle; the attribute takes a u64 by pointer.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(at("cuDeviceGetDefaultMemPool"))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(at("cuMemPoolSetAttribute"))
+    }
+}
+
+fn unsupported_dtype(dtype: DType) -> CudaError {
+    CudaError::Unsupported(format!(
+        "{dtype:?} tensors cannot be moved (u8, f16, bf16 or f32)"
+    ))
+}
+
+fn address<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> sys::CUdeviceptr {
+    s.device_ptr(stream).0
+}
+
+fn address_mut<T>(s: &mut CudaSlice<T>, stream: &Arc<CudaStream>) -> sys::CUdeviceptr {
+    s.device_ptr_mut(stream).0
+}
+
+/// The device address of a contiguous CUDA tensor's first element and its size in bytes,
+/// `stream` (of the tensor's context) having been made to wait for the work that wrote it.
+/// The address stays valid while the tensor lives: the caller keeps it alive until its copies
+/// have completed, and nothing writes to exported KV rows.
+fn tensor_span(
+    t: &Tensor,
+    stream: &Arc<CudaStream>,
+) -> Result<(sys::CUdeviceptr, usize), CudaError> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        return Err(CudaError::NotCuda {
+            what: "the tensor",
+            location: t.device().location(),
+        });
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| CudaError::Unsupported("the tensor is not contiguous".into()))?;
+    let base = match &s.slice {
+        CudaStorageSlice::U8(x) => address(x, stream),
+        CudaStorageSlice::F16(x) => address(x, stream),
+        CudaStorageSlice::BF16(x) => address(x, stream),
+        CudaStorageSlice::F32(x) => address(x, stream),
+        _ => return Err(unsupported_dtype(t.dtype())),
+    };
+    // Waiting for the writer and recording the read are checked here.
+    stream
+        .context()
+        .check_err()
+        .map_err(at("cuStreamWaitEvent"))?;
+    let elem = t.dtype().size_in_bytes();
+    Ok((base + (start * elem) as u64, (end - start) * elem))
+}
+
+/// Waits, yielding to the async runtime between polls, until the work recorded in `event` is
+/// done. (A copy takes microseconds to a millisecond; a blocking wait would hold a runtime
+/// thread, a sleeping one would add its own latency.)
+async fn completed(event: &CudaEvent) -> Result<(), CudaError> {
+    while !event.try_is_complete().map_err(at("cuEventQuery"))? {
+        tokio::task::yield_now().await;
+    }
+    Ok(())
+}
+
+/// Records `stream`'s work so far into a new event.
+fn mark(stream: &Arc<CudaStream>) -> Result<CudaEvent, CudaError> {
+    stream.record_event(None).map_err(at("cuEventRecord"))
+}
