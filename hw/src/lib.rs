@@ -4,6 +4,7 @@
 pub mod bench_model;
 pub mod calibrate;
 pub mod cluster;
+pub mod device;
 pub mod engine;
 pub mod fetch;
 pub mod frontend;

@@ -12,6 +12,7 @@ mod model;
 mod rope;
 mod safetensors;
 mod sampling;
+mod token_ids;
 mod tokenizer;
 mod weights;
 
