@@ -475,7 +475,12 @@ pub fn prompt_tokens(
             Ok(ids.clone())
         }
     };
-    let mut tokens = encoded.map_err(|e| BackendError::Internal(e.to_string()))?;
+    // Text the tokenizer refuses is the request's fault (a model without a vocabulary reads
+    // only token ids).
+    let mut tokens = encoded.map_err(|e| match e {
+        models::runtime::RuntimeError::Invalid(message) => BackendError::InvalidPrompt(message),
+        other => BackendError::Internal(other.to_string()),
+    })?;
     // An empty completion prompt continues from a document boundary.
     if tokens.is_empty()
         && let Some(&eos) = tokenizer.eos_token_ids().first()

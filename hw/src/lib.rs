@@ -6,6 +6,7 @@ pub mod bench_transfer;
 pub mod calibrate;
 pub mod check_gpu;
 pub mod cluster;
+pub mod device;
 pub mod engine;
 pub mod fetch;
 pub mod frontend;

@@ -307,19 +307,10 @@ fn fetch_model(name: &str, cache_dir: Option<PathBuf>) -> Result<(), String> {
     Ok(())
 }
 
-/// A `--device` value.
+/// A `--device` value, opened.
 fn parse_device(device: &str) -> Result<models::runtime::Device, String> {
-    use models::runtime::Device;
-    match device.strip_prefix("cuda:") {
-        None if device == "cpu" => Ok(Device::Cpu),
-        Some(n) => {
-            let ordinal = n
-                .parse()
-                .map_err(|_| format!("--device: bad GPU ordinal in `{device}`"))?;
-            Device::new_cuda(ordinal).map_err(|e| format!("--device {device}: {e}"))
-        }
-        None => Err(format!("--device: expected cpu or cuda:N, got `{device}`")),
-    }
+    let name: hw::device::DeviceName = device.parse().map_err(|e| format!("--device: {e}"))?;
+    name.open().map_err(|e| format!("--device: {e}"))
 }
 
 fn bench(

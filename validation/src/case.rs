@@ -3,6 +3,7 @@
 //! starts and the scenario the simulator runs, so they cannot drift apart.
 
 use hw::cluster::Cluster;
+use hw::device::DeviceName;
 use hw::models::{DType, ModelSpec};
 use serde::Deserialize;
 use sim::config::{ConfigError, EngineConfig, Scenario, from_toml, invalid_at};
@@ -29,13 +30,17 @@ struct CaseFile {
     description: String,
     #[serde(default)]
     seed: u64,
-    /// A model preset; the real side serves its GGUF.
+    /// A model preset; the real side serves its GGUF, or its random weights (`random_seed`).
     model: String,
     #[serde(default = "default_dtype")]
     dtype: DType,
     /// The GGUF the real side loads (relative to the case file); smollm2-135m has a default.
     #[serde(default)]
     gguf: Option<PathBuf>,
+    /// The real side serves the preset with weights drawn from this seed instead of a GGUF
+    /// (step times do not depend on the weights' values).
+    #[serde(default)]
+    random_seed: Option<u64>,
     transport: Transport,
     /// The calibration profile the simulator prices steps and links with (relative to the
     /// case file).
@@ -109,6 +114,33 @@ pub struct ClusterShape {
     /// CPU threads of each worker's model; default: every core.
     #[serde(default)]
     pub threads_per_worker: Option<u32>,
+    /// Where each role's workers run (`cpu` or `cuda:N`; default cpu).
+    #[serde(default)]
+    pub device: RoleDevices,
+}
+
+/// The `[cluster.device]` table: a device per role, so that `prefill = "cuda:0"` and
+/// `decode = "cuda:1"` put the two on two GPUs, or one name twice makes them share one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleDevices {
+    #[serde(default)]
+    pub aggregated: DeviceName,
+    #[serde(default)]
+    pub prefill: DeviceName,
+    #[serde(default)]
+    pub decode: DeviceName,
+}
+
+impl RoleDevices {
+    pub fn of(&self, role: sim::routing::Role) -> DeviceName {
+        use sim::routing::Role;
+        match role {
+            Role::Aggregated => self.aggregated,
+            Role::Prefill => self.prefill,
+            Role::Decode => self.decode,
+        }
+    }
 }
 
 fn default_max_waiting() -> u32 {
@@ -132,8 +164,10 @@ pub struct Case {
     pub seed: u64,
     pub model: ModelSpec,
     pub dtype: DType,
-    /// The GGUF of the real side; `None`: the fetched file of the model.
+    /// The GGUF of the real side; `None`: the fetched file of the model, or random weights.
     pub gguf: Option<PathBuf>,
+    /// The seed of the real side's random weights; `None`: it serves a GGUF.
+    pub random_seed: Option<u64>,
     pub transport: Transport,
     /// The profile as the case names it, resolved against the case's directory.
     pub profile: PathBuf,
@@ -212,6 +246,10 @@ impl Case {
         if let Some(gguf) = &self.gguf {
             model.insert("gguf".into(), gguf.display().to_string().into());
         }
+        if let Some(seed) = self.random_seed {
+            model.insert("preset".into(), self.model.name.clone().into());
+            model.insert("random_seed".into(), seed_value(seed));
+        }
         let mut frontend = Table::new();
         frontend.insert("addr".into(), "127.0.0.1:0".into());
         frontend.insert("registry_addr".into(), "127.0.0.1:0".into());
@@ -224,6 +262,7 @@ impl Case {
                 let mut w = Table::new();
                 w.insert("name".into(), format!("{}-{i}", role.name()).into());
                 w.insert("role".into(), role.name().into());
+                w.insert("device".into(), c.device.of(*role).to_string().into());
                 w.insert("kv_blocks".into(), i64::from(c.kv_blocks).into());
                 w.insert("max_num_seqs".into(), i64::from(c.max_num_seqs).into());
                 w.insert(
@@ -298,7 +337,8 @@ impl Case {
             }
         }
         setup.insert("router".into(), to_value(&c.router));
-        let (workers_per_device, device_parallelism) = self.cpu_sharing();
+        let (workers_per_device, device_parallelism) =
+            self.sharing().expect("checked when the case was read");
         setup.insert("workers_per_device".into(), workers_per_device.into());
         setup.insert("device_parallelism".into(), device_parallelism.into());
         setup.insert("engine".into(), Value::Table(engine));
@@ -324,13 +364,43 @@ impl Case {
         self.header("the simulated cluster") + &doc.to_string()
     }
 
-    /// Every worker runs on this machine's CPU: (workers sharing it, how many of them step at
-    /// full speed at once: the cores over each worker's threads).
-    pub fn cpu_sharing(&self) -> (i64, i64) {
-        let workers = self.roles().len() as i64;
-        let threads = self.cluster.threads_per_worker.unwrap_or(self.cores).max(1);
-        let parallel = i64::from(self.cores / threads).clamp(1, workers);
-        (workers, parallel)
+    /// How the workers share devices, as the simulator takes it: (workers per device, how
+    /// many of them step at full speed at once). Workers of one device must be consecutive
+    /// (prefill workers come first) and every device must hold as many. Workers on the CPU
+    /// share its cores (the cores over each worker's threads at once); workers on one GPU
+    /// take turns.
+    pub fn sharing(&self) -> Result<(i64, i64), String> {
+        let devices: Vec<DeviceName> = self
+            .roles()
+            .iter()
+            .map(|&r| self.cluster.device.of(r))
+            .collect();
+        let mut runs: Vec<(DeviceName, usize)> = Vec::new();
+        for d in devices {
+            match runs.last_mut() {
+                Some((last, n)) if *last == d => *n += 1,
+                _ => runs.push((d, 1)),
+            }
+        }
+        let n = runs[0].1;
+        let distinct = runs
+            .iter()
+            .enumerate()
+            .all(|(i, (d, _))| runs[..i].iter().all(|(e, _)| e != d));
+        if runs.iter().any(|&(_, m)| m != n) || !distinct {
+            return Err(
+                "the simulator models workers sharing a device only as equal groups of                  consecutive workers (prefill workers first): give each device as many"
+                    .into(),
+            );
+        }
+        let parallel = match runs[0].0 {
+            DeviceName::Cpu => {
+                let threads = self.cluster.threads_per_worker.unwrap_or(self.cores).max(1);
+                (self.cores / threads).clamp(1, n as u32)
+            }
+            _ => 1,
+        };
+        Ok((n as i64, i64::from(parallel)))
     }
 
     /// The roofline with its memory set to the weights plus `kv_blocks` blocks (and half a
@@ -464,15 +534,30 @@ fn check(raw: CaseFile, file: &str, base_dir: &Path) -> Result<Case, (String, St
             ),
         ));
     }
-    if raw.gguf.is_none() && model.name != "smollm2-135m" {
-        return Err(err(
-            "model",
-            format!(
-                "`{}` needs a `gguf` file for the real side (only smollm2-135m has a fetched \
-                 default)",
-                model.name
-            ),
-        ));
+    match (&raw.gguf, raw.random_seed) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "random_seed",
+                "the real side serves a `gguf` or random weights, not both".into(),
+            ));
+        }
+        (None, None) if model.name != "smollm2-135m" => {
+            return Err(err(
+                "model",
+                format!(
+                    "`{}` needs a `gguf` file for the real side (only smollm2-135m has a \
+                     fetched default), or a `random_seed` to serve random weights",
+                    model.name
+                ),
+            ));
+        }
+        (_, Some(seed)) if i64::try_from(seed).is_err() => {
+            return Err(err(
+                "random_seed",
+                format!("at most {}, got {seed}", i64::MAX),
+            ));
+        }
+        _ => {}
     }
     let c = &raw.cluster;
     match c.mode {
@@ -516,6 +601,18 @@ fn check(raw: CaseFile, file: &str, base_dir: &Path) -> Result<Case, (String, St
             "cluster.mode",
             format!("at most {MAX_WORKERS} workers on one machine, got {workers}"),
         ));
+    }
+    for (role, n, device) in [
+        ("aggregated", c.aggregated_workers, c.device.aggregated),
+        ("prefill", c.prefill_workers, c.device.prefill),
+        ("decode", c.decode_workers, c.device.decode),
+    ] {
+        if n == 0 && device != DeviceName::Cpu {
+            return Err(err(
+                &format!("cluster.device.{role}"),
+                format!("`{device}` for {role} workers, but the cluster has none"),
+            ));
+        }
     }
     for (field, value) in [
         ("cluster.kv_blocks", c.kv_blocks),
@@ -597,13 +694,14 @@ fn check(raw: CaseFile, file: &str, base_dir: &Path) -> Result<Case, (String, St
     if let Some(trace) = &workload.trace {
         workload.trace = Some(normalize(&base_dir.join(trace)));
     }
-    Ok(Case {
+    let case = Case {
         name: raw.name,
         description: raw.description,
         seed: raw.seed,
         model,
         dtype: raw.dtype,
         gguf: raw.gguf.map(|g| normalize(&base_dir.join(g))),
+        random_seed: raw.random_seed,
         transport: raw.transport,
         profile,
         predictor,
@@ -614,7 +712,9 @@ fn check(raw: CaseFile, file: &str, base_dir: &Path) -> Result<Case, (String, St
         link_specs: raw.link_specs,
         file: file.to_string(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-    })
+    };
+    case.sharing().map_err(|m| err("cluster.device", m))?;
+    Ok(case)
 }
 
 /// A sub-schema's "field: message" placed under `prefix`.
@@ -720,30 +820,117 @@ tpot_ms = 50.0
         assert_eq!(up.profile, Path::new("configs/p.toml"));
     }
 
-    #[test]
-    fn the_shipped_cases_parse_and_derive() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("cases");
+    /// The cases of `validation/cases/DIR` (its `*.toml` files), each parsed and derived,
+    /// sorted by name.
+    fn shipped(dir: &str) -> Vec<Case> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
         let out = tempfile::tempdir().unwrap();
-        let mut names = Vec::new();
+        let mut cases = Vec::new();
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
             let case = Case::load(&path).unwrap_or_else(|e| panic!("{e}"));
             case.derive(&out.path().join(&case.name))
                 .unwrap_or_else(|e| panic!("{e}"));
-            names.push(case.name);
+            cases.push(case);
         }
-        names.sort();
+        cases.sort_by(|a, b| a.name.cmp(&b.name));
+        cases
+    }
+
+    const SIX: [&str; 6] = [
+        "aggregated-heavy",
+        "aggregated-light",
+        "disagg-kv-heavy",
+        "disagg-kv-light",
+        "disagg-tcp-heavy",
+        "disagg-tcp-light",
+    ];
+
+    #[test]
+    fn the_shipped_cases_parse_and_derive() {
+        let cases = shipped("cases");
+        let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, SIX);
+        for case in &cases {
+            assert_eq!(case.cluster.device, RoleDevices::default(), "{}", case.name);
+        }
+    }
+
+    /// The GPU cases: the same six shapes, a random-weights model, every worker sharing the
+    /// one GPU of the machine they were written for.
+    #[test]
+    fn the_shipped_gpu_cases_parse_and_derive() {
+        let cases = shipped("cases/gpu");
+        let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, SIX);
+        for case in &cases {
+            assert!(case.random_seed.is_some(), "{}", case.name);
+            // Every worker takes turns on the one GPU.
+            let workers = case.roles().len() as i64;
+            assert_eq!(case.sharing(), Ok((workers, 1)), "{}", case.name);
+            for role in case.roles() {
+                assert_eq!(
+                    case.cluster.device.of(role),
+                    DeviceName::Cuda(0),
+                    "{}",
+                    case.name
+                );
+            }
+            assert!(
+                matches!(&case.predictor, Predictor::Profile(p) if p.ends_with("tinyllama-1.1b-bf16-h100.toml")),
+                "{}",
+                case.name
+            );
+        }
+    }
+
+    #[test]
+    fn a_random_weights_case_puts_each_role_on_its_device() {
+        let text = CASE
+            .replace(
+                "model = \"smollm2-135m\"",
+                "model = \"tinyllama-1.1b\"\nrandom_seed = 9",
+            )
+            .replace(
+                "max_waiting = 32",
+                "max_waiting = 32\ndevice = { prefill = \"cuda:0\", decode = \"cuda:1\" }",
+            );
+        // One prefill worker on one GPU and two decode workers on the other: groups the
+        // simulator cannot share alike.
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("cluster.device: the simulator models"), "{e}");
+        let text = text.replace("prefill_workers = 1", "prefill_workers = 2");
+        let case = parse(&text).unwrap();
+        assert_eq!(case.sharing(), Ok((2, 1)));
+        let dir = tempfile::tempdir().unwrap();
+        let d = case.derive(dir.path()).unwrap();
+        let model = &d.cluster.config.model;
+        assert_eq!(model.preset.as_deref(), Some("tinyllama-1.1b"));
+        assert_eq!((model.random_seed, model.gguf.as_ref()), (Some(9), None));
+        assert_eq!(model.id, "tinyllama-1.1b");
+        let devices: Vec<(Role, DeviceName)> = d
+            .cluster
+            .config
+            .workers
+            .iter()
+            .map(|w| (w.role, w.device))
+            .collect();
         assert_eq!(
-            names,
+            devices,
             [
-                "aggregated-heavy",
-                "aggregated-light",
-                "disagg-kv-heavy",
-                "disagg-kv-light",
-                "disagg-tcp-heavy",
-                "disagg-tcp-light"
+                (Role::Prefill, DeviceName::Cuda(0)),
+                (Role::Prefill, DeviceName::Cuda(0)),
+                (Role::Decode, DeviceName::Cuda(1)),
+                (Role::Decode, DeviceName::Cuda(1)),
             ]
         );
+        assert!(matches!(
+            d.cluster.model_source().unwrap(),
+            hw::cluster::config::ModelSource::Random { seed: 9, .. }
+        ));
     }
 
     #[test]
@@ -799,6 +986,21 @@ tpot_ms = 50.0
                 "model = \"smollm2-135m\"",
                 "model = \"tinyllama-1.1b\"",
                 "model: `tinyllama-1.1b` needs a `gguf`",
+            ),
+            (
+                "model = \"smollm2-135m\"",
+                "model = \"smollm2-135m\"\ngguf = \"m.gguf\"\nrandom_seed = 1",
+                "random_seed: the real side serves a `gguf` or random weights",
+            ),
+            (
+                "max_waiting = 32",
+                "max_waiting = 32\ndevice = { aggregated = \"cuda:0\" }",
+                "cluster.device.aggregated: `cuda:0` for aggregated workers, but the cluster has none",
+            ),
+            (
+                "max_waiting = 32",
+                "max_waiting = 32\ndevice = { decode = \"tpu:0\" }",
+                "expected cpu or cuda:N, got `tpu:0`",
             ),
             (
                 "hardware = \"dgx-spark\"",

@@ -42,12 +42,13 @@ fn write_error(path: &Path, e: impl std::fmt::Display) -> RunError {
 pub struct Machine {
     /// Names the results directory (`validation/results/TAG/`).
     pub tag: String,
-    /// CPU model, cores, OS.
+    /// CPU model, cores, OS, and the GPUs where there are any.
     pub description: String,
 }
 
 impl Machine {
-    /// This machine: its CPU model and core count, from /proc/cpuinfo where there is one.
+    /// This machine: its CPU model and core count, from /proc/cpuinfo where there is one, and
+    /// its NVIDIA GPUs, from the driver's /proc entries.
     pub fn this(tag: Option<String>) -> Machine {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -58,15 +59,38 @@ impl Machine {
                     .map(|(_, name)| name.trim().to_string())
             })
             .unwrap_or_else(|| "unknown CPU".into());
+        let mut description = format!(
+            "{cpu}, {cores} cores, {} {}",
+            std::env::consts::OS,
+            std::env::consts::ARCH
+        );
+        let gpus = nvidia_gpus();
+        if !gpus.is_empty() {
+            description.push_str(&format!("; GPUs: {}", gpus.join(", ")));
+        }
         Machine {
             tag: tag.unwrap_or_else(|| format!("cpu-{cores}core")),
-            description: format!(
-                "{cpu}, {cores} cores, {} {}",
-                std::env::consts::OS,
-                std::env::consts::ARCH
-            ),
+            description,
         }
     }
+}
+
+/// The model of each NVIDIA GPU the driver lists, in bus order (empty without the driver).
+fn nvidia_gpus() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc/driver/nvidia/gpus") else {
+        return Vec::new();
+    };
+    let mut buses: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+    buses.sort();
+    buses
+        .iter()
+        .filter_map(|bus| {
+            let info = std::fs::read_to_string(bus.join("information")).ok()?;
+            info.lines()
+                .find_map(|l| l.strip_prefix("Model:"))
+                .map(|m| m.trim().to_string())
+        })
+        .collect()
 }
 
 /// `disagg-hw` in the directory of `exe` or the one above (test binaries live in `deps/`).
@@ -294,14 +318,28 @@ fn measure(p: &Prepared, settings: &RunSettings) -> Result<hw::loadgen::BenchOut
 fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u64) -> String {
     let case = &p.case;
     let c = &case.cluster;
+    let plural = |n: u32| if n == 1 { "" } else { "s" };
     let workers = match c.mode {
-        Mode::Aggregated => format!("{} aggregated", c.aggregated_workers),
+        Mode::Aggregated => format!(
+            "{} aggregated worker{} on {}",
+            c.aggregated_workers,
+            plural(c.aggregated_workers),
+            c.device.aggregated
+        ),
         Mode::Disaggregated => format!(
-            "{} prefill + {} decode over {}",
+            "{} prefill worker{} on {} + {} decode worker{} on {}, KV over {}",
             c.prefill_workers,
+            plural(c.prefill_workers),
+            c.device.prefill,
             c.decode_workers,
+            plural(c.decode_workers),
+            c.device.decode,
             case.transport.name()
         ),
+    };
+    let weights = match case.random_seed {
+        Some(seed) => format!(" (random weights, seed {seed})"),
+        None => String::new(),
     };
     let predictor = match &case.predictor {
         Predictor::Profile(path) => format!("calibration profile `{}`", path.display()),
@@ -320,8 +358,8 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
         case.file, settings.command, settings.machine.description, settings.machine.tag
     ));
     out.push_str(&format!(
-        "- real: `disagg-hw serve --config cluster.toml`: {} {} on {workers} worker(s), router \
-         `{}`, {} KV blocks, {} seqs and {} tokens per step per worker\n",
+        "- real: `disagg-hw serve --config cluster.toml`: {} {}{weights}; {workers}; router \
+         `{}`; {} KV blocks, {} seqs and {} tokens per step per worker\n",
         case.model.name,
         case.dtype.name(),
         c.router.name(),

@@ -1,6 +1,7 @@
-//! One tiny case through the whole harness: a real prefill + decode cluster on loopback
+//! Tiny cases through the whole harness: a real prefill + decode cluster on loopback
 //! (`disagg-hw serve`, which `cargo test --workspace` builds beside this test) serving the
-//! fetched SmolLM2-135M GGUF, and the simulator on the same workload.
+//! fetched SmolLM2-135M GGUF or a preset's seeded random weights, and the simulator on the same
+//! workload.
 
 use std::path::Path;
 use validation::run::{Machine, RunSettings, hw_bin_beside, prepare, run_case};
@@ -38,9 +39,33 @@ tpot_ms = 200.0
 
 #[test]
 fn a_case_runs_on_both_sides_and_writes_its_outputs() {
+    runs_on_both_sides(CASE);
+}
+
+/// The GPU cases' form on the CPU: a preset's random weights (served with the token-id
+/// tokenizer), each role's device named.
+#[test]
+fn a_random_weights_case_runs_on_both_sides() {
+    let case = CASE
+        .replace("seed = 5\n", "seed = 5\nrandom_seed = 3\n")
+        .replace(
+            "max_batched_tokens = 256\n",
+            "max_batched_tokens = 256\ndevice = { prefill = \"cpu\", decode = \"cpu\" }\n",
+        );
+    assert_ne!(case, CASE);
+    let dir = runs_on_both_sides(&case);
+    let cluster = std::fs::read_to_string(dir.path().join("results/tiny/cluster.toml")).unwrap();
+    assert!(
+        cluster.contains("preset = \"smollm2-135m\"") && cluster.contains("random_seed = 3"),
+        "{cluster}"
+    );
+}
+
+/// Runs `case` (named `tiny`) and checks its outputs; returns the directory they are under.
+fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let case_path = dir.path().join("tiny.toml");
-    std::fs::write(&case_path, CASE).unwrap();
+    std::fs::write(&case_path, case).unwrap();
     let exe = std::env::current_exe().unwrap();
     let settings = RunSettings {
         hw_bin: hw_bin_beside(&exe).unwrap_or_else(|e| panic!("{e}")),
@@ -102,4 +127,5 @@ fn a_case_runs_on_both_sides_and_writes_its_outputs() {
     let comparison = std::fs::read_to_string(case_dir.join("comparison.csv")).unwrap();
     assert_eq!(comparison.lines().count(), 1 + run.comparison.rows.len());
     assert!(Path::new(&settings.hw_bin).is_file());
+    dir
 }

@@ -2,7 +2,9 @@
 //! each. `disagg-hw serve --config FILE` starts them all on one machine; each role's
 //! subcommand starts one of them, so the same file describes a cluster spread over machines.
 
+use crate::device::DeviceName;
 use crate::engine::EngineConfig;
+use models::ModelSpec;
 use serde::Deserialize;
 use sim::config::{ConfigError, from_toml, invalid_at, read_config};
 use sim::routing::{Policy, Role};
@@ -39,14 +41,34 @@ fn default_policy() -> Policy {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// The name clients put in `model`.
+    /// The name clients put in `model`; default: `preset`.
+    #[serde(default)]
     pub id: String,
     /// The GGUF file (relative to the cluster file); default: the fetched file of `id`.
     #[serde(default)]
     pub gguf: Option<PathBuf>,
+    /// Serve this preset with seeded random weights instead of a GGUF: for measuring speed
+    /// (a step costs the same whatever the weights). Its tokenizer writes token ids as text
+    /// (`<12> <7>`): what it generates is meaningless.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// The seed of `preset`'s weights (default 0); every worker draws the same weights.
+    #[serde(default)]
+    pub random_seed: Option<u64>,
     /// f32, f16 or bf16.
     #[serde(default = "default_dtype")]
     pub dtype: String,
+}
+
+/// Where a cluster's weights come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelSource {
+    Gguf(PathBuf),
+    /// Seeded random weights of a preset.
+    Random {
+        spec: ModelSpec,
+        seed: u64,
+    },
 }
 
 fn default_dtype() -> String {
@@ -86,6 +108,9 @@ pub struct WorkerConfig {
     /// Unique in the cluster; names the worker in metrics and logs.
     pub name: String,
     pub role: Role,
+    /// Where the worker runs its model: `cpu` or `cuda:N` (a build with feature `cuda`).
+    #[serde(default)]
+    pub device: DeviceName,
     /// The control API (generate, prefill, KV events); port 0 picks a free one.
     #[serde(default = "any_loopback_port")]
     pub addr: SocketAddr,
@@ -194,8 +219,13 @@ impl Cluster {
     }
 
     pub fn parse(text: String, file: String, base_dir: PathBuf) -> Result<Cluster, ConfigError> {
-        let config: ClusterConfig = from_toml(&text, &file)?;
+        let mut config: ClusterConfig = from_toml(&text, &file)?;
         check(&config).map_err(|(path, message)| invalid_at(&text, &file, &path, message))?;
+        if config.model.id.is_empty()
+            && let Some(preset) = &config.model.preset
+        {
+            config.model.id = preset.clone();
+        }
         Ok(Cluster {
             config,
             text,
@@ -214,18 +244,57 @@ impl Cluster {
             .map(|(i, w)| (i as u32, w))
     }
 
-    /// The GGUF file the model loads from.
-    pub fn gguf_path(&self) -> Result<PathBuf, String> {
-        match &self.config.model.gguf {
-            Some(path) => Ok(self.base_dir.join(path)),
-            None if self.config.model.id == "smollm2-135m" => {
-                models::runtime::test_gguf_path().map_err(|e| e.to_string())
-            }
+    /// Where the weights come from: the preset's random weights, the GGUF named, or the
+    /// fetched GGUF of smollm2-135m.
+    pub fn model_source(&self) -> Result<ModelSource, String> {
+        let model = &self.config.model;
+        if let Some(name) = &model.preset {
+            let spec = ModelSpec::preset(name).expect("checked when parsed");
+            let seed = model.random_seed.unwrap_or(0);
+            return Ok(ModelSource::Random { spec, seed });
+        }
+        match &model.gguf {
+            Some(path) => Ok(ModelSource::Gguf(self.base_dir.join(path))),
+            None if model.id == "smollm2-135m" => models::runtime::test_gguf_path()
+                .map(ModelSource::Gguf)
+                .map_err(|e| e.to_string()),
             None => Err(format!(
-                "{}: model.gguf: required for model `{}` (only smollm2-135m has a default file)",
-                self.file, self.config.model.id
+                "{}: model.gguf: required for model `{}` (only smollm2-135m has a default \
+                 file; or name a `preset` to serve random weights)",
+                self.file, model.id
             )),
         }
+    }
+
+    /// Fails, naming the worker's `device` field, when this build cannot run a worker that
+    /// this machine is to start: a CPU-only tool reads GPU clusters' files, but only a build
+    /// with feature `cuda` runs their workers.
+    pub fn check_device(&self, worker_index: usize) -> Result<(), ConfigError> {
+        let w = &self.config.workers[worker_index];
+        w.device.check_supported().map_err(|message| {
+            invalid_at(
+                &self.text,
+                &self.file,
+                &format!("worker[{worker_index}].device"),
+                message,
+            )
+        })
+    }
+
+    /// The device of the worker at `worker_index`, opened; an error names its field.
+    pub fn open_device(&self, worker_index: usize) -> Result<models::runtime::Device, ConfigError> {
+        self.check_device(worker_index)?;
+        self.config.workers[worker_index]
+            .device
+            .open()
+            .map_err(|message| {
+                invalid_at(
+                    &self.text,
+                    &self.file,
+                    &format!("worker[{worker_index}].device"),
+                    message,
+                )
+            })
     }
 }
 
@@ -236,6 +305,37 @@ fn check(c: &ClusterConfig) -> Result<(), (String, String)> {
             "model.dtype".into(),
             format!("expected f32, f16 or bf16, got `{}`", c.model.dtype),
         ));
+    }
+    let m = &c.model;
+    if let Some(name) = &m.preset {
+        if ModelSpec::preset(name).is_none() {
+            return Err((
+                "model.preset".into(),
+                format!(
+                    "unknown model `{name}`, expected one of {}",
+                    ModelSpec::PRESETS.join(", ")
+                ),
+            ));
+        }
+        if m.gguf.is_some() {
+            return Err((
+                "model.gguf".into(),
+                "a `preset` serves random weights; give a `gguf` or a `preset`, not both".into(),
+            ));
+        }
+    } else {
+        if m.random_seed.is_some() {
+            return Err((
+                "model.random_seed".into(),
+                "seeds the random weights of a `preset`, and none is named".into(),
+            ));
+        }
+        if m.id.is_empty() {
+            return Err((
+                "model.id".into(),
+                "required (the name clients ask for) unless a `preset` names the model".into(),
+            ));
+        }
     }
     if c.frontend.max_attempts == 0 {
         return Err(("frontend.max_attempts".into(), "must be at least 1".into()));
@@ -331,5 +431,94 @@ mod tests {
                 .to_string()
                 .contains("worker[1].name")
         );
+    }
+
+    const WORKER: &str = "[frontend]\n[[worker]]\nname = \"a\"\nrole = \"aggregated\"\n";
+
+    #[test]
+    fn a_preset_serves_seeded_random_weights_under_its_name() {
+        let c = parse(&format!(
+            "[model]\npreset = \"tinyllama-1.1b\"\nrandom_seed = 7\ndtype = \"bf16\"\n{WORKER}"
+        ))
+        .unwrap();
+        assert_eq!(c.config.model.id, "tinyllama-1.1b");
+        match c.model_source().unwrap() {
+            ModelSource::Random { spec, seed } => {
+                assert_eq!((spec.name.as_str(), seed), ("tinyllama-1.1b", 7));
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = parse(&format!(
+            "[model]\nid = \"mine\"\npreset = \"smollm2-135m\"\n{WORKER}"
+        ))
+        .unwrap();
+        assert_eq!(c.config.model.id, "mine");
+        assert!(matches!(
+            c.model_source().unwrap(),
+            ModelSource::Random { seed: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn model_errors_name_the_field() {
+        for (model, expected) in [
+            (
+                "preset = \"gpt-9\"",
+                "c.toml:2:1: model.preset: unknown model `gpt-9`",
+            ),
+            (
+                "preset = \"smollm2-135m\"\ngguf = \"m.gguf\"",
+                "c.toml:3:1: model.gguf: a `preset` serves random weights",
+            ),
+            (
+                "id = \"m\"\nrandom_seed = 3",
+                "c.toml:3:1: model.random_seed: seeds the random weights of a `preset`",
+            ),
+            ("dtype = \"f32\"", "c.toml:1:2: model.id: required"),
+        ] {
+            let e = parse(&format!("[model]\n{model}\n{WORKER}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(expected), "{model}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_device_is_cpu_or_cuda_n() {
+        let with = |device: &str| {
+            parse(&format!(
+                "[model]\nid = \"m\"\n{WORKER}device = \"{device}\"\n"
+            ))
+        };
+        let c = with("cuda:1").unwrap();
+        assert_eq!(c.config.workers[0].device, DeviceName::Cuda(1));
+        let c = parse(&format!("[model]\nid = \"m\"\n{WORKER}")).unwrap();
+        assert_eq!(c.config.workers[0].device, DeviceName::Cpu);
+        let e = with("gpu0").unwrap_err().to_string();
+        assert!(
+            e.starts_with("c.toml:7:10: worker[0].device: expected cpu or cuda:N, got `gpu0`"),
+            "{e}"
+        );
+    }
+
+    /// A CPU build reads a GPU cluster's file (to derive or inspect it) but refuses to run its
+    /// workers, naming the field.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_gpu_worker_is_refused_by_a_cpu_build() {
+        let c = parse(&format!(
+            "[model]\nid = \"m\"\n{WORKER}device = \"cuda:0\"\n"
+        ))
+        .unwrap();
+        for e in [
+            c.check_device(0).unwrap_err().to_string(),
+            c.open_device(0).unwrap_err().to_string(),
+        ] {
+            assert!(
+                e.starts_with("c.toml:7:1: worker[0].device: `cuda:0` needs a disagg-hw built with feature `cuda`"),
+                "{e}"
+            );
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod model;
 pub mod protocol;
 pub mod registry;
 pub mod serve;

@@ -5,7 +5,6 @@ use super::backend::{ClusterBackend, ClusterOptions};
 use super::config::{Cluster, WorkerConfig};
 use super::registry::{EmbeddedRegistry, Registry, registry_api};
 use crate::frontend::{Metrics, ServerConfig, serve_listener};
-use models::runtime::GgufFile;
 use sim::routing::Role;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +31,12 @@ pub struct FrontendOptions {
 /// Runs the frontend until SIGINT or SIGTERM. With `spawn_workers`, prints
 /// `ready http://ADDR` on stdout once every worker has joined (children die with it).
 pub async fn run_frontend(cluster: &Cluster, options: FrontendOptions) -> Result<(), String> {
+    if options.spawn_workers {
+        // A worker this build cannot run fails here, before anything starts.
+        for i in 0..cluster.config.workers.len() {
+            cluster.check_device(i).map_err(|e| e.to_string())?;
+        }
+    }
     let fc = &cluster.config.frontend;
     let registry_listener = TcpListener::bind(fc.registry_addr)
         .await
@@ -47,10 +52,7 @@ pub async fn run_frontend(cluster: &Cluster, options: FrontendOptions) -> Result
     let api = registry_api(Arc::clone(&registry));
     tokio::spawn(async move { axum::serve(registry_listener, api).await });
 
-    let gguf_path = cluster.gguf_path()?;
-    let gguf = GgufFile::open(&gguf_path).map_err(|e| format!("{}: {e}", gguf_path.display()))?;
-    let spec = gguf.spec().map_err(|e| e.to_string())?;
-    let tokenizer = gguf.tokenizer().map_err(|e| e.to_string())?;
+    let (spec, tokenizer) = super::model::spec_and_tokenizer(cluster)?;
     let block_size_tokens = models::runtime::DEFAULT_BLOCK_SIZE_TOKENS as u32;
     // Every generating worker must be able to hold a whole request.
     let context_tokens = cluster

@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use models::runtime::{GgufFile, Model, SamplingParams};
+use models::runtime::SamplingParams;
 use sim::kv::KvEvent;
 use sim::routing::Role;
 use std::collections::{BTreeSet, HashMap};
@@ -127,20 +127,14 @@ pub async fn run(
         .worker(name)
         .ok_or_else(|| format!("{}: no worker named `{name}`", cluster.file))?;
     let wc = wc.clone();
-    let gguf_path = cluster.gguf_path()?;
-    let dtype = crate::parse_dtype(&cluster.config.model.dtype)?;
-    let (model, tokenizer) = tokio::task::spawn_blocking(move || {
-        let gguf = GgufFile::open(&gguf_path).map_err(|e| e.to_string())?;
-        let model = Model::new(
-            gguf.weights(dtype, &models::runtime::Device::Cpu)
-                .map_err(|e| e.to_string())?,
-        )
+    let device = cluster
+        .open_device(index as usize)
         .map_err(|e| e.to_string())?;
-        let tokenizer = gguf.tokenizer().map_err(|e| e.to_string())?;
-        Ok::<_, String>((model, tokenizer))
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+    let loading = cluster.clone();
+    let (model, tokenizer) =
+        tokio::task::spawn_blocking(move || super::model::load(&loading, &device))
+            .await
+            .map_err(|e| e.to_string())??;
     let spec = model.spec().clone();
     let model_dtype = crate::spec_dtype(model.dtype());
     let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
@@ -239,8 +233,9 @@ pub async fn run(
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let id = register(&info, registry).await?;
     eprintln!(
-        "worker {name} ({}) is worker {id}: control http://{addr}{}",
+        "worker {name} ({} on {}) is worker {id}: control http://{addr}{}",
         wc.role.name(),
+        wc.device,
         info.kv_addr
             .map(|a| format!(", KV tcp://{a}"))
             .unwrap_or_default()

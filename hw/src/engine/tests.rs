@@ -272,3 +272,33 @@ async fn the_step_trace_records_each_step_in_the_simulators_terms() {
         .to_string();
     assert!(e.contains("step_trace:"), "{e}");
 }
+
+/// A model without a vocabulary reads token ids, as ids or as their text; other text is the
+/// request's error, and its answers stream as ids.
+#[test]
+fn a_token_id_tokenizer_takes_ids_and_refuses_words() {
+    use crate::frontend::GenerateInput;
+    let tokenizer = models::runtime::Tokenizer::token_ids(100);
+    let ids = prompt_tokens(&tokenizer, &GenerateInput::Tokens(vec![3, 99])).unwrap();
+    assert_eq!(ids, vec![3, 99]);
+    let text = prompt_tokens(&tokenizer, &GenerateInput::Text("<3> <99>".into())).unwrap();
+    assert_eq!(text, ids);
+    for bad in [
+        GenerateInput::Text("hello".into()),
+        GenerateInput::Chat(Vec::new()),
+    ] {
+        let e = prompt_tokens(&tokenizer, &bad).unwrap_err();
+        assert!(
+            matches!(&e, BackendError::InvalidPrompt(m) if m.contains("no vocabulary")),
+            "{e:?}"
+        );
+    }
+    let e = prompt_tokens(&tokenizer, &GenerateInput::Tokens(vec![100])).unwrap_err();
+    assert!(matches!(e, BackendError::InvalidPrompt(_)), "{e:?}");
+    let mut detok = detok::Detokenizer::default();
+    let answer = [7, 42, 0];
+    for n in 1..=answer.len() {
+        detok.update(&tokenizer, &answer[..n]).unwrap();
+    }
+    assert_eq!(detok.text(), "<7> <42> <0>");
+}

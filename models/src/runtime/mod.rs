@@ -13,6 +13,7 @@ mod model;
 mod rope;
 mod safetensors;
 mod sampling;
+mod token_ids;
 mod tokenizer;
 mod weights;
 

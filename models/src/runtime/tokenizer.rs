@@ -1,7 +1,9 @@
 //! Text <-> token ids, built from a GGUF file's `tokenizer.ggml.*` metadata or from an HF
-//! `tokenizer.json`, and SmolLM2-Instruct's chat template.
+//! `tokenizer.json`, and SmolLM2-Instruct's chat template; or, for a model with random weights
+//! and no vocabulary, one that writes each token as its id (see [`Tokenizer::token_ids`]).
 
 use super::RuntimeError;
+use super::token_ids;
 use candle_core::quantized::gguf_file::{Content, Value};
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel;
@@ -50,12 +52,21 @@ impl ChatMessage {
 
 #[derive(Clone, Debug)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    vocabulary: Vocabulary,
     /// Counted once: the library counts by copying the whole vocabulary, too slow to do for
     /// every decoded token.
     vocab_size: usize,
     eos_token_ids: Vec<u32>,
     chat_template: Option<String>,
+}
+
+/// What a token stands for.
+#[derive(Clone, Debug)]
+enum Vocabulary {
+    /// A real vocabulary: text in, text out.
+    Text(Box<tokenizers::Tokenizer>),
+    /// No vocabulary: a token's text is its id, `<17>`.
+    Ids,
 }
 
 impl Tokenizer {
@@ -212,7 +223,7 @@ impl Tokenizer {
         eos_token_ids.retain(|id| seen.insert(*id));
         Ok(Tokenizer {
             vocab_size: inner.get_vocab_size(true),
-            inner,
+            vocabulary: Vocabulary::Text(Box::new(inner)),
             eos_token_ids,
             chat_template: string("tokenizer.chat_template")?.map(str::to_string),
         })
@@ -234,20 +245,38 @@ impl Tokenizer {
         let eos_token_ids = end_of_generation_ids(&inner);
         Ok(Tokenizer {
             vocab_size: inner.get_vocab_size(true),
-            inner,
+            vocabulary: Vocabulary::Text(Box::new(inner)),
             eos_token_ids,
             chat_template: None,
         })
     }
 
+    /// For a model without a vocabulary (seeded random weights): each of `vocab_size` tokens
+    /// is written as its id in angle brackets, tokens separated by a space (`<12> <7>`), and
+    /// reads back from that form only. What such a model generates is meaningless text; this
+    /// serves it (and token-id prompts) so that its timing can be measured. No token ends a
+    /// generation.
+    pub fn token_ids(vocab_size: u32) -> Tokenizer {
+        Tokenizer {
+            vocabulary: Vocabulary::Ids,
+            vocab_size: vocab_size as usize,
+            eos_token_ids: Vec::new(),
+            chat_template: None,
+        }
+    }
+
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) are always
     /// recognised; `add_special` adds what the tokenizer prepends or appends (a BOS).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, RuntimeError> {
-        let encoding = self
-            .inner
-            .encode(text, add_special)
-            .map_err(|e| RuntimeError::Invalid(format!("cannot tokenize the text: {e}")))?;
-        Ok(encoding.get_ids().to_vec())
+        match &self.vocabulary {
+            Vocabulary::Text(inner) => {
+                let encoding = inner
+                    .encode(text, add_special)
+                    .map_err(|e| RuntimeError::Invalid(format!("cannot tokenize the text: {e}")))?;
+                Ok(encoding.get_ids().to_vec())
+            }
+            Vocabulary::Ids => token_ids::parse(text, self.vocab_size as u32),
+        }
     }
 
     /// The text of `ids`; ids outside the vocabulary are an error.
@@ -258,9 +287,12 @@ impl Tokenizer {
                 "token id {id} is outside the {vocab_size}-token vocabulary"
             )));
         }
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| RuntimeError::Invalid(format!("cannot decode token ids: {e}")))
+        match &self.vocabulary {
+            Vocabulary::Text(inner) => inner
+                .decode(ids, skip_special)
+                .map_err(|e| RuntimeError::Invalid(format!("cannot decode token ids: {e}"))),
+            Vocabulary::Ids => Ok(token_ids::render(ids)),
+        }
     }
 
     /// Tokens that end a generation: the declared EOS first, then the other end-of-turn and
@@ -270,7 +302,13 @@ impl Tokenizer {
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.vocabulary {
+            Vocabulary::Text(inner) => inner.token_to_id(token),
+            Vocabulary::Ids => match token_ids::parse(token, self.vocab_size as u32) {
+                Ok(ids) if ids.len() == 1 => Some(ids[0]),
+                _ => None,
+            },
+        }
     }
 
     /// Tokens in the vocabulary, added tokens included.
@@ -476,7 +514,10 @@ mod tests {
         let t = smollm2();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokenizer.json");
-        t.inner.save(&path, false).unwrap();
+        let Vocabulary::Text(inner) = &t.vocabulary else {
+            panic!("SmolLM2 has a vocabulary")
+        };
+        inner.save(&path, false).unwrap();
         let u = Tokenizer::from_file(&path).unwrap();
         let text = "<|im_start|>user\nCount: 1 2 3, déjà vu<|im_end|>";
         assert_eq!(
