@@ -66,6 +66,25 @@ impl Default for EngineConfig {
     }
 }
 
+/// Runs a batched prefill and a decode step on a throwaway pool. A GPU loads (JIT-compiles) a
+/// kernel module the first time it is used, seconds each (one H100 worker's first step took
+/// 21 s), which would otherwise land on the first requests.
+fn warm_up(model: &Model, block_size_tokens: u32) -> Result<(), PagedError> {
+    let mut paged = PagedModel::new(model.clone(), 8, block_size_tokens, false)?;
+    let prompt: Vec<u32> = (1..=20).collect();
+    let (a, _) = paged.admit(&prompt)?;
+    let (b, _) = paged.admit(&prompt[..7])?;
+    paged.step(&[(a, 20), (b, 7)])?;
+    paged.push_token(a, 1)?;
+    paged.push_token(b, 1)?;
+    paged
+        .step(&[(a, 1), (b, 1)])?
+        .to_vec2::<f32>()
+        .map_err(models::runtime::RuntimeError::from)?;
+    paged.release(a)?;
+    paged.release(b)
+}
+
 /// The prefill worker a decode worker's request takes its KV from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemotePrefill {
@@ -226,6 +245,9 @@ impl Engine {
         }
         let context_tokens = (model.spec().max_position_embeddings as usize)
             .min(config.kv_blocks as usize * config.block_size_tokens as usize);
+        if !model.device().is_cpu() {
+            warm_up(&model, config.block_size_tokens)?;
+        }
         let paged = PagedModel::new(
             model,
             config.kv_blocks,

@@ -302,3 +302,16 @@ fn a_token_id_tokenizer_takes_ids_and_refuses_words() {
     }
     assert_eq!(detok.text(), "<7> <42> <0>");
 }
+
+#[test]
+fn the_warm_up_leaves_the_model_as_it_was() {
+    let path = models::runtime::test_gguf_path().unwrap();
+    let gguf = models::runtime::GgufFile::open(&path).unwrap();
+    let model = Model::new(gguf.weights(TensorDType::F32, &Device::Cpu).unwrap()).unwrap();
+    warm_up(&model, 16).unwrap();
+    // The throwaway pool is gone; a fresh one serves as usual.
+    let mut paged = PagedModel::new(model, 8, 16, true).unwrap();
+    let (id, cached) = paged.admit(&[1, 2, 3]).unwrap();
+    assert_eq!(cached, 0);
+    assert_eq!(paged.step(&[(id, 3)]).unwrap().dims(), &[1, 49152]);
+}
