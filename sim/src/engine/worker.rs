@@ -426,12 +426,12 @@ impl Simulation<'_> {
         finished.clear();
         self.prefilled_scratch = prefilled;
         self.finished_scratch = finished;
-        let landed = std::mem::take(&mut self.workers[wi].landed);
+        let mut landed = std::mem::take(&mut self.workers[wi].landed);
         for &slot in &landed {
             self.take_landed(slot);
         }
+        landed.clear();
         self.workers[wi].landed = landed;
-        self.workers[wi].landed.clear();
         self.wake.push(w);
     }
 
