@@ -115,6 +115,29 @@ impl Plan {
         }
     }
 
+    /// The decode grid's steps, row by row (sequences x context).
+    fn decode_shapes(&self) -> Vec<StepShape> {
+        cells(
+            &self.decode_seqs,
+            &self.decode_context_tokens,
+            StepShape::decode,
+        )
+    }
+
+    /// The prefill grid's steps (sequences x tokens, from an empty cache).
+    fn prefill_shapes(&self) -> Vec<StepShape> {
+        cells(&self.prefill_seqs, &self.prefill_tokens, |b, t| {
+            StepShape::prefill(b, t, 0)
+        })
+    }
+
+    /// The prefill-after-context grid's steps (chunk tokens x cached context).
+    fn context_shapes(&self) -> Vec<StepShape> {
+        cells(&self.context_chunk_tokens, &self.context_tokens, |t, c| {
+            StepShape::prefill(1, t, c)
+        })
+    }
+
     /// Timed samples the plan takes, for the progress bar.
     fn samples(&self) -> u64 {
         let prefill = self.prefill_seqs.len() * self.prefill_tokens.len();
@@ -301,17 +324,11 @@ pub fn run(
     bar.set_message("prefilling the donor sequence");
     bench.build_donor(plan)?;
 
-    let decode_shapes = cells(
-        &plan.decode_seqs,
-        &plan.decode_context_tokens,
-        StepShape::decode,
+    let (decode_shapes, prefill_shapes, context_shapes) = (
+        plan.decode_shapes(),
+        plan.prefill_shapes(),
+        plan.context_shapes(),
     );
-    let prefill_shapes = cells(&plan.prefill_seqs, &plan.prefill_tokens, |b, t| {
-        StepShape::prefill(b, t, 0)
-    });
-    let context_shapes = cells(&plan.context_chunk_tokens, &plan.context_tokens, |t, c| {
-        StepShape::prefill(1, t, c)
-    });
     let mixed_shapes: Vec<StepShape> = plan
         .mixed
         .iter()
@@ -475,17 +492,11 @@ impl Bench {
             s.decode_seqs as usize * blocks(s.decode_context_tokens + repeats)
                 + s.prefill_seqs as usize * blocks(s.prefill_context_tokens + s.prefill_tokens)
         };
-        let decode = cells(
-            &plan.decode_seqs,
-            &plan.decode_context_tokens,
-            StepShape::decode,
+        let (decode, prefill, context) = (
+            plan.decode_shapes(),
+            plan.prefill_shapes(),
+            plan.context_shapes(),
         );
-        let prefill = cells(&plan.prefill_seqs, &plan.prefill_tokens, |b, t| {
-            StepShape::prefill(b, t, 0)
-        });
-        let context = cells(&plan.context_chunk_tokens, &plan.context_tokens, |t, c| {
-            StepShape::prefill(1, t, c)
-        });
         let max_transfer = plan.transfer_tokens.iter().max().copied().unwrap_or(0);
         let pool = decode
             .iter()
