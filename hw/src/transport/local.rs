@@ -57,32 +57,10 @@ impl KvTransport for LocalTransport {
                 .ok_or_else(|| TransportError::UnknownEndpoint(to.clone()))?;
             (inbox.model_fingerprint, inbox.deliver.clone())
         };
-        let request_id = transfer.request_id;
-        if transfer.model_fingerprint != model_fingerprint {
-            return Err(TransportError::FingerprintMismatch {
-                endpoint: to.clone(),
-                request_id,
-                sent: transfer.model_fingerprint,
-                receiver: model_fingerprint,
-            });
-        }
+        super::check_fingerprint(to, &transfer, model_fingerprint)?;
         let payload_bytes = transfer.kv.payload_bytes() as u64;
         let started = std::time::Instant::now();
-        deliver
-            .send(transfer)
-            .await
-            .map_err(|_| TransportError::Refused {
-                endpoint: to.clone(),
-                request_id,
-                reason: "the receiving worker is gone",
-            })?;
-        Ok(TransferReceipt {
-            request_id,
-            payload_bytes,
-            wire_bytes: payload_bytes,
-            attempts: 1,
-            started,
-        })
+        super::hand_over(to, &deliver, transfer, payload_bytes, started).await
     }
 }
 

@@ -218,6 +218,50 @@ pub fn assemble_layers(mut parts: Vec<LayerParts>, n_blocks: usize) -> Vec<Vec<u
     blocks
 }
 
+/// Refuses a transfer computed by another model than the receiving inbox's.
+pub(crate) fn check_fingerprint(
+    to: &Endpoint,
+    transfer: &KvTransfer,
+    model_fingerprint: u64,
+) -> Result<(), TransportError> {
+    if transfer.model_fingerprint == model_fingerprint {
+        return Ok(());
+    }
+    Err(TransportError::FingerprintMismatch {
+        endpoint: to.clone(),
+        request_id: transfer.request_id,
+        sent: transfer.model_fingerprint,
+        receiver: model_fingerprint,
+    })
+}
+
+/// Delivers a transfer into an in-process inbox (the local and cuda-p2p transports, once its
+/// blocks are where the receiver reads them).
+pub(crate) async fn hand_over(
+    to: &Endpoint,
+    deliver: &tokio::sync::mpsc::Sender<KvTransfer>,
+    transfer: KvTransfer,
+    payload_bytes: u64,
+    started: std::time::Instant,
+) -> Result<TransferReceipt, TransportError> {
+    let request_id = transfer.request_id;
+    deliver
+        .send(transfer)
+        .await
+        .map_err(|_| TransportError::Refused {
+            endpoint: to.clone(),
+            request_id,
+            reason: "the receiving worker is gone",
+        })?;
+    Ok(TransferReceipt {
+        request_id,
+        payload_bytes,
+        wire_bytes: payload_bytes,
+        attempts: 1,
+        started,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -301,14 +301,7 @@ impl KvTransport for CudaP2pTransport {
             )
         };
         let request_id = transfer.request_id;
-        if transfer.model_fingerprint != model_fingerprint {
-            return Err(TransportError::FingerprintMismatch {
-                endpoint: to.clone(),
-                request_id,
-                sent: transfer.model_fingerprint,
-                receiver: model_fingerprint,
-            });
-        }
+        super::super::check_fingerprint(to, &transfer, model_fingerprint)?;
         let payload_bytes = transfer.kv.payload_bytes() as u64;
         let started = std::time::Instant::now();
         if let Some(rows) = transfer.kv.device.take() {
@@ -322,20 +315,6 @@ impl KvTransport for CudaP2pTransport {
                 })?;
             transfer.kv.device = Some(moved);
         }
-        deliver
-            .send(transfer)
-            .await
-            .map_err(|_| TransportError::Refused {
-                endpoint: to.clone(),
-                request_id,
-                reason: "the receiving worker is gone",
-            })?;
-        Ok(TransferReceipt {
-            request_id,
-            payload_bytes,
-            wire_bytes: payload_bytes,
-            attempts: 1,
-            started,
-        })
+        super::super::hand_over(to, &deliver, transfer, payload_bytes, started).await
     }
 }
