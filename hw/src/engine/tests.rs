@@ -249,7 +249,15 @@ async fn the_step_trace_records_each_step_in_the_simulators_terms() {
                       "ignore_eos": true});
     let (status, text) = post(&app, "/v1/completions", body).await;
     assert_eq!(status, StatusCode::OK, "{text}");
-    let rows = steps::read(&trace).unwrap();
+    // The last step's row is written once its token is handed on, just after the answer.
+    let mut rows = steps::read(&trace).unwrap();
+    for _ in 0..500 {
+        if rows.len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        rows = steps::read(&trace).unwrap();
+    }
     // One prefill step of the 40-token prompt, then a decode step per further token.
     assert_eq!(rows.len(), 5, "{rows:?}");
     assert_eq!((rows[0].prefill_seqs, rows[0].prefill_tokens), (1, 40));
