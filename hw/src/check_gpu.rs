@@ -17,6 +17,8 @@ pub struct CheckPlan {
     pub seed: u64,
     /// Prompts prefilled together in one step, by length.
     pub prompt_lens: Vec<usize>,
+    /// A prompt that joins at the first decode step, in two chunks (0: none).
+    pub late_prompt_len: usize,
     /// Decode steps compared after the prefill.
     pub decode_steps: usize,
     /// Decode steps after the KV round trip.
@@ -29,6 +31,7 @@ impl Default for CheckPlan {
         CheckPlan {
             seed: 7,
             prompt_lens: vec![37, 64],
+            late_prompt_len: 29,
             decode_steps: 8,
             round_trip_steps: 16,
             block_size_tokens: 16,
@@ -225,50 +228,77 @@ struct Run {
 }
 
 /// The prompts prefilled in one step, then `steps` decode steps of all of them, fed `forced`
-/// (the reference's tokens) or, for the reference itself, its own greedy picks.
+/// (the reference's tokens) or, for the reference itself, its own greedy picks. A `late`
+/// prompt joins at the first decode step, prefilled in two chunks beside the others' decode
+/// tokens (a mixed step, then a chunk over context already cached), and decodes from then on.
 fn run(
     model: Model,
     prompts: &[Vec<u32>],
+    late: &[u32],
     steps: usize,
     forced: Option<&[Vec<u32>]>,
     block_size: usize,
 ) -> Result<Run, CheckError> {
     let blocks: usize = prompts
         .iter()
+        .chain(std::iter::once(&late.to_vec()))
         .map(|p| (p.len() + steps + 1).div_ceil(block_size))
         .sum();
     let mut m = PagedModel::new(model, blocks as u32 + 1, block_size as u32, false)?;
-    let mut ids = Vec::with_capacity(prompts.len());
+    // Each step's work, and whether each of its rows picks the sequence's next token (the
+    // first chunk of the late prompt does not).
+    let mut work = Vec::with_capacity(prompts.len() + 1);
     for p in prompts {
-        ids.push(m.admit(p)?.0);
+        work.push((m.admit(p)?.0, p.len()));
     }
-    let work: Vec<(SeqId, usize)> = ids
-        .iter()
-        .zip(prompts)
-        .map(|(&id, p)| (id, p.len()))
-        .collect();
-    let mut logits = m
-        .step(&work)?
-        .to_vec2::<f32>()
-        .map_err(RuntimeError::from)?;
+    let mut picks = vec![true; work.len()];
     let mut out = Run {
-        rows: logits.clone(),
+        rows: Vec::new(),
         fed: Vec::with_capacity(steps),
     };
-    for step in 0..steps {
-        let next: Vec<u32> = match forced {
-            Some(f) => f[step].clone(),
-            None => logits.iter().map(|row| argmax(row)).collect(),
-        };
-        for (&id, &t) in ids.iter().zip(&next) {
-            m.push_token(id, t)?;
-        }
-        let work: Vec<(SeqId, usize)> = ids.iter().map(|&id| (id, 1)).collect();
-        logits = m
+    let first_chunk = late.len().div_ceil(2);
+    let mut late_id = None;
+    for step in 0..=steps {
+        let logits = m
             .step(&work)?
             .to_vec2::<f32>()
             .map_err(RuntimeError::from)?;
         out.rows.extend(logits.iter().cloned());
+        if step == steps {
+            break;
+        }
+        let feeders: Vec<(SeqId, &Vec<f32>)> = work
+            .iter()
+            .zip(&logits)
+            .zip(&picks)
+            .filter(|(_, pick)| **pick)
+            .map(|((w, row), _)| (w.0, row))
+            .collect();
+        let next: Vec<u32> = match forced {
+            Some(f) => f[step].clone(),
+            None => feeders.iter().map(|(_, row)| argmax(row)).collect(),
+        };
+        work.clear();
+        for (&(id, _), &t) in feeders.iter().zip(&next) {
+            m.push_token(id, t)?;
+            work.push((id, 1));
+        }
+        picks = vec![true; work.len()];
+        if !late.is_empty() {
+            match late_id {
+                None => {
+                    let id = m.admit(late)?.0;
+                    late_id = Some(id);
+                    work.push((id, first_chunk));
+                    picks.push(first_chunk == late.len());
+                }
+                Some(id) if step == 1 && first_chunk < late.len() => {
+                    work.push((id, late.len() - first_chunk));
+                    picks.push(true);
+                }
+                _ => {}
+            }
+        }
         out.fed.push(next);
     }
     Ok(out)
@@ -397,10 +427,12 @@ pub fn check(
         .enumerate()
         .map(|(k, &n)| prompt(n, k, vocab))
         .collect();
+    let late = prompt(plan.late_prompt_len, prompts.len(), vocab);
     let weights = Weights::random(spec, TensorDType::F32, &Device::Cpu, plan.seed)?;
     let reference = run(
         Model::new(weights.clone())?,
         &prompts,
+        &late,
         plan.decode_steps,
         None,
         plan.block_size_tokens,
@@ -410,7 +442,8 @@ pub fn check(
         device: device_label.to_string(),
         plan_words: format!(
             "a prefill of {} prompts ({} tokens) in one step, then {} decode steps fed the \
-             reference's greedy tokens; the KV round trip continues {} steps",
+             reference's greedy tokens, a prompt of {} tokens joining them in two chunks; the KV \
+             round trip continues {} steps",
             prompts.len(),
             plan.prompt_lens
                 .iter()
@@ -418,6 +451,7 @@ pub fn check(
                 .collect::<Vec<_>>()
                 .join(" and "),
             plan.decode_steps,
+            plan.late_prompt_len,
             plan.round_trip_steps
         ),
         accuracy: Vec::new(),
@@ -428,6 +462,7 @@ pub fn check(
         let got = run(
             model.clone(),
             &prompts,
+            &late,
             plan.decode_steps,
             Some(&reference.fed),
             plan.block_size_tokens,
@@ -472,6 +507,7 @@ mod tests {
     fn the_cpu_passes_its_own_check_in_every_dtype() {
         let plan = CheckPlan {
             prompt_lens: vec![21, 40],
+            late_prompt_len: 13,
             decode_steps: 5,
             round_trip_steps: 6,
             ..CheckPlan::default()
@@ -480,8 +516,9 @@ mod tests {
         let report = check(&tiny(), &Device::Cpu, "cpu", &dtypes, &plan).unwrap();
         assert!(report.pass(), "{}", report.table());
         let f32_row = &report.accuracy[0];
-        assert_eq!((f32_row.max_rel, f32_row.rows), (0.0, 12));
-        assert_eq!(f32_row.top1_agree, 12);
+        // 2 prefill rows, then 5 steps of 2 decodes and the late prompt's chunk or token.
+        assert_eq!((f32_row.max_rel, f32_row.rows), (0.0, 17));
+        assert_eq!(f32_row.top1_agree, 17);
         for a in &report.accuracy[1..] {
             assert!(a.max_rel > 0.0, "{:?} rounds", a.dtype);
         }

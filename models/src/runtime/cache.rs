@@ -162,6 +162,13 @@ impl KvCache {
         Ok(())
     }
 
+    /// Layer `layer`'s K and V pools, `(n_kv_heads, num_blocks * block_size, head_dim)`: the
+    /// fused kernels read and write them in place.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn pools(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.k[layer], &self.v[layer])
+    }
+
     /// The first `len_tokens` tokens of the context held in `blocks` (u32, checked ids), as K
     /// and V of shape `(n_kv_heads, len_tokens, head_dim)`.
     pub(crate) fn gather(

@@ -7,6 +7,8 @@
 
 mod cache;
 mod error;
+#[cfg(feature = "cuda")]
+mod fused;
 mod gguf;
 mod linear;
 mod model;

@@ -62,8 +62,8 @@ struct SeqPlan {
     offset: usize,
     n_tokens: usize,
     context_tokens: usize,
-    /// The blocks covering its context, u32.
-    blocks: Tensor,
+    /// The blocks covering its context.
+    blocks: Vec<u32>,
     /// Additive causal mask (n_tokens, context_tokens), f32; none for a single new token,
     /// which sees its whole context.
     mask: Option<Tensor>,
@@ -192,8 +192,12 @@ impl Model {
         let (q_dim, kv_dim) = (nh * hd, kvh * hd);
         let inter = self.spec.intermediate_size as usize;
         let eps = self.spec.rms_norm_eps as f32;
-        let scale = 1.0 / (hd as f64).sqrt();
 
+        #[cfg(feature = "cuda")]
+        if dev.is_cuda() {
+            return self.forward_fused(cache, packed, on_layer);
+        }
+        let blocks = packed.block_tensors(dev)?;
         let tokens = Tensor::from_vec(packed.tokens, t, dev)?;
         let positions = Tensor::from_vec(packed.positions, t, dev)?;
         let (cos, sin) = self.rope.at(&positions)?;
@@ -225,34 +229,8 @@ impl Model {
             // Head h attends with kv head h / group: view Q as (T, kv_heads, group, head_dim).
             let q = q.reshape((t, kvh, group, hd))?;
             let mut outs = Vec::with_capacity(packed.seqs.len());
-            for s in &packed.seqs {
-                let n = s.n_tokens;
-                let qs = q
-                    .narrow(0, s.offset, n)?
-                    .permute((1, 2, 0, 3))?
-                    .contiguous()?
-                    .reshape((kvh, group * n, hd))?;
-                let (ks, vs) = cache.gather(li, &s.blocks, s.context_tokens)?;
-                let (ks, vs) = (ks.to_dtype(self.dtype)?, vs.to_dtype(self.dtype)?);
-                let scores = qs
-                    .matmul(&ks.t()?)?
-                    .to_dtype(DType::F32)?
-                    .affine(scale, 0.0)?;
-                let scores = match &s.mask {
-                    Some(mask) => scores
-                        .reshape((kvh, group, n, s.context_tokens))?
-                        .broadcast_add(mask)?
-                        .reshape((kvh, group * n, s.context_tokens))?,
-                    None => scores,
-                };
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-                let o = probs
-                    .matmul(&vs)?
-                    .reshape((kvh, group, n, hd))?
-                    .permute((2, 0, 1, 3))?
-                    .contiguous()?
-                    .reshape((n, q_dim))?;
-                outs.push(o);
+            for (s, blocks) in packed.seqs.iter().zip(&blocks) {
+                outs.push(self.seq_attention(cache, li, &q, s, blocks)?);
             }
             let attn = Tensor::cat(&outs, 0)?;
             x = (x + linear(&attn, &layer.wo)?)?;
@@ -265,6 +243,126 @@ impl Model {
         let last = Tensor::from_vec(packed.last_rows, batch.len(), dev)?;
         let h = rms_norm(&x.index_select(&last, 0)?, &self.norm, eps)?;
         Ok(linear(&h, &self.lm_head)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`Model::forward_observed`] on a GPU: the same arithmetic in fewer launches. The
+    /// residual add and the next norm, RoPE and the KV write, SiLU and the gating product are
+    /// one kernel each, and all single-token queries of the step attend in one kernel over
+    /// their blocks in place; longer queries (prefills) take the per-sequence path.
+    #[cfg(feature = "cuda")]
+    fn forward_fused(
+        &self,
+        cache: &mut KvCache,
+        packed: Packed,
+        on_layer: &mut dyn FnMut(usize, &KvCache) -> Result<(), RuntimeError>,
+    ) -> Result<Tensor, RuntimeError> {
+        use super::fused;
+        let dev = &self.device;
+        let t = packed.tokens.len();
+        let (kvh, hd) = (cache.n_kv_heads(), cache.head_dim());
+        let nh = self.spec.n_heads as usize;
+        let eps = self.spec.rms_norm_eps as f32;
+
+        let tokens = Tensor::from_vec(packed.tokens, t, dev)?;
+        let positions = Tensor::from_vec(packed.positions, t, dev)?;
+        let slots = Tensor::from_vec(packed.slots, t, dev)?;
+        let mut decode = fused::DecodeRows::default();
+        let mut longer = Vec::new();
+        for s in &packed.seqs {
+            if s.n_tokens == 1 && fused::attention_fits(hd, s.context_tokens) {
+                decode.push(s.offset, s.context_tokens, &s.blocks);
+            } else {
+                longer.push((s, Tensor::from_slice(&s.blocks, s.blocks.len(), dev)?));
+            }
+        }
+        let decode = match decode.is_empty() {
+            true => None,
+            false => Some(decode.upload(dev)?),
+        };
+        let (cos, sin) = self.rope.tables();
+
+        let x = self.embed.index_select(&tokens, 0)?;
+        let (mut x, mut h) = fused::add_rms_norm(&x, None, &self.layers[0].attn_norm, eps)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let qkv = linear(&h, &layer.wqkv)?;
+            let (k_pool, v_pool) = cache.pools(li);
+            let q = fused::rope_write_kv(&fused::RopeKv {
+                qkv: &qkv,
+                cos,
+                sin,
+                positions: &positions,
+                slots: &slots,
+                k_pool,
+                v_pool,
+                n_heads: nh,
+                interleaved: self.rope.interleaved(),
+            })?;
+            on_layer(li, cache)?;
+
+            let attn = fused::rows(dev, self.dtype, t, nh * hd)?;
+            if let Some(d) = &decode {
+                fused::paged_decode_attention(
+                    &q,
+                    k_pool,
+                    v_pool,
+                    d,
+                    cache.block_size_tokens(),
+                    &attn,
+                )?;
+            }
+            let q = q.reshape((t, kvh, nh / kvh, hd))?;
+            for (s, blocks) in &longer {
+                attn.slice_set(&self.seq_attention(cache, li, &q, s, blocks)?, 0, s.offset)?;
+            }
+            let o = linear(&attn, &layer.wo)?;
+            let (x1, h1) = fused::add_rms_norm(&x, Some(&o), &layer.ffn_norm, eps)?;
+            let act = fused::silu_mul(&linear(&h1, &layer.w_gate_up)?)?;
+            let down = linear(&act, &layer.w_down)?;
+            let next_norm = self.layers.get(li + 1).map_or(&self.norm, |l| &l.attn_norm);
+            (x, h) = fused::add_rms_norm(&x1, Some(&down), next_norm, eps)?;
+        }
+        let last = Tensor::from_vec(packed.last_rows, packed.seqs.len(), dev)?;
+        Ok(linear(&h.index_select(&last, 0)?, &self.lm_head)?.to_dtype(DType::F32)?)
+    }
+
+    /// Attention of one sequence's new tokens (rows of `q`, viewed as (T, kv_heads, group,
+    /// head_dim)) over its context in `blocks`: (n_tokens, n_heads * head_dim).
+    fn seq_attention(
+        &self,
+        cache: &KvCache,
+        layer: usize,
+        q: &Tensor,
+        s: &SeqPlan,
+        blocks: &Tensor,
+    ) -> Result<Tensor, RuntimeError> {
+        let (_, kvh, group, hd) = q.dims4()?;
+        let n = s.n_tokens;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let qs = q
+            .narrow(0, s.offset, n)?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?
+            .reshape((kvh, group * n, hd))?;
+        let (ks, vs) = cache.gather(layer, blocks, s.context_tokens)?;
+        let (ks, vs) = (ks.to_dtype(self.dtype)?, vs.to_dtype(self.dtype)?);
+        let scores = qs
+            .matmul(&ks.t()?)?
+            .to_dtype(DType::F32)?
+            .affine(scale, 0.0)?;
+        let scores = match &s.mask {
+            Some(mask) => scores
+                .reshape((kvh, group, n, s.context_tokens))?
+                .broadcast_add(mask)?
+                .reshape((kvh, group * n, s.context_tokens))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        Ok(probs
+            .matmul(&vs)?
+            .reshape((kvh, group, n, hd))?
+            .permute((2, 0, 1, 3))?
+            .contiguous()?
+            .reshape((n, kvh * group * hd))?)
     }
 
     fn check_cache(&self, cache: &KvCache) -> Result<(), RuntimeError> {
@@ -358,7 +456,7 @@ impl Model {
                 offset,
                 n_tokens: n,
                 context_tokens: context,
-                blocks: Tensor::from_slice(blocks, needed, &self.device)?,
+                blocks: blocks.to_vec(),
                 mask,
             });
             p.last_rows.push((offset + n - 1) as u32);
@@ -382,6 +480,16 @@ struct Packed {
     slots: Vec<u32>,
     seqs: Vec<SeqPlan>,
     last_rows: Vec<u32>,
+}
+
+impl Packed {
+    /// Each sequence's blocks as a u32 tensor on `device`.
+    fn block_tensors(&self, device: &Device) -> Result<Vec<Tensor>, RuntimeError> {
+        self.seqs
+            .iter()
+            .map(|s| Ok(Tensor::from_slice(&s.blocks, s.blocks.len(), device)?))
+            .collect()
+    }
 }
 
 fn check_spec(spec: &ModelSpec) -> Result<(), RuntimeError> {

@@ -61,6 +61,18 @@ impl Rope {
         Ok((rows(&self.cos)?, rows(&self.sin)?))
     }
 
+    /// The cos and sin tables, (max_position_embeddings, head_dim / 2).
+    #[cfg(feature = "cuda")]
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
+    /// Whether pairs are adjacent (GGUF's layout) rather than half a head apart.
+    #[cfg(feature = "cuda")]
+    pub fn interleaved(&self) -> bool {
+        matches!(self.style, RopeStyle::Interleaved)
+    }
+
     /// Rotates `x`, contiguous (T, heads, 1, head_dim), by the rows [`Rope::at`] returned: each
     /// token is its own batch entry of the rope kernels, so no transpose is needed.
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, RuntimeError> {

@@ -1,0 +1,353 @@
+//! The fused CUDA kernels of `kernels.cu`, launched on candle's stream.
+//!
+//! On a GPU a decode step is bound by launches, not arithmetic: the tensor-op forward pass
+//! issued about 35 kernels per layer plus ten per sequence for attention (6.3 ms for a batch-1
+//! step of TinyLlama on an H100, 61 ms at batch 32). These kernels do a layer's residual add and
+//! norm, RoPE and the KV write, and the attention of every single-token query of the batch, one
+//! launch each.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Device, Error, Result, Shape, Storage, Tensor};
+use half::{bf16, f16};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+const MODULE: &str = "disagg_fused";
+
+/// Threads of a block of the per-row kernels.
+const ROW_THREADS: u32 = 256;
+/// Threads of an attention block: a multiple of every head_dim it takes (see [`attention_fits`]).
+const ATTENTION_THREADS: u32 = 256;
+/// Shared memory a block may use without opting in.
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+
+fn failed(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Cuda(Box::new(e))
+}
+
+fn cuda(device: &Device) -> Result<&CudaDevice> {
+    match device {
+        Device::Cuda(d) => Ok(d),
+        other => Err(Error::Msg(format!(
+            "fused kernels run on CUDA, not {:?}",
+            other.location()
+        ))),
+    }
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::F16 => Ok("f16"),
+        DType::BF16 => Ok("bf16"),
+        other => Err(Error::Msg(format!(
+            "fused kernels take f32, f16 or bf16, not {other:?}"
+        ))),
+    }
+}
+
+/// The device address of a contiguous CUDA tensor's first element. Valid while the tensor
+/// lives; every kernel here runs on the tensor's own stream, after the work that wrote it.
+fn address(t: &Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        return Err(Error::Msg("fused kernels take CUDA tensors".into()));
+    };
+    let (start, _) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg("fused kernels take contiguous tensors".into()))?;
+    let stream = s.device().cuda_stream();
+    let base = match &s.slice {
+        CudaStorageSlice::F32(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::F16(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::BF16(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::U32(x) => x.device_ptr(&stream).0,
+        _ => return Err(Error::Msg(format!("fused kernels: {:?}", t.dtype()))),
+    };
+    Ok(base + (start * t.dtype().size_in_bytes()) as u64)
+}
+
+/// An uninitialised tensor, for a kernel to fill.
+fn empty(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<Tensor> {
+    let shape = shape.into();
+    let n = shape.elem_count();
+    // SAFETY: every caller launches a kernel that writes each element before any read.
+    let slice = unsafe {
+        match dtype {
+            DType::F32 => CudaStorageSlice::F32(dev.alloc::<f32>(n)?),
+            DType::F16 => CudaStorageSlice::F16(dev.alloc::<f16>(n)?),
+            DType::BF16 => CudaStorageSlice::BF16(dev.alloc::<bf16>(n)?),
+            other => return Err(Error::Msg(format!("fused kernels: {other:?}"))),
+        }
+    };
+    let storage = CudaStorage {
+        slice,
+        device: dev.clone(),
+    };
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape,
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+fn u32s(dev: &CudaDevice, values: &[u32]) -> Result<Tensor> {
+    Tensor::from_slice(values, values.len(), &Device::Cuda(dev.clone()))
+}
+
+/// `(x + y, RMSNorm(x + y) * w)` over rows of `x` (rows, cols); without `y`, `(x, RMSNorm(x) *
+/// w)`. The sum is rounded to x's dtype, the norm computed in f32; `w` is f32.
+pub fn add_rms_norm(
+    x: &Tensor,
+    y: Option<&Tensor>,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let dev = cuda(x.device())?;
+    let (rows, cols) = x.dims2()?;
+    let h = empty(dev, x.dtype(), (rows, cols))?;
+    let x_out = match y {
+        Some(_) => empty(dev, x.dtype(), (rows, cols))?,
+        None => x.clone(),
+    };
+    let func =
+        dev.get_or_load_custom_func(&format!("add_rms_norm_{}", suffix(x.dtype())?), MODULE, PTX)?;
+    let (px, pw, ph) = (address(x)?, address(w)?, address(&h)?);
+    let (py, pout) = match y {
+        Some(y) => (address(&y.contiguous()?)?, address(&x_out)?),
+        None => (0, 0),
+    };
+    let cols_i = cols as i32;
+    let mut b = func.builder();
+    b.arg(&px)
+        .arg(&py)
+        .arg(&pw)
+        .arg(&pout)
+        .arg(&ph)
+        .arg(&cols_i)
+        .arg(&eps);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature; every buffer holds rows x cols.
+    unsafe { b.launch(cfg) }.map_err(failed)?;
+    Ok((x_out, h))
+}
+
+/// Where a step's new tokens go: rotated Q out, K and V into the cache pools.
+pub struct RopeKv<'a> {
+    /// (tokens, n_heads + 2 n_kv_heads, head_dim): the fused QKV projection.
+    pub qkv: &'a Tensor,
+    /// (max_position, head_dim / 2) tables in the activations' dtype.
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// Per token: its position and its cache slot.
+    pub positions: &'a Tensor,
+    pub slots: &'a Tensor,
+    /// (n_kv_heads, n_slots, head_dim) pools of one layer, written in place.
+    pub k_pool: &'a Tensor,
+    pub v_pool: &'a Tensor,
+    pub n_heads: usize,
+    pub interleaved: bool,
+}
+
+/// RoPE on every Q and K head of every token (each at its own position), K and V written to
+/// their slots; returns Q, (tokens, n_heads, head_dim).
+pub fn rope_write_kv(a: &RopeKv) -> Result<Tensor> {
+    let dev = cuda(a.qkv.device())?;
+    let (kvh, n_slots, hd) = a.k_pool.dims3()?;
+    let t = a.qkv.dim(0)?;
+    let q = empty(dev, a.qkv.dtype(), (t, a.n_heads, hd))?;
+    let func = dev.get_or_load_custom_func(
+        &format!("rope_write_kv_{}", suffix(a.qkv.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let ptrs = [
+        address(a.qkv)?,
+        address(a.cos)?,
+        address(a.sin)?,
+        address(a.positions)?,
+        address(a.slots)?,
+        address(&q)?,
+        address(a.k_pool)?,
+        address(a.v_pool)?,
+    ];
+    let (nh, kvh, hd) = (a.n_heads as i32, kvh as i32, hd as i32);
+    let interleaved = i32::from(a.interleaved);
+    let mut b = func.builder();
+    for p in &ptrs {
+        b.arg(p);
+    }
+    b.arg(&nh)
+        .arg(&kvh)
+        .arg(&hd)
+        .arg(&n_slots)
+        .arg(&interleaved);
+    let cfg = LaunchConfig {
+        grid_dim: (t as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature; slots are checked to be in range
+    // and distinct by the caller.
+    unsafe { b.launch(cfg) }.map_err(failed)?;
+    Ok(q)
+}
+
+/// The single-token queries of a step: row in the packed batch, context length (the new token
+/// included) and the blocks holding that context.
+#[derive(Default)]
+pub struct DecodeRows {
+    pub rows: Vec<u32>,
+    pub context: Vec<u32>,
+    pub table_start: Vec<u32>,
+    pub tables: Vec<u32>,
+}
+
+impl DecodeRows {
+    pub fn push(&mut self, row: usize, context: usize, blocks: &[u32]) {
+        self.rows.push(row as u32);
+        self.context.push(context as u32);
+        self.table_start.push(self.tables.len() as u32);
+        self.tables.extend_from_slice(blocks);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn max_context(&self) -> usize {
+        self.context.iter().copied().max().unwrap_or(0) as usize
+    }
+}
+
+/// The decode rows' tables, on the device once per step.
+pub struct DeviceDecodeRows {
+    n: usize,
+    max_context: usize,
+    rows: Tensor,
+    context: Tensor,
+    table_start: Tensor,
+    tables: Tensor,
+}
+
+impl DecodeRows {
+    pub fn upload(&self, device: &Device) -> Result<DeviceDecodeRows> {
+        let dev = cuda(device)?;
+        Ok(DeviceDecodeRows {
+            n: self.rows.len(),
+            max_context: self.max_context(),
+            rows: u32s(dev, &self.rows)?,
+            context: u32s(dev, &self.context)?,
+            table_start: u32s(dev, &self.table_start)?,
+            tables: u32s(dev, &self.tables)?,
+        })
+    }
+}
+
+/// Shared memory of an attention block over `context` tokens.
+fn attention_shared_bytes(head_dim: usize, context: usize) -> usize {
+    (head_dim + ATTENTION_THREADS as usize + context) * 4
+}
+
+/// Whether the decode kernel takes this head size and context: the block's threads split
+/// evenly over head_dim, and the scores fit the default shared memory.
+pub fn attention_fits(head_dim: usize, max_context: usize) -> bool {
+    head_dim > 0
+        && head_dim <= ATTENTION_THREADS as usize
+        && (ATTENTION_THREADS as usize).is_multiple_of(head_dim)
+        && attention_shared_bytes(head_dim, max_context) <= DEFAULT_SHARED_BYTES
+}
+
+/// Attention of each decode row's query over its paged context, written into `out` (tokens,
+/// n_heads * head_dim) at the row; other rows of `out` are left as they are.
+pub fn paged_decode_attention(
+    q: &Tensor,
+    k_pool: &Tensor,
+    v_pool: &Tensor,
+    decode: &DeviceDecodeRows,
+    block_size: usize,
+    out: &Tensor,
+) -> Result<()> {
+    let dev = cuda(q.device())?;
+    let (_, nh, hd) = q.dims3()?;
+    let (kvh, n_slots, _) = k_pool.dims3()?;
+    if !attention_fits(hd, decode.max_context) {
+        return Err(Error::Msg(format!(
+            "decode attention: head_dim {hd} with {} tokens of context does not fit a block",
+            decode.max_context
+        )));
+    }
+    let func = dev.get_or_load_custom_func(
+        &format!("paged_decode_attention_{}", suffix(q.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let ptrs = [
+        address(q)?,
+        address(k_pool)?,
+        address(v_pool)?,
+        address(&decode.rows)?,
+        address(&decode.context)?,
+        address(&decode.table_start)?,
+        address(&decode.tables)?,
+        address(out)?,
+    ];
+    let (nh_i, kvh_i, hd_i, bs) = (nh as i32, kvh as i32, hd as i32, block_size as i32);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut b = func.builder();
+    for p in &ptrs {
+        b.arg(p);
+    }
+    b.arg(&nh_i)
+        .arg(&kvh_i)
+        .arg(&hd_i)
+        .arg(&n_slots)
+        .arg(&bs)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (decode.n as u32, nh as u32, 1),
+        block_dim: (ATTENTION_THREADS, 1, 1),
+        shared_mem_bytes: attention_shared_bytes(hd, decode.max_context) as u32,
+    };
+    // SAFETY: the arguments match the kernel's signature; the tables hold checked block ids
+    // covering each row's context, and the shared memory fits (checked above).
+    unsafe { b.launch(cfg) }.map_err(failed)?;
+    Ok(())
+}
+
+/// SiLU(gate) * up over (tokens, 2 inter) rows laid out [gate | up].
+pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
+    let dev = cuda(gate_up.device())?;
+    let (t, two_inter) = gate_up.dims2()?;
+    let inter = two_inter / 2;
+    let act = empty(dev, gate_up.dtype(), (t, inter))?;
+    let func = dev.get_or_load_custom_func(
+        &format!("silu_mul_{}", suffix(gate_up.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let (pin, pout, inter_i) = (address(gate_up)?, address(&act)?, inter as i32);
+    let mut b = func.builder();
+    b.arg(&pin).arg(&pout).arg(&t).arg(&inter_i);
+    let n = (t * inter) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(ROW_THREADS).min(65_535), 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature; act holds tokens x inter.
+    unsafe { b.launch(cfg) }.map_err(failed)?;
+    Ok(act)
+}
+
+/// An uninitialised (tokens, width) tensor, for kernels and copies that fill every row.
+pub fn rows(device: &Device, dtype: DType, tokens: usize, width: usize) -> Result<Tensor> {
+    empty(cuda(device)?, dtype, (tokens, width))
+}
