@@ -121,6 +121,7 @@ pub fn add_rms_norm(
         None => (0, 0),
     };
     let cols_i = cols as i32;
+    let vec = i32::from(cols % 8 == 0 && [px, py, pw, pout, ph].iter().all(|p| p % 16 == 0));
     let mut b = func.builder();
     b.arg(&px)
         .arg(&py)
@@ -128,7 +129,8 @@ pub fn add_rms_norm(
         .arg(&pout)
         .arg(&ph)
         .arg(&cols_i)
-        .arg(&eps);
+        .arg(&eps)
+        .arg(&vec);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (ROW_THREADS, 1, 1),
@@ -227,42 +229,43 @@ impl DecodeRows {
     }
 }
 
-/// The decode rows' tables, on the device once per step.
+/// The decode rows' tables, on the device once per step: one upload of
+/// `[rows | context | table_start | tables]`.
 pub struct DeviceDecodeRows {
     n: usize,
     max_context: usize,
-    rows: Tensor,
-    context: Tensor,
-    table_start: Tensor,
-    tables: Tensor,
+    meta: Tensor,
 }
 
 impl DecodeRows {
     pub fn upload(&self, device: &Device) -> Result<DeviceDecodeRows> {
-        let dev = cuda(device)?;
+        let meta: Vec<u32> = [&self.rows, &self.context, &self.table_start, &self.tables]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
         Ok(DeviceDecodeRows {
             n: self.rows.len(),
             max_context: self.max_context(),
-            rows: u32s(dev, &self.rows)?,
-            context: u32s(dev, &self.context)?,
-            table_start: u32s(dev, &self.table_start)?,
-            tables: u32s(dev, &self.tables)?,
+            meta: u32s(cuda(device)?, &meta)?,
         })
     }
 }
 
-/// Shared memory of an attention block over `context` tokens.
-fn attention_shared_bytes(head_dim: usize, context: usize) -> usize {
-    (head_dim + ATTENTION_THREADS as usize + context) * 4
+/// Shared memory of an attention block over at most `context` tokens in blocks of
+/// `block_size`: query, per-part sums, reduction scratch, block table and scores.
+fn attention_shared_bytes(head_dim: usize, context: usize, block_size: usize) -> usize {
+    let parts = ATTENTION_THREADS as usize / (head_dim / 8).max(1);
+    (head_dim + parts * head_dim + 32 + context.div_ceil(block_size.max(1)) + context) * 4
 }
 
-/// Whether the decode kernel takes this head size and context: the block's threads split
-/// evenly over head_dim, and the scores fit the default shared memory.
-pub fn attention_fits(head_dim: usize, max_context: usize) -> bool {
+/// Whether the decode kernel takes this head size and context: head_dim in whole 8-element
+/// loads, at most one per thread, and everything in the default shared memory.
+pub fn attention_fits(head_dim: usize, max_context: usize, block_size: usize) -> bool {
     head_dim > 0
-        && head_dim <= ATTENTION_THREADS as usize
-        && (ATTENTION_THREADS as usize).is_multiple_of(head_dim)
-        && attention_shared_bytes(head_dim, max_context) <= DEFAULT_SHARED_BYTES
+        && head_dim.is_multiple_of(8)
+        && head_dim / 8 <= ATTENTION_THREADS as usize
+        && attention_shared_bytes(head_dim, max_context, block_size) <= DEFAULT_SHARED_BYTES
 }
 
 /// Attention of each decode row's query over its paged context, written into `out` (tokens,
@@ -278,7 +281,8 @@ pub fn paged_decode_attention(
     let dev = cuda(q.device())?;
     let (_, nh, hd) = q.dims3()?;
     let (kvh, n_slots, _) = k_pool.dims3()?;
-    if !attention_fits(hd, decode.max_context) {
+    let (pk, pv) = (address(k_pool)?, address(v_pool)?);
+    if !attention_fits(hd, decode.max_context, block_size) || pk % 16 != 0 || pv % 16 != 0 {
         return Err(Error::Msg(format!(
             "decode attention: head_dim {hd} with {} tokens of context does not fit a block",
             decode.max_context
@@ -289,17 +293,20 @@ pub fn paged_decode_attention(
         MODULE,
         PTX,
     )?;
+    let meta = address(&decode.meta)?;
+    let n = decode.n as u64;
     let ptrs = [
         address(q)?,
-        address(k_pool)?,
-        address(v_pool)?,
-        address(&decode.rows)?,
-        address(&decode.context)?,
-        address(&decode.table_start)?,
-        address(&decode.tables)?,
+        pk,
+        pv,
+        meta,
+        meta + 4 * n,
+        meta + 8 * n,
+        meta + 12 * n,
         address(out)?,
     ];
     let (nh_i, kvh_i, hd_i, bs) = (nh as i32, kvh as i32, hd as i32, block_size as i32);
+    let max_context = decode.max_context as i32;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut b = func.builder();
     for p in &ptrs {
@@ -310,14 +317,46 @@ pub fn paged_decode_attention(
         .arg(&hd_i)
         .arg(&n_slots)
         .arg(&bs)
+        .arg(&max_context)
         .arg(&scale);
     let cfg = LaunchConfig {
         grid_dim: (decode.n as u32, nh as u32, 1),
         block_dim: (ATTENTION_THREADS, 1, 1),
-        shared_mem_bytes: attention_shared_bytes(hd, decode.max_context) as u32,
+        shared_mem_bytes: attention_shared_bytes(hd, decode.max_context, block_size) as u32,
     };
     // SAFETY: the arguments match the kernel's signature; the tables hold checked block ids
-    // covering each row's context, and the shared memory fits (checked above).
+    // covering each row's context, the pools are aligned for 8-element loads and the shared
+    // memory fits (checked above).
+    unsafe { b.launch(cfg) }.map_err(failed)?;
+    Ok(())
+}
+
+/// In place over `scores` (rows, ctx), the scores of queries against a sequence's ctx keys
+/// where row r is query r % n of its n newest tokens: scaled by `scale`, causally masked and
+/// normalised (masked keys get 0).
+pub fn causal_softmax(scores: &Tensor, n: usize, scale: f32) -> Result<()> {
+    let dev = cuda(scores.device())?;
+    let ctx = scores.dim(scores.rank() - 1)?;
+    let rows = scores.elem_count() / ctx.max(1);
+    if n == 0 || n > ctx || !rows.is_multiple_of(n) {
+        return Err(Error::Msg(format!(
+            "causal softmax: {n} queries over {ctx} keys in {rows} rows"
+        )));
+    }
+    let func = dev.get_or_load_custom_func(
+        &format!("causal_softmax_{}", suffix(scores.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let (ps, n_i, ctx_i) = (address(scores)?, n as i32, ctx as i32);
+    let mut b = func.builder();
+    b.arg(&ps).arg(&n_i).arg(&ctx_i).arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature; scores holds rows x ctx.
     unsafe { b.launch(cfg) }.map_err(failed)?;
     Ok(())
 }

@@ -17,6 +17,32 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
     return __float2bfloat16(x);
 }
 
+// Eight consecutive elements as floats, in one 16-byte load (two for f32): `p` is aligned to
+// eight elements.
+__device__ __forceinline__ void load8(const float *p, float *o) {
+    const float4 a = *reinterpret_cast<const float4 *>(p);
+    const float4 b = *reinterpret_cast<const float4 *>(p + 4);
+    o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __half *p, float *o) {
+    const uint4 u = *reinterpret_cast<const uint4 *>(p);
+    const __half2 *h = reinterpret_cast<const __half2 *>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const float2 f = __half22float2(h[k]);
+        o[2 * k] = f.x, o[2 * k + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float *o) {
+    const uint4 u = *reinterpret_cast<const uint4 *>(p);
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const float2 f = __bfloat1622float2(h[k]);
+        o[2 * k] = f.x, o[2 * k + 1] = f.y;
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
     return x;
@@ -40,13 +66,47 @@ __device__ float block_reduce(float x, float *scratch) {
 }
 
 // x_out = x + y (rounded to T, as the residual stream is kept) and h = RMSNorm(x_out) * w.
-// Without y, x is only normalised. One block per row.
+// Without y, x is only normalised. One block per row; with `vec` (cols % 8 == 0 and every
+// pointer 16-byte aligned) and a row that fits (cols <= 8 * blockDim * ROW_CHUNKS), a thread
+// loads 8 columns at a time and keeps them in registers between the two passes.
+#define ROW_CHUNKS 4
 template <typename T>
-__device__ void add_rms_norm(const T *x, const T *y, const float *w, T *x_out, T *h, int cols,
-                             float eps) {
+__device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ y,
+                             const float *__restrict__ w, T *__restrict__ x_out, T *__restrict__ h,
+                             int cols, float eps, int vec) {
     __shared__ float scratch[32];
     const size_t row = (size_t)blockIdx.x * cols;
     float sq = 0.0f;
+    if (vec && cols <= 8 * (int)blockDim.x * ROW_CHUNKS) {
+        float v[ROW_CHUNKS][8];
+#pragma unroll
+        for (int k = 0; k < ROW_CHUNKS; ++k) {
+            const int c = 8 * (threadIdx.x + k * blockDim.x);
+            if (c >= cols) break;
+            load8(x + row + c, v[k]);
+            if (y != nullptr) {
+                float b[8];
+                load8(y + row + c, b);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const T sum = from_f32<T>(v[k][e] + b[e]);
+                    x_out[row + c + e] = sum;
+                    v[k][e] = to_f32(sum);
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sq += v[k][e] * v[k][e];
+        }
+        const float scale = rsqrtf(block_reduce<false>(sq, scratch) / cols + eps);
+#pragma unroll
+        for (int k = 0; k < ROW_CHUNKS; ++k) {
+            const int c = 8 * (threadIdx.x + k * blockDim.x);
+            if (c >= cols) break;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) h[row + c + e] = from_f32<T>(v[k][e] * scale * w[c + e]);
+        }
+        return;
+    }
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float v = to_f32(x[row + c]);
         if (y != nullptr) {
@@ -95,67 +155,105 @@ __device__ void rope_write_kv(const T *qkv, const T *cos, const T *sin, const ui
 // Attention of single-token queries over their paged context: block (i, head) reads query row
 // rows[i] of q (tokens, n_heads, head_dim) and the first context[i] tokens of the blocks listed
 // at tables[table_start[i]..], and writes its head of row rows[i] of out (tokens, n_heads *
-// head_dim). Scores live in shared memory (dynamic: head_dim + blockDim + max context floats).
-// blockDim is a multiple of head_dim: its threads split the context when summing V.
+// head_dim). head_dim is a multiple of 8 (rows are read 8 elements at a time).
+//
+// Decode attention is bound by the latency of its loads, not their bytes (a few hundred KiB per
+// layer), so every load is independent of the others in flight: the block table is staged in
+// shared memory first, each thread scores whole keys (its own loads, no reduction chain), and
+// the V sum splits the context into as many parts as the block has threads per head_dim.
+// Shared memory (dynamic, see fused.rs): query, per-part sums, reduction scratch, table, scores.
 template <typename T>
-__device__ void paged_decode_attention(const T *q, const T *k_pool, const T *v_pool,
-                                       const uint32_t *rows, const uint32_t *context,
-                                       const uint32_t *table_start, const uint32_t *tables,
-                                       T *out, int n_heads, int n_kv_heads, int head_dim,
-                                       size_t n_slots, int block_size, float scale) {
+__device__ void paged_decode_attention(const T *__restrict__ q, const T *__restrict__ k_pool,
+                                       const T *__restrict__ v_pool, const uint32_t *rows,
+                                       const uint32_t *context, const uint32_t *table_start,
+                                       const uint32_t *tables, T *__restrict__ out, int n_heads,
+                                       int n_kv_heads, int head_dim, size_t n_slots,
+                                       int block_size, int max_context, float scale) {
     extern __shared__ float smem[];
+    const int vecs = head_dim / 8, parts = blockDim.x / vecs;
     float *qs = smem;
     float *partial = qs + head_dim;
-    float *scores = partial + blockDim.x;
+    float *scratch = partial + parts * head_dim;
+    uint32_t *table = reinterpret_cast<uint32_t *>(scratch + 32);
+    float *scores = reinterpret_cast<float *>(table + (max_context + block_size - 1) / block_size);
     const int i = blockIdx.x, head = blockIdx.y;
     const int kh = head / (n_heads / n_kv_heads);
     const size_t row = rows[i];
     const int ctx = context[i];
-    const uint32_t *table = tables + table_start[i];
     const T *k_head = k_pool + (size_t)kh * n_slots * head_dim;
     const T *v_head = v_pool + (size_t)kh * n_slots * head_dim;
 
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         qs[d] = to_f32(q[(row * n_heads + head) * head_dim + d]) * scale;
     }
-    __syncthreads();
-
-    // One warp per key: lanes split head_dim, so each key's row is read coalesced.
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    for (int j = warp; j < ctx; j += warps) {
-        const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-        const T *k = k_head + slot * head_dim;
-        float dot = 0.0f;
-        for (int d = lane; d < head_dim; d += 32) dot += qs[d] * to_f32(k[d]);
-        dot = warp_sum(dot);
-        if (lane == 0) scores[j] = dot;
+    for (int b = threadIdx.x; b < (ctx + block_size - 1) / block_size; b += blockDim.x) {
+        table[b] = tables[table_start[i] + b];
     }
     __syncthreads();
 
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < ctx; j += blockDim.x) m = fmaxf(m, scores[j]);
-    m = block_reduce<true>(m, partial);
+    for (int j = threadIdx.x; j < ctx; j += blockDim.x) {
+        const T *k = k_head + ((size_t)table[j / block_size] * block_size + j % block_size) * head_dim;
+        float dot = 0.0f;
+        for (int c = 0; c < vecs; ++c) {
+            float kv[8];
+            load8(k + 8 * c, kv);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) dot += qs[8 * c + e] * kv[e];
+        }
+        scores[j] = dot;
+        m = fmaxf(m, dot);
+    }
+    m = block_reduce<true>(m, scratch);
     float l = 0.0f;
     for (int j = threadIdx.x; j < ctx; j += blockDim.x) {
         const float e = __expf(scores[j] - m);
         scores[j] = e;
         l += e;
     }
-    l = block_reduce<false>(l, partial);
-    __syncthreads();
+    l = block_reduce<false>(l, scratch);  // its barriers publish the scores
 
-    // Threads (part, d): part sums keys part, part + parts, ... of dimension d.
-    const int parts = blockDim.x / head_dim, d = threadIdx.x % head_dim, part = threadIdx.x / head_dim;
-    float acc = 0.0f;
-    for (int j = part; j < ctx; j += parts) {
-        const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-        acc += scores[j] * to_f32(v_head[slot * head_dim + d]);
+    // Thread (part, c) sums elements 8c..8c+8 of keys part, part + parts, ...
+    const int c = threadIdx.x % vecs, part = threadIdx.x / vecs;
+    if (part < parts) {
+        float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+        for (int j = part; j < ctx; j += parts) {
+            float vv[8];
+            load8(v_head + ((size_t)table[j / block_size] * block_size + j % block_size) * head_dim +
+                      8 * c,
+                  vv);
+            const float p = scores[j];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] += p * vv[e];
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) partial[part * head_dim + 8 * c + e] = acc[e];
     }
-    partial[threadIdx.x] = acc;
     __syncthreads();
-    if (part == 0) {
-        for (int p = 1; p < parts; ++p) acc += partial[p * head_dim + d];
-        out[(row * n_heads + head) * head_dim + d] = from_f32<T>(acc / l);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float sum = 0.0f;
+        for (int p = 0; p < parts; ++p) sum += partial[p * head_dim + d];
+        out[(row * n_heads + head) * head_dim + d] = from_f32<T>(sum / l);
+    }
+}
+
+// In place over rows of `scores` (rows, ctx), each the scores of one query against the ctx keys
+// of its sequence: row r is query r % n of the n newest tokens, which sees keys up to
+// ctx - n + r % n. Scaled, masked and normalised in f32; masked keys get 0. One block per row.
+template <typename T>
+__device__ void causal_softmax(T *scores, int n, int ctx, float scale) {
+    __shared__ float scratch[32];
+    T *s = scores + (size_t)blockIdx.x * ctx;
+    const int last = ctx - n + (int)(blockIdx.x % n);
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, to_f32(s[j]) * scale);
+    m = block_reduce<true>(m, scratch);
+    float l = 0.0f;
+    for (int j = threadIdx.x; j <= last; j += blockDim.x) l += __expf(to_f32(s[j]) * scale - m);
+    const float inv = 1.0f / block_reduce<false>(l, scratch);
+    for (int j = threadIdx.x; j < ctx; j += blockDim.x) {
+        s[j] = from_f32<T>(j <= last ? __expf(to_f32(s[j]) * scale - m) * inv : 0.0f);
     }
 }
 
@@ -174,8 +272,9 @@ __device__ void silu_mul(const T *gate_up, T *act, size_t tokens, int inter) {
 
 #define INSTANTIATE(T, SUFFIX)                                                                  \
     extern "C" __global__ void add_rms_norm_##SUFFIX(const T *x, const T *y, const float *w,    \
-                                                     T *x_out, T *h, int cols, float eps) {      \
-        add_rms_norm<T>(x, y, w, x_out, h, cols, eps);                                          \
+                                                     T *x_out, T *h, int cols, float eps,        \
+                                                     int vec) {                                  \
+        add_rms_norm<T>(x, y, w, x_out, h, cols, eps, vec);                                     \
     }                                                                                           \
     extern "C" __global__ void rope_write_kv_##SUFFIX(                                          \
         const T *qkv, const T *cos, const T *sin, const uint32_t *positions,                    \
@@ -188,9 +287,13 @@ __device__ void silu_mul(const T *gate_up, T *act, size_t tokens, int inter) {
         const T *q, const T *k_pool, const T *v_pool, const uint32_t *rows,                     \
         const uint32_t *context, const uint32_t *table_start, const uint32_t *tables, T *out,   \
         int n_heads, int n_kv_heads, int head_dim, size_t n_slots, int block_size,              \
-        float scale) {                                                                          \
+        int max_context, float scale) {                                                         \
         paged_decode_attention<T>(q, k_pool, v_pool, rows, context, table_start, tables, out,   \
-                                  n_heads, n_kv_heads, head_dim, n_slots, block_size, scale);   \
+                                  n_heads, n_kv_heads, head_dim, n_slots, block_size,           \
+                                  max_context, scale);                                          \
+    }                                                                                           \
+    extern "C" __global__ void causal_softmax_##SUFFIX(T *scores, int n, int ctx, float scale) { \
+        causal_softmax<T>(scores, n, ctx, scale);                                               \
     }                                                                                           \
     extern "C" __global__ void silu_mul_##SUFFIX(const T *gate_up, T *act, size_t tokens,       \
                                                  int inter) {                                   \

@@ -65,7 +65,7 @@ struct SeqPlan {
     /// The blocks covering its context.
     blocks: Vec<u32>,
     /// Additive causal mask (n_tokens, context_tokens), f32; none for a single new token,
-    /// which sees its whole context.
+    /// which sees its whole context, and on a GPU, whose softmax kernel masks.
     mask: Option<Tensor>,
 }
 
@@ -269,7 +269,9 @@ impl Model {
         let mut decode = fused::DecodeRows::default();
         let mut longer = Vec::new();
         for s in &packed.seqs {
-            if s.n_tokens == 1 && fused::attention_fits(hd, s.context_tokens) {
+            if s.n_tokens == 1
+                && fused::attention_fits(hd, s.context_tokens, cache.block_size_tokens())
+            {
                 decode.push(s.offset, s.context_tokens, &s.blocks);
             } else {
                 longer.push((s, Tensor::from_slice(&s.blocks, s.blocks.len(), dev)?));
@@ -345,24 +347,39 @@ impl Model {
             .reshape((kvh, group * n, hd))?;
         let (ks, vs) = cache.gather(layer, blocks, s.context_tokens)?;
         let (ks, vs) = (ks.to_dtype(self.dtype)?, vs.to_dtype(self.dtype)?);
-        let scores = qs
-            .matmul(&ks.t()?)?
-            .to_dtype(DType::F32)?
-            .affine(scale, 0.0)?;
-        let scores = match &s.mask {
-            Some(mask) => scores
-                .reshape((kvh, group, n, s.context_tokens))?
-                .broadcast_add(mask)?
-                .reshape((kvh, group * n, s.context_tokens))?,
-            None => scores,
+        let scores = qs.matmul(&ks.t()?)?;
+        #[cfg(feature = "cuda")]
+        let probs = match scores.device().is_cuda() {
+            // Scale, mask and softmax in one pass over the scores, in place.
+            true => {
+                super::fused::causal_softmax(&scores, n, scale as f32)?;
+                scores
+            }
+            false => self.probs(scores, s, scale)?,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        #[cfg(not(feature = "cuda"))]
+        let probs = self.probs(scores, s, scale)?;
         Ok(probs
             .matmul(&vs)?
             .reshape((kvh, group, n, hd))?
             .permute((2, 0, 1, 3))?
             .contiguous()?
             .reshape((n, kvh * group * hd))?)
+    }
+
+    /// Softmax of scores (kv_heads, group * n, context) scaled and masked by the sequence's
+    /// causal mask, in f32, rounded to the model's dtype.
+    fn probs(&self, scores: Tensor, s: &SeqPlan, scale: f64) -> Result<Tensor, RuntimeError> {
+        let (kvh, rows, context) = scores.dims3()?;
+        let scores = scores.to_dtype(DType::F32)?.affine(scale, 0.0)?;
+        let scores = match &s.mask {
+            Some(mask) => scores
+                .reshape((kvh, rows / s.n_tokens, s.n_tokens, context))?
+                .broadcast_add(mask)?
+                .reshape((kvh, rows, context))?,
+            None => scores,
+        };
+        Ok(candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?)
     }
 
     fn check_cache(&self, cache: &KvCache) -> Result<(), RuntimeError> {
@@ -447,7 +464,8 @@ impl Model {
                 p.slots
                     .push(blocks[pos / bs] * bs as u32 + (pos % bs) as u32);
             }
-            let mask = if n > 1 {
+            // A GPU masks inside its softmax kernel.
+            let mask = if n > 1 && !self.device.is_cuda() {
                 Some(causal_mask(s.start_pos, n, &self.device)?)
             } else {
                 None
