@@ -3,12 +3,16 @@
 
 Prefill tokens/s by prompt length and decode tokens/s by batch size (decode at a fixed context,
 a fixed number of steps, best of N repeats), for a Llama architecture with random weights. Uses
-HF transformers' LlamaForCausalLM (eager attention, its own KV cache) when transformers is
-installed, else a plain PyTorch Llama written below; the output says which.
+HF transformers' LlamaForCausalLM (eager attention, its own KV cache, logits of the last
+position only, as its `generate` asks) when transformers is installed, else a plain PyTorch
+Llama written below; the output says which. Every timed region starts and ends with
+`torch.cuda.synchronize()` on a GPU, so it measures the GPU's work, not the host's queueing.
 
     python3 hw/bench/torch_bench.py --model smollm2-135m --device cpu --threads 16
+    python3 hw/bench/torch_bench.py --model tinyllama-1.1b --device cuda --dtype bf16 --csv hf.csv
 """
 import argparse
+import inspect
 import time
 
 import torch
@@ -34,9 +38,13 @@ def hf_model(s, dtype, device):
         tie_word_embeddings=s["tied"], max_position_embeddings=8192,
         attn_implementation="eager", torch_dtype=dtype)
     model = LlamaForCausalLM(config).to(dtype=dtype, device=device).eval()
+    # Older transformers name it num_logits_to_keep; without either, prefill computes the
+    # logits of every position.
+    params = inspect.signature(model.forward).parameters
+    keep = {name: 1 for name in ("logits_to_keep", "num_logits_to_keep") if name in params}
 
     def prefill(ids):
-        return model(ids, use_cache=True)
+        return model(ids, use_cache=True, **keep)
 
     def step(out, token):
         return model(token, past_key_values=out.past_key_values, use_cache=True)
@@ -128,6 +136,7 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--plain", action="store_true", help="the plain PyTorch Llama, not HF's")
+    p.add_argument("--csv", help="also write the rows as CSV here")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -145,8 +154,19 @@ def main():
         prefill, step = plain_model(s, dtype, a.device)
     print(f"{a.model} (random weights, {impl}, torch {torch.__version__}), {a.dtype} on "
           f"{a.device}, {torch.get_num_threads()} threads; decode at {a.context} tokens of "
-          f"context, {a.steps} steps")
-    print("| phase | prompt tokens / batch | seconds | tokens/s |\n|---|---|---|---|")
+          f"context, {a.steps} steps, best of {max(1, a.repeats)}")
+    print("| phase | prompt tokens / batch | s per step | tokens/s |\n|---|---|---|---|")
+    # Each row is written as it is measured, so a run cut short keeps what it measured.
+    csv_file = open(a.csv, "w", buffering=1) if a.csv else None
+    if csv_file:
+        csv_file.write("phase,size,context_tokens,steps,step_s,tokens_per_s\n")
+
+    def report(phase, size, context, steps, seconds, tokens):
+        print(f"| {phase} | {size} | {seconds / steps:.6f} | {tokens / seconds:.1f} |", flush=True)
+        if csv_file:
+            csv_file.write(f"{phase},{size},{context},{steps},{seconds / steps:.9f},"
+                           f"{tokens / seconds:.3f}\n")
+
     with torch.inference_mode():
         for n in [int(x) for x in a.prompt_lens.split(",")]:
             best = float("inf")
@@ -157,7 +177,7 @@ def main():
                 prefill(ids)
                 sync(a.device)
                 best = min(best, time.perf_counter() - t0)
-            print(f"| prefill | {n} | {best:.4f} | {n / best:.1f} |")
+            report("prefill", n, 0, 1, best, n)
         for b in [int(x) for x in a.batch_sizes.split(",")]:
             best = float("inf")
             for _ in range(max(1, a.repeats)):
@@ -170,7 +190,10 @@ def main():
                     out = step(out, token)
                 sync(a.device)
                 best = min(best, time.perf_counter() - t0)
-            print(f"| decode | {b} | {best:.4f} | {b * a.steps / best:.1f} |")
+                del out
+            report("decode", b, a.context, a.steps, best, b * a.steps)
+    if csv_file:
+        csv_file.close()
 
 
 if __name__ == "__main__":

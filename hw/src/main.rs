@@ -31,7 +31,9 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
     },
-    /// Prefill tokens/s by prompt length and decode tokens/s by batch size on the CPU.
+    /// Prefill tokens/s by prompt length and decode tokens/s by batch size on a device, beside
+    /// the device's limits measured in the same run: copy bandwidth and matmul rate, and per
+    /// row the time no step can beat at those rates.
     BenchModel {
         /// smollm2-135m (the fetched GGUF) or any preset with seeded random weights.
         #[arg(long, default_value = "smollm2-135m")]
@@ -58,6 +60,17 @@ enum Command {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         repeats: usize,
+        /// MiB of the buffer copied to measure memory bandwidth (two such buffers are
+        /// allocated); default 1024 on a GPU, 256 on the CPU.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=16384))]
+        copy_mib: Option<u64>,
+        /// Size of the square matmul (model dtype) that measures the compute rate; default
+        /// 8192 on a GPU, 1024 on the CPU.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=16384))]
+        matmul_dim: Option<u64>,
+        /// Also write the rows, their limits and the device's rates as CSV here.
+        #[arg(long)]
+        csv: Option<PathBuf>,
     },
     /// Measure step and KV transfer times on a device and write a calibration profile for the
     /// simulator (TOML) and every raw sample beside it (CSV).
@@ -217,16 +230,26 @@ fn main() -> ExitCode {
             context,
             steps,
             repeats,
-        } => {
-            let plan = bench_model::BenchPlan {
+            copy_mib,
+            matmul_dim,
+            csv,
+        } => bench(BenchArgs {
+            model,
+            random,
+            gguf,
+            dtype,
+            device,
+            plan: bench_model::BenchPlan {
                 prompt_lens,
                 batch_sizes,
                 decode_context_tokens: context,
                 decode_steps: steps,
                 repeats,
-            };
-            bench(&model, random, gguf, &dtype, &device, &plan)
-        }
+            },
+            copy_mib,
+            matmul_dim,
+            csv,
+        }),
         Command::Calibrate {
             device,
             model,
@@ -313,32 +336,72 @@ fn parse_device(device: &str) -> Result<models::runtime::Device, String> {
     name.open().map_err(|e| format!("--device: {e}"))
 }
 
-fn bench(
-    model: &str,
+struct BenchArgs {
+    model: String,
     random: bool,
     gguf: Option<PathBuf>,
-    dtype: &str,
-    device: &str,
-    plan: &bench_model::BenchPlan,
-) -> Result<(), String> {
-    let dtype = hw::parse_dtype(dtype)?;
-    let device = parse_device(device)?;
-    let loaded = bench_model::load_model(model, random, gguf.as_deref(), dtype, &device)
-        .map_err(|e| e.to_string())?;
+    dtype: String,
+    device: String,
+    plan: bench_model::BenchPlan,
+    copy_mib: Option<u64>,
+    matmul_dim: Option<u64>,
+    csv: Option<PathBuf>,
+}
+
+fn bench(args: BenchArgs) -> Result<(), String> {
+    use bench_model::limits;
+    args.plan.validate().map_err(|e| e.to_string())?;
+    let dtype = hw::parse_dtype(&args.dtype)?;
+    let device = parse_device(&args.device)?;
+    let mut limit_plan = limits::LimitPlan::for_device(&device);
+    if let Some(mib) = args.copy_mib {
+        limit_plan.copy_bytes = (mib << 20) as usize;
+    }
+    if let Some(dim) = args.matmul_dim {
+        limit_plan.matmul_dim = dim as usize;
+    }
+    // Before the model loads, so that the buffers find the memory free.
+    let rates = limits::measure(&device, dtype, &limit_plan).map_err(|e| e.to_string())?;
+    let loaded = bench_model::load_model(
+        &args.model,
+        args.random,
+        args.gguf.as_deref(),
+        dtype,
+        &device,
+    )
+    .map_err(|e| e.to_string())?;
+    let spec = loaded.spec().clone();
     println!(
-        "{} ({}), {dtype:?} on {device:?}, {} threads; decode at {} tokens of context, {} steps",
-        loaded.spec().name,
-        if random || model != "smollm2-135m" {
+        "{} ({}), {dtype:?} on {}, {} host threads; decode at {} tokens of context, {} steps, \
+         best of {}",
+        spec.name,
+        if args.random || (args.gguf.is_none() && args.model != "smollm2-135m") {
             "random weights"
         } else {
             "GGUF"
         },
+        describe_device(&device, &args.device),
         std::thread::available_parallelism().map_or(1, |n| n.get()),
-        plan.decode_context_tokens,
-        plan.decode_steps
+        args.plan.decode_context_tokens,
+        args.plan.decode_steps,
+        args.plan.repeats
     );
-    let rows = bench_model::run(loaded, plan).map_err(|e| e.to_string())?;
-    print!("{}", bench_model::table(&rows));
+    print!("{}", rates.describe());
+    let rows = bench_model::run(loaded, &args.plan).map_err(|e| e.to_string())?;
+    let limited = limits::against(&spec, hw::spec_dtype(dtype), &rows, &rates);
+    print!(
+        "\n{}\n{}",
+        bench_model::table(&rows),
+        limits::table(&limited)
+    );
+    if let Some(path) = &args.csv {
+        use std::io::Write as _;
+        let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        limits::write_csv(&mut w, &limited, &rates)
+            .and_then(|()| w.flush())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     Ok(())
 }
 
