@@ -291,14 +291,19 @@ impl PagedModel {
             }
             streamed.push(seq.blocks[first_block..used].to_vec());
         }
-        let logits =
-            self.model
-                .forward_observed(&mut self.cache, &inputs, &mut |layer, cache| {
-                    for (i, blocks) in streamed.iter().enumerate() {
-                        on_layer(i, layer, cache.export_layer(layer, blocks)?);
-                    }
-                    Ok(())
-                })?;
+        // Without an observer a GPU step may replay a recorded graph.
+        let logits = match streamed.is_empty() {
+            true => self.model.forward(&mut self.cache, &inputs)?,
+            false => {
+                self.model
+                    .forward_observed(&mut self.cache, &inputs, &mut |layer, cache| {
+                        for (i, blocks) in streamed.iter().enumerate() {
+                            on_layer(i, layer, cache.export_layer(layer, blocks)?);
+                        }
+                        Ok(())
+                    })?
+            }
+        };
         for (&(id, _), &n) in work.iter().zip(&feeds) {
             let seq = self.seqs.get_mut(&id).expect("checked above");
             seq.kv_len += n;

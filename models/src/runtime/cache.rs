@@ -28,6 +28,9 @@ pub struct KvCache {
     head_dim: usize,
     dtype: DType,
     device: Device,
+    /// Decode steps recorded over these pools.
+    #[cfg(feature = "cuda")]
+    pub(crate) graphs: super::graph::Graphs,
 }
 
 impl KvCache {
@@ -83,6 +86,8 @@ impl KvCache {
             head_dim,
             dtype,
             device: device.clone(),
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 

@@ -50,7 +50,7 @@ fn suffix(dtype: DType) -> Result<&'static str> {
 
 /// The device address of a contiguous CUDA tensor's first element. Valid while the tensor
 /// lives; every kernel here runs on the tensor's own stream, after the work that wrote it.
-fn address(t: &Tensor) -> Result<u64> {
+pub(crate) fn address(t: &Tensor) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else {
         return Err(Error::Msg("fused kernels take CUDA tensors".into()));
@@ -92,10 +92,6 @@ fn empty(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<Tens
         BackpropOp::none(),
         false,
     ))
-}
-
-fn u32s(dev: &CudaDevice, values: &[u32]) -> Result<Tensor> {
-    Tensor::from_slice(values, values.len(), &Device::Cuda(dev.clone()))
 }
 
 /// `(x + y, RMSNorm(x + y) * w)` over rows of `x` (rows, cols); without `y`, `(x, RMSNorm(x) *
@@ -224,32 +220,37 @@ impl DecodeRows {
         self.rows.is_empty()
     }
 
-    fn max_context(&self) -> usize {
+    pub fn max_context(&self) -> usize {
         self.context.iter().copied().max().unwrap_or(0) as usize
+    }
+
+    pub fn meta_len(&self) -> usize {
+        3 * self.rows.len() + self.tables.len()
+    }
+
+    /// Appends `[rows | context | table_start | tables]`, the layout the kernel reads.
+    pub fn meta(&self, out: &mut Vec<u32>) {
+        for part in [&self.rows, &self.context, &self.table_start, &self.tables] {
+            out.extend_from_slice(part);
+        }
+    }
+
+    /// These rows, their [`DecodeRows::meta`] in `meta` on the device; the kernel makes room
+    /// for `max_context` (at least [`DecodeRows::max_context`]) tokens of context.
+    pub fn on_device(&self, meta: Tensor, max_context: usize) -> DeviceDecodeRows {
+        DeviceDecodeRows {
+            n: self.rows.len(),
+            max_context: max_context.max(self.max_context()),
+            meta,
+        }
     }
 }
 
-/// The decode rows' tables, on the device once per step: one upload of
-/// `[rows | context | table_start | tables]`.
+/// The decode rows' tables on the device.
 pub struct DeviceDecodeRows {
     n: usize,
     max_context: usize,
     meta: Tensor,
-}
-
-impl DecodeRows {
-    pub fn upload(&self, device: &Device) -> Result<DeviceDecodeRows> {
-        let meta: Vec<u32> = [&self.rows, &self.context, &self.table_start, &self.tables]
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
-        Ok(DeviceDecodeRows {
-            n: self.rows.len(),
-            max_context: self.max_context(),
-            meta: u32s(cuda(device)?, &meta)?,
-        })
-    }
 }
 
 /// Shared memory of an attention block over at most `context` tokens in blocks of

@@ -10,6 +10,8 @@ mod error;
 #[cfg(feature = "cuda")]
 mod fused;
 mod gguf;
+#[cfg(feature = "cuda")]
+mod graph;
 mod linear;
 mod model;
 mod rope;

@@ -56,14 +56,17 @@ pub struct Model {
     rope: Rope,
 }
 
+/// Called with each layer once its K and V of the step are in the cache.
+type OnLayer<'a> = dyn FnMut(usize, &KvCache) -> Result<(), RuntimeError> + 'a;
+
 /// A sequence's place in the packed batch and what its attention reads.
-struct SeqPlan {
+pub(crate) struct SeqPlan {
     /// First row of its new tokens in the packed batch.
-    offset: usize,
-    n_tokens: usize,
-    context_tokens: usize,
+    pub(crate) offset: usize,
+    pub(crate) n_tokens: usize,
+    pub(crate) context_tokens: usize,
     /// The blocks covering its context.
-    blocks: Vec<u32>,
+    pub(crate) blocks: Vec<u32>,
     /// Additive causal mask (n_tokens, context_tokens), f32; none for a single new token,
     /// which sees its whole context, and on a GPU, whose softmax kernel masks.
     mask: Option<Tensor>,
@@ -171,7 +174,7 @@ impl Model {
     /// validated whole before the cache is touched; two sequences may share read-only blocks
     /// (a common prefix) but never write the same slot.
     pub fn forward(&self, cache: &mut KvCache, batch: &[SeqInput]) -> Result<Tensor, RuntimeError> {
-        self.forward_observed(cache, batch, &mut |_, _| Ok(()))
+        self.forward_impl(cache, batch, None)
     }
 
     /// [`Model::forward`], calling `on_layer(l, cache)` once layer `l`'s K and V of the step
@@ -181,6 +184,15 @@ impl Model {
         cache: &mut KvCache,
         batch: &[SeqInput],
         on_layer: &mut dyn FnMut(usize, &KvCache) -> Result<(), RuntimeError>,
+    ) -> Result<Tensor, RuntimeError> {
+        self.forward_impl(cache, batch, Some(on_layer))
+    }
+
+    fn forward_impl(
+        &self,
+        cache: &mut KvCache,
+        batch: &[SeqInput],
+        mut on_layer: Option<&mut OnLayer>,
     ) -> Result<Tensor, RuntimeError> {
         self.check_cache(cache)?;
         let packed = self.pack(cache, batch)?;
@@ -224,7 +236,9 @@ impl Model {
                 .reshape((t, kvh, hd))?;
             let v = v.transpose(0, 1)?.contiguous()?;
             cache.write(li, &slots, &k, &v)?;
-            on_layer(li, cache)?;
+            if let Some(f) = on_layer.as_mut() {
+                f(li, cache)?;
+            }
 
             // Head h attends with kv head h / group: view Q as (T, kv_heads, group, head_dim).
             let q = q.reshape((t, kvh, group, hd))?;
@@ -248,42 +262,72 @@ impl Model {
     /// [`Model::forward_observed`] on a GPU: the same arithmetic in fewer launches. The
     /// residual add and the next norm, RoPE and the KV write, SiLU and the gating product are
     /// one kernel each, and all single-token queries of the step attend in one kernel over
-    /// their blocks in place; longer queries (prefills) take the per-sequence path.
+    /// their blocks in place; longer queries (prefills) take the per-sequence path. A step of
+    /// single-token queries with no observer replays a CUDA graph of its shape (see graph.rs).
     #[cfg(feature = "cuda")]
     fn forward_fused(
         &self,
         cache: &mut KvCache,
         packed: Packed,
-        on_layer: &mut dyn FnMut(usize, &KvCache) -> Result<(), RuntimeError>,
+        on_layer: Option<&mut OnLayer>,
+    ) -> Result<Tensor, RuntimeError> {
+        use super::{fused, graph};
+        let dev = &self.device;
+        let block_size = cache.block_size_tokens();
+        if on_layer.is_none()
+            && let Some(key) = graph::key(self, cache, &packed)?
+        {
+            return graph::decode_step(self, cache, &packed, key);
+        }
+        let mut decode = fused::DecodeRows::default();
+        let decoded: Vec<bool> = packed
+            .seqs
+            .iter()
+            .map(|s| {
+                let fits = s.n_tokens == 1
+                    && fused::attention_fits(cache.head_dim(), s.context_tokens, block_size);
+                if fits {
+                    decode.push(s.offset, s.context_tokens, &s.blocks);
+                }
+                fits
+            })
+            .collect();
+        let host = StepInputs::host(&packed, &decode);
+        let buf = Tensor::from_slice(&host, host.len(), dev)?;
+        let inputs = StepInputs::views(&buf, &packed, decoded, &decode, 0)?;
+        self.run_fused(cache, &packed.seqs, &inputs, on_layer)
+    }
+
+    /// Where the weights live: steps recorded for one model replay only with it.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn weights_address(&self) -> Result<u64, RuntimeError> {
+        Ok(super::fused::address(&self.embed)?)
+    }
+
+    /// The fused forward pass over inputs already on the device.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn run_fused(
+        &self,
+        cache: &mut KvCache,
+        seqs: &[SeqPlan],
+        inputs: &StepInputs,
+        mut on_layer: Option<&mut OnLayer>,
     ) -> Result<Tensor, RuntimeError> {
         use super::fused;
         let dev = &self.device;
-        let t = packed.tokens.len();
+        let t = inputs.tokens.dim(0)?;
         let (kvh, hd) = (cache.n_kv_heads(), cache.head_dim());
         let nh = self.spec.n_heads as usize;
         let eps = self.spec.rms_norm_eps as f32;
-
-        let tokens = Tensor::from_vec(packed.tokens, t, dev)?;
-        let positions = Tensor::from_vec(packed.positions, t, dev)?;
-        let slots = Tensor::from_vec(packed.slots, t, dev)?;
-        let mut decode = fused::DecodeRows::default();
-        let mut longer = Vec::new();
-        for s in &packed.seqs {
-            if s.n_tokens == 1
-                && fused::attention_fits(hd, s.context_tokens, cache.block_size_tokens())
-            {
-                decode.push(s.offset, s.context_tokens, &s.blocks);
-            } else {
-                longer.push((s, Tensor::from_slice(&s.blocks, s.blocks.len(), dev)?));
-            }
-        }
-        let decode = match decode.is_empty() {
-            true => None,
-            false => Some(decode.upload(dev)?),
-        };
+        let longer = seqs
+            .iter()
+            .zip(&inputs.decoded)
+            .filter(|(_, decoded)| !**decoded)
+            .map(|(s, _)| Ok((s, Tensor::from_slice(&s.blocks, s.blocks.len(), dev)?)))
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
         let (cos, sin) = self.rope.tables();
 
-        let x = self.embed.index_select(&tokens, 0)?;
+        let x = self.embed.index_select(&inputs.tokens, 0)?;
         let (mut x, mut h) = fused::add_rms_norm(&x, None, &self.layers[0].attn_norm, eps)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let qkv = linear(&h, &layer.wqkv)?;
@@ -292,17 +336,20 @@ impl Model {
                 qkv: &qkv,
                 cos,
                 sin,
-                positions: &positions,
-                slots: &slots,
+                positions: &inputs.positions,
+                slots: &inputs.slots,
                 k_pool,
                 v_pool,
                 n_heads: nh,
                 interleaved: self.rope.interleaved(),
             })?;
-            on_layer(li, cache)?;
+            if let Some(f) = on_layer.as_mut() {
+                f(li, cache)?;
+            }
+            let (k_pool, v_pool) = cache.pools(li);
 
             let attn = fused::rows(dev, self.dtype, t, nh * hd)?;
-            if let Some(d) = &decode {
+            if let Some(d) = &inputs.decode {
                 fused::paged_decode_attention(
                     &q,
                     k_pool,
@@ -323,8 +370,7 @@ impl Model {
             let next_norm = self.layers.get(li + 1).map_or(&self.norm, |l| &l.attn_norm);
             (x, h) = fused::add_rms_norm(&x1, Some(&down), next_norm, eps)?;
         }
-        let last = Tensor::from_vec(packed.last_rows, packed.seqs.len(), dev)?;
-        Ok(linear(&h.index_select(&last, 0)?, &self.lm_head)?.to_dtype(DType::F32)?)
+        Ok(linear(&h.index_select(&inputs.last, 0)?, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 
     /// Attention of one sequence's new tokens (rows of `q`, viewed as (T, kv_heads, group,
@@ -492,12 +538,64 @@ impl Model {
     }
 }
 
-struct Packed {
-    tokens: Vec<u32>,
-    positions: Vec<u32>,
-    slots: Vec<u32>,
-    seqs: Vec<SeqPlan>,
-    last_rows: Vec<u32>,
+pub(crate) struct Packed {
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) positions: Vec<u32>,
+    pub(crate) slots: Vec<u32>,
+    pub(crate) seqs: Vec<SeqPlan>,
+    pub(crate) last_rows: Vec<u32>,
+}
+
+/// A step's inputs on the device, views of one buffer uploaded at once: `[tokens | positions |
+/// slots | last rows | decode rows]` (u32; see [`super::fused::DecodeRows::meta`]).
+#[cfg(feature = "cuda")]
+pub(crate) struct StepInputs {
+    pub(crate) tokens: Tensor,
+    pub(crate) positions: Tensor,
+    pub(crate) slots: Tensor,
+    pub(crate) last: Tensor,
+    /// The single-token queries attended by the decode kernel.
+    pub(crate) decode: Option<super::fused::DeviceDecodeRows>,
+    /// Per sequence: whether it is among them.
+    pub(crate) decoded: Vec<bool>,
+}
+
+#[cfg(feature = "cuda")]
+impl StepInputs {
+    /// The buffer's contents.
+    pub(crate) fn host(packed: &Packed, decode: &super::fused::DecodeRows) -> Vec<u32> {
+        let mut host = Vec::with_capacity(4 * packed.tokens.len() + decode.meta_len());
+        host.extend_from_slice(&packed.tokens);
+        host.extend_from_slice(&packed.positions);
+        host.extend_from_slice(&packed.slots);
+        host.extend_from_slice(&packed.last_rows);
+        decode.meta(&mut host);
+        host
+    }
+
+    pub(crate) fn views(
+        buf: &Tensor,
+        packed: &Packed,
+        decoded: Vec<bool>,
+        decode: &super::fused::DecodeRows,
+        max_context: usize,
+    ) -> Result<StepInputs, RuntimeError> {
+        let (t, n) = (packed.tokens.len(), packed.seqs.len());
+        let head = 3 * t + n;
+        Ok(StepInputs {
+            tokens: buf.narrow(0, 0, t)?,
+            positions: buf.narrow(0, t, t)?,
+            slots: buf.narrow(0, 2 * t, t)?,
+            last: buf.narrow(0, 3 * t, n)?,
+            decode: match decode.is_empty() {
+                true => None,
+                false => {
+                    Some(decode.on_device(buf.narrow(0, head, buf.dim(0)? - head)?, max_context))
+                }
+            },
+            decoded,
+        })
+    }
 }
 
 impl Packed {
