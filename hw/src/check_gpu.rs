@@ -1,7 +1,8 @@
 //! `disagg-hw check-gpu`: is the model right on a device? The same seeded weights run in f32 on
 //! the CPU (the reference) and on the device in f32, f16 and bf16; the logits of a batched
 //! prefill and of greedy decode steps (every run fed the reference's tokens, so each step
-//! compares like with like) must agree within bounds set by each dtype's precision. Then a
+//! compares like with like) must agree within bounds set by each dtype's precision; the
+//! "decode graphs" column counts the step shapes a GPU replayed as CUDA graphs. Then a
 //! sequence's KV is exported on the device, imported into a fresh cache there, and decoding
 //! continues: tokens and logits must equal those of continuing in place, bit for bit.
 
@@ -95,6 +96,8 @@ pub struct Accuracy {
     /// Rows whose largest logit is the reference's.
     pub top1_agree: usize,
     pub bounds: Bounds,
+    /// Decode step shapes the run recorded and replayed as CUDA graphs.
+    pub graphs: usize,
 }
 
 impl Accuracy {
@@ -160,13 +163,13 @@ impl Report {
             self.model, self.device, self.plan_words
         );
         out.push_str(
-            "| dtype | logit rows | max rel. error | bound | mean rel. error | bound | top-1 agreement | result |\n\
-             |---|---|---|---|---|---|---|---|\n",
+            "| dtype | logit rows | max rel. error | bound | mean rel. error | bound | top-1 agreement | decode graphs | result |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
         );
         for a in &self.accuracy {
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.2e} | {:.2e} | {:.2e} | {:.2e} | {}/{} | {} |",
+                "| {} | {} | {:.2e} | {:.2e} | {:.2e} | {:.2e} | {}/{} | {} | {} |",
                 dtype_name(a.dtype),
                 a.rows,
                 a.max_rel,
@@ -175,6 +178,7 @@ impl Report {
                 a.bounds.mean_rel,
                 a.top1_agree,
                 a.rows,
+                a.graphs,
                 verdict(a.pass())
             );
         }
@@ -223,6 +227,8 @@ fn prompt(n: usize, k: usize, vocab: u32) -> Vec<u32> {
 /// Logit rows of one run: per step, per sequence.
 struct Run {
     rows: Vec<Vec<f32>>,
+    /// Decode step shapes replayed as CUDA graphs.
+    graphs: usize,
     /// The tokens fed after the prefill, per step, per sequence.
     fed: Vec<Vec<u32>>,
 }
@@ -254,6 +260,7 @@ fn run(
     let mut picks = vec![true; work.len()];
     let mut out = Run {
         rows: Vec::new(),
+        graphs: 0,
         fed: Vec::with_capacity(steps),
     };
     let first_chunk = late.len().div_ceil(2);
@@ -301,6 +308,7 @@ fn run(
         }
         out.fed.push(next);
     }
+    out.graphs = m.recorded_graphs();
     Ok(out)
 }
 
@@ -331,6 +339,7 @@ fn compare(dtype: TensorDType, got: &[Vec<f32>], want: &[Vec<f32>]) -> Accuracy 
         mean_rel: (sum_rel / n.max(1) as f64) as f32,
         top1_agree,
         bounds: bounds(dtype),
+        graphs: 0,
     }
 }
 
@@ -457,6 +466,9 @@ pub fn check(
         accuracy: Vec::new(),
         round_trips: Vec::new(),
     };
+    // Every dtype's logits first: a round trip's device export brings in the transport's
+    // streams, after which a GPU no longer replays decode steps as graphs.
+    let mut models = Vec::with_capacity(dtypes.len());
     for &dtype in dtypes {
         let model = Model::new(weights.to(dtype, device)?)?;
         let got = run(
@@ -467,11 +479,15 @@ pub fn check(
             Some(&reference.fed),
             plan.block_size_tokens,
         )?;
-        report
-            .accuracy
-            .push(compare(dtype, &got.rows, &reference.rows));
+        report.accuracy.push(Accuracy {
+            graphs: got.graphs,
+            ..compare(dtype, &got.rows, &reference.rows)
+        });
+        models.push(model);
+    }
+    for model in &models {
         report.round_trips.push(round_trip(
-            &model,
+            model,
             &prompts[prompts.len() - 1],
             plan.round_trip_steps,
             plan.block_size_tokens,

@@ -407,8 +407,12 @@ fn bench(args: BenchArgs) -> Result<(), String> {
 
 /// `label` with the GPU's name where the build can ask the driver.
 fn describe_device(device: &models::runtime::Device, label: &str) -> String {
+    // From the context alone: a KV transport's streams would turn on cudarc's cross-stream
+    // event tracking, under which decode steps cannot be recorded as CUDA graphs.
     #[cfg(feature = "cuda")]
-    if let Ok(name) = hw::transport::cuda::Gpu::of(device).and_then(|g| g.name()) {
+    if let models::runtime::Device::Cuda(cuda) = device
+        && let Ok(name) = cuda.cuda_stream().context().name()
+    {
         return format!("{label} ({name})");
     }
     let _ = device;

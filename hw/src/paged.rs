@@ -160,6 +160,11 @@ impl PagedModel {
         })
     }
 
+    /// Decode step shapes its cache holds recorded as CUDA graphs.
+    pub fn recorded_graphs(&self) -> usize {
+        self.cache.recorded_graphs()
+    }
+
     pub fn model(&self) -> &Model {
         &self.model
     }

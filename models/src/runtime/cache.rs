@@ -95,6 +95,14 @@ impl KvCache {
         self.num_blocks
     }
 
+    /// Decode step shapes recorded as CUDA graphs over these pools (none off a GPU).
+    pub fn recorded_graphs(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        return self.graphs.len();
+        #[cfg(not(feature = "cuda"))]
+        0
+    }
+
     pub fn block_size_tokens(&self) -> usize {
         self.block_size_tokens
     }

@@ -51,6 +51,12 @@ pub(crate) struct Graphs {
     broken: bool,
 }
 
+impl Graphs {
+    pub(crate) fn len(&self) -> usize {
+        self.recorded.len()
+    }
+}
+
 impl std::fmt::Debug for Graphs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Graphs({} recorded)", self.recorded.len())
