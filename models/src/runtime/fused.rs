@@ -188,8 +188,8 @@ pub fn rope_write_kv(a: &RopeKv) -> Result<Tensor> {
         .arg(&n_slots)
         .arg(&interleaved);
     let cfg = LaunchConfig {
-        grid_dim: (t as u32, 1, 1),
-        block_dim: (ROW_THREADS, 1, 1),
+        grid_dim: (t as u32, (a.n_heads + 2 * kvh as usize) as u32, 1),
+        block_dim: (32, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: the arguments match the kernel's signature; slots are checked to be in range
@@ -328,6 +328,89 @@ pub fn paged_decode_attention(
     // SAFETY: the arguments match the kernel's signature; the tables hold checked block ids
     // covering each row's context, the pools are aligned for 8-element loads and the shared
     // memory fits (checked above).
+    unsafe { b.launch(cfg) }.map_err(failed)?;
+    Ok(())
+}
+
+/// The head size the prefill attention kernel is built for.
+const PREFILL_HEAD_DIM: usize = 64;
+/// New tokens up to which the prefill kernel beats cuBLAS's two matmuls around the softmax
+/// kernel. Measured on an H100, TinyLlama bf16 prefill: 128 tokens 3.0 ms against 5.2 ms;
+/// 512 tokens 6.6 ms against 5.7 ms; 2048 tokens 45 ms against 25 ms (its tiles are small
+/// and its softmax runs on two lanes a row; long prompts need a kernel of larger tiles).
+const PREFILL_MAX_TOKENS: usize = 128;
+
+/// Whether [`prefill_attention`] takes `n` new tokens in this dtype and head size (tensor
+/// cores: f16 or bf16) and is the faster path for them.
+pub fn prefill_fits(dtype: DType, head_dim: usize, n: usize) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+        && head_dim == PREFILL_HEAD_DIM
+        && n <= PREFILL_MAX_TOKENS
+}
+
+/// What one sequence's prefill attention reads and where it writes.
+pub struct Prefill<'a> {
+    /// (tokens, n_heads, head_dim): the step's rotated queries.
+    pub q: &'a Tensor,
+    /// (n_kv_heads, n_slots, head_dim) pools of the layer.
+    pub k_pool: &'a Tensor,
+    pub v_pool: &'a Tensor,
+    /// The sequence's blocks, u32, covering its context.
+    pub table: &'a Tensor,
+    /// Its new tokens are rows offset..offset + n of q and out; the last n of its context.
+    pub offset: usize,
+    pub n: usize,
+    pub context: usize,
+    pub block_size: usize,
+    /// (tokens, n_heads * head_dim), the rows written in place.
+    pub out: &'a Tensor,
+}
+
+/// Causal attention of a sequence's new tokens over its paged context (see `kernels.cu`).
+pub fn prefill_attention(a: &Prefill) -> Result<()> {
+    let dev = cuda(a.q.device())?;
+    let (_, nh, hd) = a.q.dims3()?;
+    let (kvh, n_slots, _) = a.k_pool.dims3()?;
+    let (pk, pv) = (address(a.k_pool)?, address(a.v_pool)?);
+    let blocks = a.table.dim(0)?;
+    if !matches!(a.q.dtype(), DType::F16 | DType::BF16)
+        || hd != PREFILL_HEAD_DIM
+        || pk % 16 != 0
+        || pv % 16 != 0
+        || a.n == 0
+        || a.n > a.context
+        || blocks * a.block_size < a.context
+    {
+        return Err(Error::Msg(format!(
+            "prefill attention: {:?} head_dim {hd}, {} new of {} tokens in {blocks} blocks",
+            a.q.dtype(),
+            a.n,
+            a.context
+        )));
+    }
+    let func = dev.get_or_load_custom_func(
+        &format!("prefill_attention_{}", suffix(a.q.dtype())?),
+        MODULE,
+        PTX,
+    )?;
+    let ptrs = [address(a.q)?, pk, pv, address(a.table)?, address(a.out)?];
+    let ints = [a.offset, a.n, a.context, nh, kvh].map(|v| v as i32);
+    let (bs, scale) = (a.block_size as i32, 1.0 / (hd as f32).sqrt());
+    let mut b = func.builder();
+    for p in &ptrs {
+        b.arg(p);
+    }
+    for v in &ints {
+        b.arg(v);
+    }
+    b.arg(&n_slots).arg(&bs).arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (a.n.div_ceil(64) as u32, nh as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature; the table covers the context and
+    // holds checked block ids, the pools are aligned for 8-element loads (checked above).
     unsafe { b.launch(cfg) }.map_err(failed)?;
     Ok(())
 }

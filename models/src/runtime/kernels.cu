@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 #include <stdint.h>
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
@@ -125,30 +126,33 @@ __device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ y,
 
 // Rotates the Q and K heads of each packed token's QKV row by its position and writes Q to
 // q_out (tokens, n_heads, head_dim), K and V into the token's cache slot of the pools
-// (n_kv_heads, n_slots, head_dim). One block per token.
+// (n_kv_heads, n_slots, head_dim). Block (token, head) over the n_heads + 2 n_kv_heads heads of
+// the row (Q, then K, then V), one warp each: a one-token step still spreads over dozens of
+// blocks.
 template <typename T>
-__device__ void rope_write_kv(const T *qkv, const T *cos, const T *sin, const uint32_t *positions,
-                              const uint32_t *slots, T *q_out, T *k_pool, T *v_pool, int n_heads,
-                              int n_kv_heads, int head_dim, size_t n_slots, int interleaved) {
-    const int t = blockIdx.x, half = head_dim / 2;
-    const T *x = qkv + (size_t)t * (n_heads + 2 * n_kv_heads) * head_dim;
+__device__ void rope_write_kv(const T *__restrict__ qkv, const T *__restrict__ cos,
+                              const T *__restrict__ sin, const uint32_t *positions,
+                              const uint32_t *slots, T *__restrict__ q_out, T *__restrict__ k_pool,
+                              T *__restrict__ v_pool, int n_heads, int n_kv_heads, int head_dim,
+                              size_t n_slots, int interleaved) {
+    const int t = blockIdx.x, head = blockIdx.y, half = head_dim / 2;
+    const T *x = qkv + ((size_t)t * (n_heads + 2 * n_kv_heads) + head) * head_dim;
+    const size_t slot = slots[t];
+    if (head >= n_heads + n_kv_heads) {
+        T *v = v_pool + ((size_t)(head - n_heads - n_kv_heads) * n_slots + slot) * head_dim;
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) v[d] = x[d];
+        return;
+    }
     const T *c = cos + (size_t)positions[t] * half;
     const T *s = sin + (size_t)positions[t] * half;
-    const size_t slot = slots[t];
-    for (int i = threadIdx.x; i < (n_heads + n_kv_heads) * half; i += blockDim.x) {
-        const int head = i / half, j = i % half;
+    T *o = head < n_heads ? q_out + ((size_t)t * n_heads + head) * head_dim
+                          : k_pool + ((size_t)(head - n_heads) * n_slots + slot) * head_dim;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
         const int a = interleaved ? 2 * j : j, b = interleaved ? 2 * j + 1 : j + half;
-        const float x0 = to_f32(x[head * head_dim + a]), x1 = to_f32(x[head * head_dim + b]);
+        const float x0 = to_f32(x[a]), x1 = to_f32(x[b]);
         const float cj = to_f32(c[j]), sj = to_f32(s[j]);
-        T *o = head < n_heads ? q_out + ((size_t)t * n_heads + head) * head_dim
-                              : k_pool + ((size_t)(head - n_heads) * n_slots + slot) * head_dim;
         o[a] = from_f32<T>(x0 * cj - x1 * sj);
         o[b] = from_f32<T>(x0 * sj + x1 * cj);
-    }
-    const T *v = x + (n_heads + n_kv_heads) * head_dim;
-    for (int i = threadIdx.x; i < n_kv_heads * head_dim; i += blockDim.x) {
-        const int kh = i / head_dim, d = i % head_dim;
-        v_pool[((size_t)kh * n_slots + slot) * head_dim + d] = v[i];
     }
 }
 
@@ -256,6 +260,154 @@ __device__ void causal_softmax(T *scores, int n, int ctx, float scale) {
         s[j] = from_f32<T>(j <= last ? __expf(to_f32(s[j]) * scale - m) * inv : 0.0f);
     }
 }
+
+// Causal attention of a sequence's n newest tokens (rows offset.. of q, (tokens, n_heads, HD))
+// over its ctx tokens of context, the new ones last, K and V read from the paged pools through
+// the sequence's block table; writes the rows' heads of out (tokens, n_heads * HD). Query i
+// sees keys up to ctx - n + i. Block (query tile, head): 4 warps of 16 query rows; keys in
+// tiles of 32. Scores and products on tensor cores (wmma, f32 accumulation); the softmax is
+// online (running max and sum per row), so the scores never leave shared memory.
+#define FA_WARPS 4
+#define FA_BQ (16 * FA_WARPS)
+#define FA_BK 32
+template <typename T, int HD>
+__device__ void prefill_attention(const T *__restrict__ q, const T *__restrict__ k_pool,
+                                  const T *__restrict__ v_pool, const uint32_t *__restrict__ table,
+                                  T *__restrict__ out, int offset, int n, int ctx, int n_heads,
+                                  int n_kv_heads, size_t n_slots, int block_size, float scale) {
+    using namespace nvcuda;
+    __shared__ __align__(32) T kt[FA_BK * HD];
+    __shared__ __align__(32) T vt[FA_BK * HD];
+    __shared__ __align__(32) float sc[FA_WARPS][16 * FA_BK];
+    __shared__ __align__(32) float o[FA_WARPS][16 * HD];
+    __shared__ float row_max[FA_BQ], row_sum[FA_BQ];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int head = blockIdx.y, kh = head / (n_heads / n_kv_heads);
+    const int q0 = blockIdx.x * FA_BQ;
+    const T *k_head = k_pool + (size_t)kh * n_slots * HD;
+    const T *v_head = v_pool + (size_t)kh * n_slots * HD;
+
+    // The query tile, staged through o, into fragments each warp keeps.
+    T *qs = reinterpret_cast<T *>(&o[0][0]);
+    for (int idx = threadIdx.x; idx < FA_BQ * HD; idx += blockDim.x) {
+        const int r = idx / HD, d = idx % HD, i = q0 + r;
+        qs[idx] = i < n ? q[((size_t)(offset + i) * n_heads + head) * HD + d] : from_f32<T>(0.0f);
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[HD / 16];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) wmma::load_matrix_sync(qf[kk], qs + warp * 16 * HD + kk * 16, HD);
+    __syncthreads();
+    float *ow = o[warp], *sw = sc[warp];
+    for (int idx = lane; idx < 16 * HD; idx += 32) ow[idx] = 0.0f;
+    if (lane < 16) {
+        row_max[warp * 16 + lane] = -INFINITY;
+        row_sum[warp * 16 + lane] = 0.0f;
+    }
+    // Row r of the warp is split between lanes 2r and 2r + 1.
+    const int r = lane / 2, half = lane % 2, i = q0 + warp * 16 + r;
+    const int last = ctx - n + i;  // the last key query i sees
+    const int keys = min(ctx, ctx - n + min(n - 1, q0 + FA_BQ - 1) + 1);
+
+    for (int kb = 0; kb < keys; kb += FA_BK) {
+        __syncthreads();  // the previous tiles are consumed
+        for (int idx = threadIdx.x; idx < FA_BK * HD / 8; idx += blockDim.x) {
+            const int jj = idx / (HD / 8), c = 8 * (idx % (HD / 8)), j = kb + jj;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (j < ctx) {
+                const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+                kv = *reinterpret_cast<const uint4 *>(k_head + slot * HD + c);
+                vv = *reinterpret_cast<const uint4 *>(v_head + slot * HD + c);
+            }
+            *reinterpret_cast<uint4 *>(kt + jj * HD + c) = kv;
+            *reinterpret_cast<uint4 *>(vt + jj * HD + c) = vv;
+        }
+        __syncthreads();
+
+        // S = Q K^T for the warp's 16 rows and the tile's keys.
+#pragma unroll
+        for (int nb = 0; nb < FA_BK / 16; ++nb) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
+                wmma::load_matrix_sync(kf, kt + nb * 16 * HD + kk * 16, HD);
+                wmma::mma_sync(acc, qf[kk], kf, acc);
+            }
+            wmma::store_matrix_sync(sw + nb * 16, acc, FA_BK, wmma::mem_row_major);
+        }
+        __syncwarp();
+
+        // Online softmax over the tile: new running max, the rescale of what came before.
+        float p[FA_BK / 2], mx = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < FA_BK / 2; ++c) {
+            const int j = kb + half * (FA_BK / 2) + c;
+            const float v = (i < n && j <= last) ? sw[r * FA_BK + half * (FA_BK / 2) + c] * scale
+                                                 : -INFINITY;
+            p[c] = v;
+            mx = fmaxf(mx, v);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        const float m_old = row_max[warp * 16 + r], m_new = fmaxf(m_old, mx);
+        const float alpha = m_new == -INFINITY ? 1.0f : __expf(m_old - m_new);
+        float sum = 0.0f;
+#pragma unroll
+        for (int c = 0; c < FA_BK / 2; ++c) {
+            p[c] = p[c] == -INFINITY ? 0.0f : __expf(p[c] - m_new);
+            sum += p[c];
+        }
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        __syncwarp();  // every score is read before P overwrites them
+        T *pw = reinterpret_cast<T *>(sw);
+#pragma unroll
+        for (int c = 0; c < FA_BK / 2; ++c) pw[r * FA_BK + half * (FA_BK / 2) + c] = from_f32<T>(p[c]);
+        for (int d = half * (HD / 2); d < (half + 1) * (HD / 2); ++d) ow[r * HD + d] *= alpha;
+        __syncwarp();  // both lanes of the row have read row_max
+        if (half == 0) {
+            row_max[warp * 16 + r] = m_new;
+            row_sum[warp * 16 + r] = row_sum[warp * 16 + r] * alpha + sum;
+        }
+        __syncwarp();
+
+        // O += P V.
+#pragma unroll
+        for (int nb = 0; nb < HD / 16; ++nb) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::load_matrix_sync(acc, ow + nb * 16, HD, wmma::mem_row_major);
+#pragma unroll
+            for (int kk = 0; kk < FA_BK / 16; ++kk) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
+                wmma::load_matrix_sync(pf, pw + kk * 16, FA_BK);
+                wmma::load_matrix_sync(vf, vt + kk * 16 * HD + nb * 16, HD);
+                wmma::mma_sync(acc, pf, vf, acc);
+            }
+            wmma::store_matrix_sync(ow + nb * 16, acc, HD, wmma::mem_row_major);
+        }
+        __syncwarp();
+    }
+    for (int idx = lane; idx < 16 * HD; idx += 32) {
+        const int rr = idx / HD, d = idx % HD, ii = q0 + warp * 16 + rr;
+        if (ii < n) {
+            out[((size_t)(offset + ii) * n_heads + head) * HD + d] =
+                from_f32<T>(ow[idx] / row_sum[warp * 16 + rr]);
+        }
+    }
+}
+
+#define INSTANTIATE_PREFILL(T, SUFFIX)                                                          \
+    extern "C" __global__ void prefill_attention_##SUFFIX(                                      \
+        const T *q, const T *k_pool, const T *v_pool, const uint32_t *table, T *out, int offset, \
+        int n, int ctx, int n_heads, int n_kv_heads, size_t n_slots, int block_size,            \
+        float scale) {                                                                          \
+        prefill_attention<T, 64>(q, k_pool, v_pool, table, out, offset, n, ctx, n_heads,         \
+                                 n_kv_heads, n_slots, block_size, scale);                       \
+    }
+
+INSTANTIATE_PREFILL(__half, f16)
+INSTANTIATE_PREFILL(__nv_bfloat16, bf16)
 
 // act = SiLU(gate) * up over (tokens, 2 * inter) rows [gate | up].
 template <typename T>

@@ -359,8 +359,22 @@ impl Model {
                     &attn,
                 )?;
             }
+            let flash = |s: &SeqPlan| fused::prefill_fits(self.dtype, hd, s.n_tokens);
+            for (s, blocks) in longer.iter().filter(|(s, _)| flash(s)) {
+                fused::prefill_attention(&fused::Prefill {
+                    q: &q,
+                    k_pool,
+                    v_pool,
+                    table: blocks,
+                    offset: s.offset,
+                    n: s.n_tokens,
+                    context: s.context_tokens,
+                    block_size: cache.block_size_tokens(),
+                    out: &attn,
+                })?;
+            }
             let q = q.reshape((t, kvh, nh / kvh, hd))?;
-            for (s, blocks) in &longer {
+            for (s, blocks) in longer.iter().filter(|(s, _)| !flash(s)) {
                 attn.slice_set(&self.seq_attention(cache, li, &q, s, blocks)?, 0, s.offset)?;
             }
             let o = linear(&attn, &layer.wo)?;
