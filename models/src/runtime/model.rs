@@ -262,8 +262,10 @@ impl Model {
     /// [`Model::forward_observed`] on a GPU: the same arithmetic in fewer launches. The
     /// residual add and the next norm, RoPE and the KV write, SiLU and the gating product are
     /// one kernel each, and all single-token queries of the step attend in one kernel over
-    /// their blocks in place; longer queries (prefills) take the per-sequence path. A step of
-    /// single-token queries with no observer replays a CUDA graph of its shape (see graph.rs).
+    /// their blocks in place; a longer query (a prefill or a chunk of one) attends in one
+    /// kernel per sequence where that is the faster path, else through cuBLAS and the softmax
+    /// kernel. A step of single-token queries with no observer replays a CUDA graph of its
+    /// shape (see graph.rs).
     #[cfg(feature = "cuda")]
     fn forward_fused(
         &self,
@@ -359,6 +361,7 @@ impl Model {
                     &attn,
                 )?;
             }
+            // Longer queries: the prefill kernel where it is the faster path.
             let flash = |s: &SeqPlan| fused::prefill_fits(self.dtype, hd, s.n_tokens);
             for (s, blocks) in longer.iter().filter(|(s, _)| flash(s)) {
                 fused::prefill_attention(&fused::Prefill {
