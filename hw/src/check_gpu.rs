@@ -16,11 +16,12 @@ use std::fmt::Write;
 pub struct CheckPlan {
     /// Seeds the random weights.
     pub seed: u64,
-    /// Prompts prefilled together in one step, by length (on a GPU in f16 and bf16 the
-    /// default's first takes the prefill attention kernel, its second cuBLAS and the softmax
-    /// kernel; see `models::runtime::fused`).
+    /// Prompts prefilled together in one step, by length (on a GPU in f16 and bf16 each
+    /// takes the flash-attention kernel, the default's over one, three and five query tiles;
+    /// see `models::runtime::fused`).
     pub prompt_lens: Vec<usize>,
-    /// A prompt that joins at the first decode step, in two chunks (0: none).
+    /// A prompt that joins at the first decode step, in two chunks (0: none); the default's
+    /// second chunk attends over cached keys and crosses a key tile.
     pub late_prompt_len: usize,
     /// Decode steps compared after the prefill.
     pub decode_steps: usize,
@@ -33,8 +34,8 @@ impl Default for CheckPlan {
     fn default() -> CheckPlan {
         CheckPlan {
             seed: 7,
-            prompt_lens: vec![37, 150],
-            late_prompt_len: 29,
+            prompt_lens: vec![37, 150, 300],
+            late_prompt_len: 100,
             decode_steps: 8,
             round_trip_steps: 16,
             block_size_tokens: 16,

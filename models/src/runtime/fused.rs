@@ -4,9 +4,10 @@
 //! issued about 35 kernels per layer plus ten per sequence for attention (6.3 ms for a batch-1
 //! step of TinyLlama on an H100, 61 ms at batch 32). These kernels do a layer's residual add and
 //! norm, RoPE and the KV write, and the attention of every single-token query of the batch, one
-//! launch each. For prefills, a short prompt's attention is one kernel and a long prompt's
-//! softmax is one pass over its scores (which the tensor-op path made in five, in f32: 155 ms
-//! of a 2048-token prefill's 173 under Nsight Compute).
+//! launch each. A prefill's attention is one flash-attention kernel per sequence, so its scores
+//! never reach memory (the tensor-op path built them and masked and normalised them in five
+//! f32 passes: 155 ms of a 2048-token prefill's 173 under Nsight Compute); where that kernel
+//! is not built for the shapes, the softmax is one pass over the scores.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
@@ -14,6 +15,8 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Error, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
+
+use super::linear::linear;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "disagg_fused";
@@ -336,18 +339,10 @@ pub fn paged_decode_attention(
 
 /// The head size the prefill attention kernel is built for.
 const PREFILL_HEAD_DIM: usize = 64;
-/// New tokens up to which the prefill kernel beats cuBLAS's two matmuls around the softmax
-/// kernel. Measured on an H100, TinyLlama bf16 prefill: 128 tokens 3.0 ms against 5.2 ms;
-/// 512 tokens 6.6 ms against 5.7 ms; 2048 tokens 45 ms against 25 ms (its tiles are small
-/// and its softmax runs on two lanes a row; long prompts need a kernel of larger tiles).
-const PREFILL_MAX_TOKENS: usize = 128;
 
-/// Whether [`prefill_attention`] takes `n` new tokens in this dtype and head size (tensor
-/// cores: f16 or bf16) and is the faster path for them.
-pub fn prefill_fits(dtype: DType, head_dim: usize, n: usize) -> bool {
-    matches!(dtype, DType::F16 | DType::BF16)
-        && head_dim == PREFILL_HEAD_DIM
-        && n <= PREFILL_MAX_TOKENS
+/// Whether [`prefill_attention`] takes this dtype and head size (tensor cores: f16 or bf16).
+pub fn prefill_fits(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16) && head_dim == PREFILL_HEAD_DIM
 }
 
 /// What one sequence's prefill attention reads and where it writes.
@@ -375,8 +370,7 @@ pub fn prefill_attention(a: &Prefill) -> Result<()> {
     let (kvh, n_slots, _) = a.k_pool.dims3()?;
     let (pk, pv) = (address(a.k_pool)?, address(a.v_pool)?);
     let blocks = a.table.dim(0)?;
-    if !matches!(a.q.dtype(), DType::F16 | DType::BF16)
-        || hd != PREFILL_HEAD_DIM
+    if !prefill_fits(a.q.dtype(), hd)
         || pk % 16 != 0
         || pv % 16 != 0
         || a.n == 0
@@ -470,6 +464,45 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     // SAFETY: the arguments match the kernel's signature; act holds tokens x inter.
     unsafe { b.launch(cfg) }.map_err(failed)?;
     Ok(act)
+}
+
+/// Weight rows a GEMV block covers (`GEMV_ROWS * GEMV_WARPS` in `kernels.cu`).
+const GEMV_BLOCK_ROWS: usize = 8;
+
+/// `x · wᵀ` for x (m, k) and w (n, k): one row of f16 or bf16 in the GEMV kernel, which reads
+/// w once at close to the copy bandwidth; more rows, or other dtypes, through cuBLAS.
+pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let fits = m == 1
+        && matches!(x.dtype(), DType::F16 | DType::BF16)
+        && w.dtype() == x.dtype()
+        && x.is_contiguous()
+        && w.is_contiguous()
+        && w.rank() == 2
+        && w.dim(1)? == k
+        && k.is_multiple_of(8)
+        && address(x)? % 16 == 0
+        && address(w)? % 16 == 0;
+    if !fits {
+        return linear(x, w);
+    }
+    let dev = cuda(x.device())?;
+    let n = w.dim(0)?;
+    let y = empty(dev, x.dtype(), (1, n))?;
+    let func = dev.get_or_load_custom_func(&format!("gemv_{}", suffix(x.dtype())?), MODULE, PTX)?;
+    let (px, pw, py) = (address(x)?, address(w)?, address(&y)?);
+    let (n_i, k_i) = (n as i32, k as i32);
+    let mut b = func.builder();
+    b.arg(&px).arg(&pw).arg(&py).arg(&n_i).arg(&k_i);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(GEMV_BLOCK_ROWS) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature; x holds k elements, w n x k, y n;
+    // k is a multiple of 8 and both inputs are 16-byte aligned.
+    unsafe { b.launch(cfg) }.map_err(failed)?;
+    Ok(y)
 }
 
 /// An uninitialised (tokens, width) tensor, for kernels and copies that fill every row.

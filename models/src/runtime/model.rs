@@ -263,8 +263,8 @@ impl Model {
     /// residual add and the next norm, RoPE and the KV write, SiLU and the gating product are
     /// one kernel each, and all single-token queries of the step attend in one kernel over
     /// their blocks in place; a longer query (a prefill or a chunk of one) attends in one
-    /// kernel per sequence where that is the faster path, else through cuBLAS and the softmax
-    /// kernel. A step of single-token queries with no observer replays a CUDA graph of its
+    /// flash-attention kernel per sequence (f16 or bf16, head_dim 64), else through cuBLAS and
+    /// the softmax kernel. A step of single-token queries with no observer replays a CUDA graph of its
     /// shape (see graph.rs).
     #[cfg(feature = "cuda")]
     fn forward_fused(
@@ -332,7 +332,7 @@ impl Model {
         let x = self.embed.index_select(&inputs.tokens, 0)?;
         let (mut x, mut h) = fused::add_rms_norm(&x, None, &self.layers[0].attn_norm, eps)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let qkv = linear(&h, &layer.wqkv)?;
+            let qkv = fused::matmul(&h, &layer.wqkv)?;
             let (k_pool, v_pool) = cache.pools(li);
             let q = fused::rope_write_kv(&fused::RopeKv {
                 qkv: &qkv,
@@ -361,33 +361,36 @@ impl Model {
                     &attn,
                 )?;
             }
-            // Longer queries: the prefill kernel where it is the faster path.
-            let flash = |s: &SeqPlan| fused::prefill_fits(self.dtype, hd, s.n_tokens);
-            for (s, blocks) in longer.iter().filter(|(s, _)| flash(s)) {
-                fused::prefill_attention(&fused::Prefill {
-                    q: &q,
-                    k_pool,
-                    v_pool,
-                    table: blocks,
-                    offset: s.offset,
-                    n: s.n_tokens,
-                    context: s.context_tokens,
-                    block_size: cache.block_size_tokens(),
-                    out: &attn,
-                })?;
+            // Longer queries: the flash-attention kernel where it is built for the shapes.
+            if fused::prefill_fits(self.dtype, hd) {
+                for (s, blocks) in &longer {
+                    fused::prefill_attention(&fused::Prefill {
+                        q: &q,
+                        k_pool,
+                        v_pool,
+                        table: blocks,
+                        offset: s.offset,
+                        n: s.n_tokens,
+                        context: s.context_tokens,
+                        block_size: cache.block_size_tokens(),
+                        out: &attn,
+                    })?;
+                }
+            } else {
+                let q = q.reshape((t, kvh, nh / kvh, hd))?;
+                for (s, blocks) in &longer {
+                    attn.slice_set(&self.seq_attention(cache, li, &q, s, blocks)?, 0, s.offset)?;
+                }
             }
-            let q = q.reshape((t, kvh, nh / kvh, hd))?;
-            for (s, blocks) in longer.iter().filter(|(s, _)| !flash(s)) {
-                attn.slice_set(&self.seq_attention(cache, li, &q, s, blocks)?, 0, s.offset)?;
-            }
-            let o = linear(&attn, &layer.wo)?;
+            let o = fused::matmul(&attn, &layer.wo)?;
             let (x1, h1) = fused::add_rms_norm(&x, Some(&o), &layer.ffn_norm, eps)?;
-            let act = fused::silu_mul(&linear(&h1, &layer.w_gate_up)?)?;
-            let down = linear(&act, &layer.w_down)?;
+            let gate_up = fused::matmul(&h1, &layer.w_gate_up)?;
+            let down = fused::matmul(&fused::silu_mul(&gate_up)?, &layer.w_down)?;
             let next_norm = self.layers.get(li + 1).map_or(&self.norm, |l| &l.attn_norm);
             (x, h) = fused::add_rms_norm(&x1, Some(&down), next_norm, eps)?;
         }
-        Ok(linear(&h.index_select(&inputs.last, 0)?, &self.lm_head)?.to_dtype(DType::F32)?)
+        let last = h.index_select(&inputs.last, 0)?;
+        Ok(fused::matmul(&last, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 
     /// Attention of one sequence's new tokens (rows of `q`, viewed as (T, kv_heads, group,
