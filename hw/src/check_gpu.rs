@@ -17,8 +17,10 @@ pub struct CheckPlan {
     /// Seeds the random weights.
     pub seed: u64,
     /// Prompts prefilled together in one step, by length (on a GPU in f16 and bf16 each
-    /// takes the flash-attention kernel, the default's over one, three and five query tiles;
-    /// see `models::runtime::fused`).
+    /// takes the flash-attention kernel, the default's over one to five query tiles; see
+    /// `models::runtime::fused`). With the late prompt, the default's six decode rows take
+    /// decode attention unsplit for TinyLlama's 32 heads and split for SmolLM2's 9; the round
+    /// trip's single row takes it split eight ways.
     pub prompt_lens: Vec<usize>,
     /// A prompt that joins at the first decode step, in two chunks (0: none); the default's
     /// second chunk attends over cached keys and crosses a key tile.
@@ -34,7 +36,7 @@ impl Default for CheckPlan {
     fn default() -> CheckPlan {
         CheckPlan {
             seed: 7,
-            prompt_lens: vec![37, 150, 300],
+            prompt_lens: vec![37, 150, 300, 5, 64],
             late_prompt_len: 100,
             decode_steps: 8,
             round_trip_steps: 16,

@@ -23,7 +23,8 @@ const MODULE: &str = "disagg_fused";
 
 /// Threads of a block of the per-row kernels.
 const ROW_THREADS: u32 = 256;
-/// Threads of an attention block: a multiple of every head_dim it takes (see [`attention_fits`]).
+/// Threads of a decode attention block: a multiple of every head_dim / 8 it takes (see
+/// [`attention_fits`]).
 const ATTENTION_THREADS: u32 = 256;
 /// Shared memory a block may use without opting in.
 const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
@@ -258,24 +259,41 @@ pub struct DeviceDecodeRows {
     meta: Tensor,
 }
 
-/// Shared memory of an attention block over at most `context` tokens in blocks of
-/// `block_size`: query, per-part sums, reduction scratch, block table and scores.
-fn attention_shared_bytes(head_dim: usize, context: usize, block_size: usize) -> usize {
-    let parts = ATTENTION_THREADS as usize / (head_dim / 8).max(1);
-    (head_dim + parts * head_dim + 32 + context.div_ceil(block_size.max(1)) + context) * 4
+/// Blocks a decode attention launch aims for, beyond the SMs of an H100 (132): a batch of one
+/// sequence (32 heads of TinyLlama) splits its context eight ways.
+const ATTENTION_TARGET_BLOCKS: usize = 256;
+/// Fewest keys a split of the context takes.
+const MIN_SPLIT_KEYS: usize = 64;
+
+/// How a decode attention launch of `rows` queries of `heads` heads over at most
+/// `max_context` tokens splits the context: (splits, keys per split).
+fn attention_splits(rows: usize, heads: usize, max_context: usize) -> (usize, usize) {
+    let most = max_context.div_ceil(MIN_SPLIT_KEYS).max(1);
+    let splits = (ATTENTION_TARGET_BLOCKS / (rows * heads).max(1)).clamp(1, most);
+    (splits, max_context.div_ceil(splits))
+}
+
+/// Shared memory of an attention block over `keys` keys in blocks of `block_size`: its
+/// groups' sums, maxima and totals, and the block ids the keys span.
+fn attention_shared_bytes(head_dim: usize, keys: usize, block_size: usize) -> usize {
+    let groups = ATTENTION_THREADS as usize / (head_dim / 8).max(1);
+    (groups * head_dim + 2 * groups + keys.div_ceil(block_size.max(1)) + 1) * 4
 }
 
 /// Whether the decode kernel takes this head size and context: head_dim in whole 8-element
-/// loads, at most one per thread, and everything in the default shared memory.
+/// loads, a power-of-two count of them of at most a warp, and an unsplit context's block ids
+/// in the default shared memory.
 pub fn attention_fits(head_dim: usize, max_context: usize, block_size: usize) -> bool {
-    head_dim > 0
-        && head_dim.is_multiple_of(8)
-        && head_dim / 8 <= ATTENTION_THREADS as usize
+    let vecs = head_dim / 8;
+    head_dim.is_multiple_of(8)
+        && vecs.is_power_of_two()
+        && vecs <= 32
         && attention_shared_bytes(head_dim, max_context, block_size) <= DEFAULT_SHARED_BYTES
 }
 
 /// Attention of each decode row's query over its paged context, written into `out` (tokens,
-/// n_heads * head_dim) at the row; other rows of `out` are left as they are.
+/// n_heads * head_dim) at the row; other rows of `out` are left as they are. A context split
+/// over several blocks (see [`attention_splits`]) is merged by a second kernel.
 pub fn paged_decode_attention(
     q: &Tensor,
     k_pool: &Tensor,
@@ -294,26 +312,31 @@ pub fn paged_decode_attention(
             decode.max_context
         )));
     }
-    let func = dev.get_or_load_custom_func(
-        &format!("paged_decode_attention_{}", suffix(q.dtype())?),
-        MODULE,
-        PTX,
-    )?;
+    let (splits, split_keys) = attention_splits(decode.n, nh, decode.max_context);
+    let partial = match splits {
+        1 => None,
+        _ => Some(empty(dev, DType::F32, decode.n * nh * splits * (hd + 2))?),
+    };
+    let dtype = suffix(q.dtype())?;
+    let func =
+        dev.get_or_load_custom_func(&format!("paged_decode_attention_{dtype}"), MODULE, PTX)?;
     let meta = address(&decode.meta)?;
     let n = decode.n as u64;
+    let (rows, po) = (meta, address(out)?);
+    let pp = partial.as_ref().map(address).transpose()?.unwrap_or(0);
     let ptrs = [
         address(q)?,
         pk,
         pv,
-        meta,
+        rows,
         meta + 4 * n,
         meta + 8 * n,
         meta + 12 * n,
-        address(out)?,
+        po,
+        pp,
     ];
     let (nh_i, kvh_i, hd_i, bs) = (nh as i32, kvh as i32, hd as i32, block_size as i32);
-    let max_context = decode.max_context as i32;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let (split_keys_i, scale) = (split_keys as i32, 1.0 / (hd as f32).sqrt());
     let mut b = func.builder();
     for p in &ptrs {
         b.arg(p);
@@ -323,16 +346,37 @@ pub fn paged_decode_attention(
         .arg(&hd_i)
         .arg(&n_slots)
         .arg(&bs)
-        .arg(&max_context)
+        .arg(&split_keys_i)
         .arg(&scale);
     let cfg = LaunchConfig {
-        grid_dim: (decode.n as u32, nh as u32, 1),
+        grid_dim: (decode.n as u32, nh as u32, splits as u32),
         block_dim: (ATTENTION_THREADS, 1, 1),
-        shared_mem_bytes: attention_shared_bytes(hd, decode.max_context, block_size) as u32,
+        shared_mem_bytes: attention_shared_bytes(hd, split_keys, block_size) as u32,
     };
     // SAFETY: the arguments match the kernel's signature; the tables hold checked block ids
-    // covering each row's context, the pools are aligned for 8-element loads and the shared
-    // memory fits (checked above).
+    // covering each row's context, the pools are aligned for 8-element loads, the shared
+    // memory fits (checked above) and partial holds every split's head_dim + 2 floats.
+    unsafe { b.launch(cfg) }.map_err(failed)?;
+    if splits == 1 {
+        return Ok(());
+    }
+    let func =
+        dev.get_or_load_custom_func(&format!("decode_attention_combine_{dtype}"), MODULE, PTX)?;
+    let splits_i = splits as i32;
+    let mut b = func.builder();
+    b.arg(&pp)
+        .arg(&rows)
+        .arg(&po)
+        .arg(&nh_i)
+        .arg(&hd_i)
+        .arg(&splits_i);
+    let cfg = LaunchConfig {
+        grid_dim: (decode.n as u32, nh as u32, 1),
+        block_dim: (hd as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature; partial was written above for
+    // every row, head and split; head_dim is at most 256 threads (checked above).
     unsafe { b.launch(cfg) }.map_err(failed)?;
     Ok(())
 }

@@ -43,6 +43,12 @@ __device__ __forceinline__ void load8(const __nv_bfloat16 *p, float *o) {
     }
 }
 
+// Eight elements as stored (16 bytes of f16 or bf16, 32 of f32), for loads issued before
+// their values are needed.
+template <typename T> struct Raw8 {
+    uint4 words[sizeof(T) / 2];
+};
+
 __device__ __forceinline__ float warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
     return x;
@@ -155,89 +161,133 @@ __device__ void rope_write_kv(const T *__restrict__ qkv, const T *__restrict__ c
     }
 }
 
-// Attention of single-token queries over their paged context: block (i, head) reads query row
-// rows[i] of q (tokens, n_heads, head_dim) and the first context[i] tokens of the blocks listed
-// at tables[table_start[i]..], and writes its head of row rows[i] of out (tokens, n_heads *
-// head_dim). head_dim is a multiple of 8 (rows are read 8 elements at a time).
+// Attention of single-token queries over their paged context, split over the context (flash
+// decoding): block (i, head, split) reads query row rows[i] of q (tokens, n_heads, head_dim)
+// and keys [split * split_keys, (split + 1) * split_keys) of the first context[i] tokens of
+// the blocks listed at tables[table_start[i]..]. With one split it writes its head of row
+// rows[i] of out (tokens, n_heads * head_dim); with several, (sums, max, sum) to `partial`
+// for decode_attention_combine.
 //
-// Decode attention is bound by the latency of its loads, not their bytes (a few hundred KiB per
-// layer), so every load is independent of the others in flight: the block table is staged in
-// shared memory first, each thread scores whole keys (its own loads, no reduction chain), and
-// the V sum splits the context into as many parts as the block has threads per head_dim.
-// Shared memory (dynamic, see fused.rs): query, per-part sums, reduction scratch, table, scores.
+// Decode attention is bound by the latency of its loads, not their bytes (a few hundred KiB a
+// layer), so a batch of one sequence splits its context over many blocks, and within a block
+// every load is independent of the others in flight: the split's block ids are staged in
+// shared memory first, then groups of head_dim / 8 lanes take a key each, every lane loading
+// 8 elements of its K and its V at once, four keys ahead. Each group keeps a running max and
+// sum (online softmax, base 2); the block combines its groups at the end. head_dim / 8 is a
+// power of two of at most 32 and divides the block.
 template <typename T>
 __device__ void paged_decode_attention(const T *__restrict__ q, const T *__restrict__ k_pool,
                                        const T *__restrict__ v_pool, const uint32_t *rows,
                                        const uint32_t *context, const uint32_t *table_start,
-                                       const uint32_t *tables, T *__restrict__ out, int n_heads,
-                                       int n_kv_heads, int head_dim, size_t n_slots,
-                                       int block_size, int max_context, float scale) {
+                                       const uint32_t *tables, T *__restrict__ out,
+                                       float *__restrict__ partial, int n_heads, int n_kv_heads,
+                                       int head_dim, size_t n_slots, int block_size,
+                                       int split_keys, float scale) {
     extern __shared__ float smem[];
-    const int vecs = head_dim / 8, parts = blockDim.x / vecs;
-    float *qs = smem;
-    float *partial = qs + head_dim;
-    float *scratch = partial + parts * head_dim;
-    uint32_t *table = reinterpret_cast<uint32_t *>(scratch + 32);
-    float *scores = reinterpret_cast<float *>(table + (max_context + block_size - 1) / block_size);
-    const int i = blockIdx.x, head = blockIdx.y;
+    const int vecs = head_dim / 8, groups = blockDim.x / vecs;
+    const int c = threadIdx.x % vecs, grp = threadIdx.x / vecs;
+    const int i = blockIdx.x, head = blockIdx.y, split = blockIdx.z;
+    float *group_acc = smem;                       // [groups][head_dim]
+    float *group_max = group_acc + groups * head_dim;
+    float *group_sum = group_max + groups;
+    uint32_t *table = reinterpret_cast<uint32_t *>(group_sum + groups);
     const int kh = head / (n_heads / n_kv_heads);
     const size_t row = rows[i];
     const int ctx = context[i];
-    const T *k_head = k_pool + (size_t)kh * n_slots * head_dim;
-    const T *v_head = v_pool + (size_t)kh * n_slots * head_dim;
+    const int start = split * split_keys, end = min(ctx, start + split_keys);
+    const int first_block = start / block_size;
+    const int n_blocks = end > start ? (end - 1) / block_size - first_block + 1 : 0;
+    const T *k_head = k_pool + (size_t)kh * n_slots * head_dim + 8 * c;
+    const T *v_head = v_pool + (size_t)kh * n_slots * head_dim + 8 * c;
 
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        qs[d] = to_f32(q[(row * n_heads + head) * head_dim + d]) * scale;
+    for (int b = threadIdx.x; b < n_blocks; b += blockDim.x) {
+        table[b] = tables[table_start[i] + first_block + b];
     }
-    for (int b = threadIdx.x; b < (ctx + block_size - 1) / block_size; b += blockDim.x) {
-        table[b] = tables[table_start[i] + b];
-    }
+    float qv[8];
+    load8(q + (row * n_heads + head) * head_dim + 8 * c, qv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qv[e] *= scale * 1.4426950408889634f;  // exp(x) = exp2(x log2 e)
     __syncthreads();
 
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < ctx; j += blockDim.x) {
-        const T *k = k_head + ((size_t)table[j / block_size] * block_size + j % block_size) * head_dim;
-        float dot = 0.0f;
-        for (int c = 0; c < vecs; ++c) {
-            float kv[8];
-            load8(k + 8 * c, kv);
+    float m = -INFINITY, l = 0.0f, acc[8] = {};
+    constexpr int AHEAD = 4;
+    for (int base = start; base < end; base += groups * AHEAD) {  // uniform over the block
+        Raw8<T> kr[AHEAD], vr[AHEAD];  // loaded as stored: converted once the loads are out
 #pragma unroll
-            for (int e = 0; e < 8; ++e) dot += qs[8 * c + e] * kv[e];
-        }
-        scores[j] = dot;
-        m = fmaxf(m, dot);
-    }
-    m = block_reduce<true>(m, scratch);
-    float l = 0.0f;
-    for (int j = threadIdx.x; j < ctx; j += blockDim.x) {
-        const float e = __expf(scores[j] - m);
-        scores[j] = e;
-        l += e;
-    }
-    l = block_reduce<false>(l, scratch);  // its barriers publish the scores
-
-    // Thread (part, c) sums elements 8c..8c+8 of keys part, part + parts, ...
-    const int c = threadIdx.x % vecs, part = threadIdx.x / vecs;
-    if (part < parts) {
-        float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 4
-        for (int j = part; j < ctx; j += parts) {
-            float vv[8];
-            load8(v_head + ((size_t)table[j / block_size] * block_size + j % block_size) * head_dim +
-                      8 * c,
-                  vv);
-            const float p = scores[j];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[e] += p * vv[e];
+        for (int u = 0; u < AHEAD; ++u) {
+            const int j = base + u * groups + grp;
+            if (j < end) {
+                const size_t slot =
+                    (size_t)table[j / block_size - first_block] * block_size + j % block_size;
+                kr[u] = *reinterpret_cast<const Raw8<T> *>(k_head + slot * head_dim);
+                vr[u] = *reinterpret_cast<const Raw8<T> *>(v_head + slot * head_dim);
+            } else {
+                kr[u] = vr[u] = Raw8<T>{};
+            }
         }
 #pragma unroll
-        for (int e = 0; e < 8; ++e) partial[part * head_dim + 8 * c + e] = acc[e];
+        for (int u = 0; u < AHEAD; ++u) {
+            const int j = base + u * groups + grp;
+            float kf[8], dot = 0.0f;
+            load8(reinterpret_cast<const T *>(&kr[u]), kf);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) dot += qv[e] * kf[e];
+            for (int o = 1; o < vecs; o <<= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+            if (j >= end) continue;  // after the shuffles, which every lane joins
+            const float m_new = fmaxf(m, dot), alpha = exp2f(m - m_new), p = exp2f(dot - m_new);
+            float vf[8];
+            load8(reinterpret_cast<const T *>(&vr[u]), vf);
+            l = l * alpha + p;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] = acc[e] * alpha + p * vf[e];
+            m = m_new;
+        }
     }
+    if (c == 0) group_max[grp] = m, group_sum[grp] = l;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) group_acc[grp * head_dim + 8 * c + e] = acc[e];
     __syncthreads();
+
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float sum = 0.0f;
-        for (int p = 0; p < parts; ++p) sum += partial[p * head_dim + d];
-        out[(row * n_heads + head) * head_dim + d] = from_f32<T>(sum / l);
+        float mx = -INFINITY;
+        for (int g = 0; g < groups; ++g) mx = fmaxf(mx, group_max[g]);
+        float sum = 0.0f, o = 0.0f;
+        for (int g = 0; g < groups; ++g) {
+            if (group_max[g] == -INFINITY) continue;  // a group with no keys
+            const float w = exp2f(group_max[g] - mx);
+            sum += group_sum[g] * w;
+            o += group_acc[g * head_dim + d] * w;
+        }
+        if (gridDim.z == 1) {
+            out[(row * n_heads + head) * head_dim + d] = from_f32<T>(o / sum);
+        } else {
+            float *p = partial + (((size_t)i * n_heads + head) * gridDim.z + split) * (head_dim + 2);
+            p[d] = o;
+            if (d == 0) p[head_dim] = mx, p[head_dim + 1] = sum;
+        }
+    }
+}
+
+// The splits of decode_attention's block (i, head) merged: block (i, head), a thread per
+// element of the head. Splits past a row's context hold max -inf and sum 0.
+template <typename T>
+__device__ void decode_attention_combine(const float *__restrict__ partial, const uint32_t *rows,
+                                         T *__restrict__ out, int n_heads, int head_dim,
+                                         int splits) {
+    const int i = blockIdx.x, head = blockIdx.y;
+    const float *p = partial + ((size_t)i * n_heads + head) * splits * (head_dim + 2);
+    float mx = -INFINITY;
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, p[s * (head_dim + 2) + head_dim]);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float sum = 0.0f, o = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float *ps = p + s * (head_dim + 2);
+            if (ps[head_dim] == -INFINITY) continue;
+            const float w = exp2f(ps[head_dim] - mx);
+            sum += ps[head_dim + 1] * w;
+            o += ps[d] * w;
+        }
+        out[((size_t)rows[i] * n_heads + head) * head_dim + d] = from_f32<T>(o / sum);
     }
 }
 
@@ -591,11 +641,16 @@ INSTANTIATE_GEMV(__nv_bfloat16, bf16)
     extern "C" __global__ void paged_decode_attention_##SUFFIX(                                 \
         const T *q, const T *k_pool, const T *v_pool, const uint32_t *rows,                     \
         const uint32_t *context, const uint32_t *table_start, const uint32_t *tables, T *out,   \
-        int n_heads, int n_kv_heads, int head_dim, size_t n_slots, int block_size,              \
-        int max_context, float scale) {                                                         \
+        float *partial, int n_heads, int n_kv_heads, int head_dim, size_t n_slots,              \
+        int block_size, int split_keys, float scale) {                                          \
         paged_decode_attention<T>(q, k_pool, v_pool, rows, context, table_start, tables, out,   \
-                                  n_heads, n_kv_heads, head_dim, n_slots, block_size,           \
-                                  max_context, scale);                                          \
+                                  partial, n_heads, n_kv_heads, head_dim, n_slots, block_size,  \
+                                  split_keys, scale);                                           \
+    }                                                                                           \
+    extern "C" __global__ void decode_attention_combine_##SUFFIX(                               \
+        const float *partial, const uint32_t *rows, T *out, int n_heads, int head_dim,          \
+        int splits) {                                                                           \
+        decode_attention_combine<T>(partial, rows, out, n_heads, head_dim, splits);             \
     }                                                                                           \
     extern "C" __global__ void causal_softmax_##SUFFIX(T *scores, int n, int ctx, float scale) { \
         causal_softmax<T>(scores, n, ctx, scale);                                               \
