@@ -517,6 +517,25 @@ impl Bench {
             + max_transfer as usize
             + plan.prefill_tokens.last().copied().unwrap_or(0) as usize
             + 2 * block_size;
+        // The serving engine runs every matmul shape once at start; so does the bench, so that
+        // the profile prices steps as a warm server runs them.
+        let all = || {
+            decode
+                .iter()
+                .chain(&prefill)
+                .chain(&context)
+                .chain(&plan.mixed)
+        };
+        let max_tokens = all()
+            .map(|s| (s.decode_seqs + s.prefill_seqs * s.prefill_tokens) as usize)
+            .chain([max_transfer as usize + 1])
+            .max()
+            .unwrap_or(1);
+        let max_seqs = all()
+            .map(|s| (s.decode_seqs + s.prefill_seqs) as usize)
+            .max()
+            .unwrap_or(1);
+        model.warm_up_matmuls(max_tokens, max_seqs)?;
         Ok(Bench {
             paged: PagedModel::new(model, pool as u32, block_size as u32, false)?,
             sampler: Sampler::new(&SamplingParams::greedy(1))?,

@@ -66,11 +66,18 @@ impl Default for EngineConfig {
     }
 }
 
-/// Runs a batched prefill and a decode step on a throwaway pool. A GPU loads (JIT-compiles) a
-/// kernel module the first time it is used, seconds each (one H100 worker's first step took
-/// 21 s), which would otherwise land on the first requests.
-fn warm_up(model: &Model, block_size_tokens: u32) -> Result<(), PagedError> {
-    let mut paged = PagedModel::new(model.clone(), 8, block_size_tokens, false)?;
+/// Runs a batched prefill and a decode step on a throwaway pool, and every matmul shape the
+/// engine's steps can meet. A GPU loads (JIT-compiles) a kernel module the first time it is
+/// used, seconds each (one H100 worker's first step took 21 s), and cuBLAS spends milliseconds
+/// on each new shape; both would otherwise land on the first requests.
+fn warm_up(model: &Model, config: &EngineConfig) -> Result<(), PagedError> {
+    let started = std::time::Instant::now();
+    let matmuls = model.warm_up_matmuls(config.max_batched_tokens, config.max_num_seqs)?;
+    eprintln!(
+        "warm-up: {matmuls} matmul shapes in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    let mut paged = PagedModel::new(model.clone(), 8, config.block_size_tokens, false)?;
     let prompt: Vec<u32> = (1..=20).collect();
     let (a, _) = paged.admit(&prompt)?;
     let (b, _) = paged.admit(&prompt[..7])?;
@@ -246,7 +253,7 @@ impl Engine {
         let context_tokens = (model.spec().max_position_embeddings as usize)
             .min(config.kv_blocks as usize * config.block_size_tokens as usize);
         if !model.device().is_cpu() {
-            warm_up(&model, config.block_size_tokens)?;
+            warm_up(&model, &config)?;
         }
         let paged = PagedModel::new(
             model,

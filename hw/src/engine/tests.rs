@@ -316,7 +316,11 @@ fn the_warm_up_leaves_the_model_as_it_was() {
     let path = models::runtime::test_gguf_path().unwrap();
     let gguf = models::runtime::GgufFile::open(&path).unwrap();
     let model = Model::new(gguf.weights(TensorDType::F32, &Device::Cpu).unwrap()).unwrap();
-    warm_up(&model, 16).unwrap();
+    let config = EngineConfig {
+        block_size_tokens: 16,
+        ..EngineConfig::default()
+    };
+    warm_up(&model, &config).unwrap();
     // The throwaway pool is gone; a fresh one serves as usual.
     let mut paged = PagedModel::new(model, 8, 16, true).unwrap();
     let (id, cached) = paged.admit(&[1, 2, 3]).unwrap();

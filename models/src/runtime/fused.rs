@@ -101,7 +101,8 @@ fn empty(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<Tens
 }
 
 /// `(x + y, RMSNorm(x + y) * w)` over rows of `x` (rows, cols); without `y`, `(x, RMSNorm(x) *
-/// w)`. The sum is rounded to x's dtype, the norm computed in f32; `w` is f32.
+/// w)`. The sum is rounded to x's dtype, the norm computed in f32; `w` is f32. The norm has
+/// [`matmul_rows`]`(rows)` rows, the padding zero: it feeds the matmuls.
 pub fn add_rms_norm(
     x: &Tensor,
     y: Option<&Tensor>,
@@ -110,7 +111,8 @@ pub fn add_rms_norm(
 ) -> Result<(Tensor, Tensor)> {
     let dev = cuda(x.device())?;
     let (rows, cols) = x.dims2()?;
-    let h = empty(dev, x.dtype(), (rows, cols))?;
+    let h_rows = matmul_rows(rows);
+    let h = empty(dev, x.dtype(), (h_rows, cols))?;
     let x_out = match y {
         Some(_) => empty(dev, x.dtype(), (rows, cols))?,
         None => x.clone(),
@@ -122,7 +124,7 @@ pub fn add_rms_norm(
         Some(y) => (address(&y.contiguous()?)?, address(&x_out)?),
         None => (0, 0),
     };
-    let cols_i = cols as i32;
+    let (rows_i, cols_i) = (rows as i32, cols as i32);
     let vec = i32::from(cols % 8 == 0 && [px, py, pw, pout, ph].iter().all(|p| p % 16 == 0));
     let mut b = func.builder();
     b.arg(&px)
@@ -130,15 +132,17 @@ pub fn add_rms_norm(
         .arg(&pw)
         .arg(&pout)
         .arg(&ph)
+        .arg(&rows_i)
         .arg(&cols_i)
         .arg(&eps)
         .arg(&vec);
     let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
+        grid_dim: (h_rows as u32, 1, 1),
         block_dim: (ROW_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the arguments match the kernel's signature; every buffer holds rows x cols.
+    // SAFETY: the arguments match the kernel's signature; x, y and x_out hold at least rows x
+    // cols, h h_rows x cols.
     unsafe { b.launch(cfg) }.map_err(failed)?;
     Ok((x_out, h))
 }
@@ -165,7 +169,8 @@ pub struct RopeKv<'a> {
 pub fn rope_write_kv(a: &RopeKv) -> Result<Tensor> {
     let dev = cuda(a.qkv.device())?;
     let (kvh, n_slots, hd) = a.k_pool.dims3()?;
-    let t = a.qkv.dim(0)?;
+    // The step's tokens; qkv may have padding rows past them (see [`matmul_rows`]).
+    let t = a.positions.dim(0)?;
     let q = empty(dev, a.qkv.dtype(), (t, a.n_heads, hd))?;
     let func = dev.get_or_load_custom_func(
         &format!("rope_write_kv_{}", suffix(a.qkv.dtype())?),
@@ -508,6 +513,41 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     // SAFETY: the arguments match the kernel's signature; act holds tokens x inter.
     unsafe { b.launch(cfg) }.map_err(failed)?;
     Ok(act)
+}
+
+/// A step of several tokens runs its matmuls on a multiple of this many rows.
+const MATMUL_ROW_STEP: usize = 16;
+
+/// The rows the matmuls of a step of `t` tokens run on: one token as it is, more padded to a
+/// multiple of [`MATMUL_ROW_STEP`]. cuBLAS spends milliseconds on the first matmul of each
+/// new shape (on an H100, a first 128-token prefill took 12 ms against 2.8 ms after); padded,
+/// a server meets few enough shapes to run them all once at start ([`MatmulShapes`]).
+pub fn matmul_rows(t: usize) -> usize {
+    match t {
+        0 | 1 => t,
+        _ => t.next_multiple_of(MATMUL_ROW_STEP),
+    }
+}
+
+/// The row counts the matmuls of steps of up to `max_tokens` tokens and `max_seqs` sequences
+/// run on: the padded step sizes for the layers, and every sequence count for the output
+/// projection (one row per sequence).
+pub struct MatmulShapes {
+    pub layer_rows: Vec<usize>,
+    pub head_rows: Vec<usize>,
+}
+
+impl MatmulShapes {
+    pub fn new(max_tokens: usize, max_seqs: usize) -> MatmulShapes {
+        let mut layer_rows = vec![1];
+        layer_rows.extend(
+            (1..=matmul_rows(max_tokens.max(2)) / MATMUL_ROW_STEP).map(|k| k * MATMUL_ROW_STEP),
+        );
+        MatmulShapes {
+            layer_rows,
+            head_rows: (1..=max_seqs.max(1)).collect(),
+        }
+    }
 }
 
 /// Weight rows a GEMV block covers (`GEMV_ROWS * GEMV_WARPS` in `kernels.cu`).

@@ -72,16 +72,21 @@ __device__ float block_reduce(float x, float *scratch) {
 }
 
 // x_out = x + y (rounded to T, as the residual stream is kept) and h = RMSNorm(x_out) * w.
-// Without y, x is only normalised. One block per row; with `vec` (cols % 8 == 0 and every
+// Without y, x is only normalised. One block per row of h; rows of h past x's `rows` (padding
+// for the matmuls) are zeroed; with `vec` (cols % 8 == 0 and every
 // pointer 16-byte aligned) and a row that fits (cols <= 8 * blockDim * ROW_CHUNKS), a thread
 // loads 8 columns at a time and keeps them in registers between the two passes.
 #define ROW_CHUNKS 4
 template <typename T>
 __device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ y,
                              const float *__restrict__ w, T *__restrict__ x_out, T *__restrict__ h,
-                             int cols, float eps, int vec) {
+                             int rows, int cols, float eps, int vec) {
     __shared__ float scratch[32];
     const size_t row = (size_t)blockIdx.x * cols;
+    if ((int)blockIdx.x >= rows) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) h[row + c] = from_f32<T>(0.0f);
+        return;
+    }
     float sq = 0.0f;
     if (vec && cols <= 8 * (int)blockDim.x * ROW_CHUNKS) {
         float v[ROW_CHUNKS][8];
@@ -627,9 +632,9 @@ INSTANTIATE_GEMV(__nv_bfloat16, bf16)
 
 #define INSTANTIATE(T, SUFFIX)                                                                  \
     extern "C" __global__ void add_rms_norm_##SUFFIX(const T *x, const T *y, const float *w,    \
-                                                     T *x_out, T *h, int cols, float eps,        \
-                                                     int vec) {                                  \
-        add_rms_norm<T>(x, y, w, x_out, h, cols, eps, vec);                                     \
+                                                     T *x_out, T *h, int rows, int cols,         \
+                                                     float eps, int vec) {                       \
+        add_rms_norm<T>(x, y, w, x_out, h, rows, cols, eps, vec);                               \
     }                                                                                           \
     extern "C" __global__ void rope_write_kv_##SUFFIX(                                          \
         const T *qkv, const T *cos, const T *sin, const uint32_t *positions,                    \

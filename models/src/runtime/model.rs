@@ -300,6 +300,46 @@ impl Model {
         self.run_fused(cache, &packed.seqs, &inputs, on_layer)
     }
 
+    /// Runs once, on zeros, every matmul that steps of up to `max_tokens` tokens and `max_seqs`
+    /// sequences can meet, so that no request pays for cuBLAS's first call of a shape (see
+    /// `fused::matmul_rows`). Does nothing off CUDA; returns the number of matmuls run.
+    pub fn warm_up_matmuls(
+        &self,
+        max_tokens: usize,
+        max_seqs: usize,
+    ) -> Result<usize, RuntimeError> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() {
+            use super::fused;
+            let shapes = fused::MatmulShapes::new(max_tokens, max_seqs);
+            let zeros =
+                |rows: usize, cols: usize| Tensor::zeros((rows, cols), self.dtype, &self.device);
+            let hidden = self.spec.hidden_size as usize;
+            let q_dim = (self.spec.n_heads * self.spec.head_dim) as usize;
+            let inter = self.spec.intermediate_size as usize;
+            // Every layer has the same shapes.
+            let layer = &self.layers[0];
+            for &rows in &shapes.layer_rows {
+                let (x, attn, act) = (
+                    zeros(rows, hidden)?,
+                    zeros(rows, q_dim)?,
+                    zeros(rows, inter)?,
+                );
+                fused::matmul(&x, &layer.wqkv)?;
+                fused::matmul(&attn, &layer.wo)?;
+                fused::matmul(&x, &layer.w_gate_up)?;
+                fused::matmul(&act, &layer.w_down)?;
+            }
+            for &rows in &shapes.head_rows {
+                fused::matmul(&zeros(rows, hidden)?, &self.lm_head)?;
+            }
+            self.device.synchronize()?;
+            return Ok(4 * shapes.layer_rows.len() + shapes.head_rows.len());
+        }
+        let _ = (max_tokens, max_seqs);
+        Ok(0)
+    }
+
     /// Where the weights live: steps recorded for one model replay only with it.
     #[cfg(feature = "cuda")]
     pub(crate) fn weights_address(&self) -> Result<u64, RuntimeError> {
@@ -350,7 +390,11 @@ impl Model {
             }
             let (k_pool, v_pool) = cache.pools(li);
 
-            let attn = fused::rows(dev, self.dtype, t, nh * hd)?;
+            // The matmuls' rows: padding rows zero (see `fused::matmul_rows`).
+            let attn = match fused::matmul_rows(t) {
+                rows if rows > t => Tensor::zeros((rows, nh * hd), self.dtype, dev)?,
+                _ => fused::rows(dev, self.dtype, t, nh * hd)?,
+            };
             if let Some(d) = &inputs.decode {
                 fused::paged_decode_attention(
                     &q,
