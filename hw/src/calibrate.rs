@@ -65,7 +65,7 @@ impl Plan {
             prefill_seqs: vec![1, 2],
             // Prefill grows faster than linearly: points every 1.5x past 256 tokens.
             prefill_tokens: vec![16, 32, 64, 128, 256, 384, 512, 768, 1024],
-            context_chunk_tokens: vec![16, 64, 256],
+            context_chunk_tokens: vec![16, 64, 256, 512],
             context_tokens: vec![128, 256, 512, 1024, 1536],
             decode_seqs: vec![1, 2, 4, 8, 16, 32],
             decode_context_tokens: vec![16, 128, 512, 1024, 1536],
@@ -682,9 +682,10 @@ impl Bench {
         Ok(times)
     }
 
-    /// KV of each prompt length exported here, sent over TCP on loopback to a listener of
-    /// this process, and imported into a second instance that reserved the prompt's blocks
-    /// first (as a decode worker does).
+    /// KV of each prompt length exported here as a prefill worker exports it (left in device
+    /// memory on a GPU), sent over TCP on loopback to a listener of this process, and imported
+    /// into a second instance that reserved the prompt's blocks first (as a decode worker
+    /// does).
     fn transfers(
         &mut self,
         model: Model,
@@ -730,7 +731,7 @@ impl Bench {
                 let sender = self.paged.import(&kv)?;
                 let (reserved, _) = receiver.admit(&kv.tokens[..n])?;
                 let start = Instant::now();
-                let export = self.paged.export(sender, 0)?;
+                let export = self.paged.export_for_transfer(sender, 0)?;
                 let export_ns = elapsed_ns(start);
                 payload_bytes = export.payload_bytes() as u64;
                 request_id += 1;

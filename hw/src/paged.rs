@@ -362,6 +362,20 @@ impl PagedModel {
         self.export_with(id, first_block, Payload::Device)
     }
 
+    /// The export a transfer to another worker sends: on a GPU, [`PagedModel::export_device`]
+    /// (gathered there; the transport copies the bytes out, off the caller's thread), else
+    /// [`PagedModel::export`].
+    pub fn export_for_transfer(
+        &self,
+        id: SeqId,
+        first_block: usize,
+    ) -> Result<KvExport, PagedError> {
+        match self.model.device().is_cuda() {
+            true => self.export_device(id, first_block),
+            false => self.export(id, first_block),
+        }
+    }
+
     fn export_with(
         &self,
         id: SeqId,

@@ -481,13 +481,8 @@ impl Batcher {
                     .and_then(|()| {
                         if *streamed {
                             self.paged.export_header(seq, *skip_blocks)
-                        } else if self.paged.model().device().is_cuda() {
-                            // Gathered on the GPU; the transport brings the bytes over
-                            // (through pinned buffers, off this thread), so the next step
-                            // need not wait for them.
-                            self.paged.export_device(seq, *skip_blocks)
                         } else {
-                            self.paged.export(seq, *skip_blocks)
+                            self.paged.export_for_transfer(seq, *skip_blocks)
                         }
                     })
                     .map(|kv| PrefillOutput {
