@@ -275,6 +275,21 @@ impl KvCache {
                 "export: a device export needs at least one block".into(),
             ));
         }
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() && self.head_dim.is_multiple_of(8) {
+            // One launch, not two copies per pool and a concatenation.
+            let pools: Vec<&Tensor> = self
+                .k
+                .iter()
+                .zip(&self.v)
+                .flat_map(|(k, v)| [k, v])
+                .collect();
+            return Ok(super::fused::gather_blocks(
+                &pools,
+                blocks,
+                self.block_size_tokens,
+            )?);
+        }
         let n = blocks.len();
         let ids = Tensor::from_slice(blocks, n, &self.device)?;
         let row = self.layer_block_elems();
@@ -323,6 +338,22 @@ impl KvCache {
         check_distinct(blocks)?;
         if blocks.is_empty() {
             return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() && self.head_dim.is_multiple_of(8) {
+            let pools: Vec<&Tensor> = self
+                .k
+                .iter()
+                .zip(&self.v)
+                .flat_map(|(k, v)| [k, v])
+                .collect();
+            let rows = data.contiguous()?;
+            return Ok(super::fused::scatter_blocks(
+                &pools,
+                blocks,
+                &rows,
+                self.block_size_tokens,
+            )?);
         }
         let (n, bs, h, d) = (
             blocks.len(),
@@ -387,6 +418,17 @@ impl KvCache {
         check_distinct(blocks)?;
         if blocks.is_empty() {
             return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() && self.head_dim.is_multiple_of(8) {
+            // One upload and one launch, not an upload and two copies per pool.
+            let rows = Tensor::from_raw_buffer(
+                &data.concat(),
+                self.dtype,
+                &[blocks.len(), self.elems_per_block()],
+                &self.device,
+            )?;
+            return self.import_blocks_tensor(blocks, &rows);
         }
         let (n, bs) = (blocks.len(), self.block_size_tokens);
         let shape = (self.n_kv_heads, n * bs, self.head_dim);

@@ -589,6 +589,94 @@ pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
+/// The rows of an export (see `KvCache::export_blocks_tensor`) in one launch: row i holds block
+/// `ids[i]` of each pool in turn, `(block_size, n_kv_heads, head_dim)` token-major, from pools
+/// `(n_kv_heads, n_slots, head_dim)` of one dtype, head_dim a multiple of 8, every id checked.
+pub fn gather_blocks(pools: &[&Tensor], ids: &[u32], block_size: usize) -> Result<Tensor> {
+    let first = pools
+        .first()
+        .ok_or_else(|| Error::Msg("gather blocks: no pools".into()))?;
+    let (kvh, _, hd) = first.dims3()?;
+    let rows = empty(
+        cuda(first.device())?,
+        first.dtype(),
+        (ids.len(), pools.len() * block_size * kvh * hd),
+    )?;
+    move_blocks("gather_blocks", pools, ids, &rows, block_size)?;
+    Ok(rows)
+}
+
+/// [`gather_blocks`] the other way, in one launch: `rows` (one per id, as gathered) written
+/// into blocks `ids` of the pools, in place.
+pub fn scatter_blocks(
+    pools: &[&Tensor],
+    ids: &[u32],
+    rows: &Tensor,
+    block_size: usize,
+) -> Result<()> {
+    move_blocks("scatter_blocks", pools, ids, rows, block_size)
+}
+
+fn move_blocks(
+    kernel: &str,
+    pools: &[&Tensor],
+    ids: &[u32],
+    rows: &Tensor,
+    block_size: usize,
+) -> Result<()> {
+    let first = pools
+        .first()
+        .ok_or_else(|| Error::Msg(format!("{kernel}: no pools")))?;
+    let dev = cuda(first.device())?;
+    let (kvh, n_slots, hd) = first.dims3()?;
+    let mut meta = Vec::with_capacity(2 * pools.len() + ids.len());
+    for p in pools {
+        let a = address(p)?;
+        if p.dims3()? != (kvh, n_slots, hd) || p.dtype() != first.dtype() || a % 16 != 0 {
+            return Err(Error::Msg(format!(
+                "{kernel}: pools differ or are misaligned"
+            )));
+        }
+        meta.extend([a as u32, (a >> 32) as u32]);
+    }
+    let row = pools.len() * block_size * kvh * hd;
+    let pr = address(rows)?;
+    if ids.is_empty()
+        || !hd.is_multiple_of(8)
+        || rows.dims() != [ids.len(), row]
+        || rows.dtype() != first.dtype()
+        || pr % 16 != 0
+    {
+        return Err(Error::Msg(format!(
+            "{kernel}: {} blocks of head_dim {hd} and rows {:?}",
+            ids.len(),
+            rows.dims()
+        )));
+    }
+    meta.extend_from_slice(ids);
+    let meta = Tensor::from_slice(&meta, meta.len(), first.device())?;
+    let func =
+        dev.get_or_load_custom_func(&format!("{kernel}_{}", suffix(first.dtype())?), MODULE, PTX)?;
+    let pm = address(&meta)?;
+    let ints = [pools.len(), kvh, block_size, hd].map(|v| v as i32);
+    let mut b = func.builder();
+    b.arg(&pm).arg(&pr);
+    for v in &ints {
+        b.arg(v);
+    }
+    b.arg(&n_slots);
+    let cfg = LaunchConfig {
+        grid_dim: (ids.len() as u32, pools.len() as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature; meta holds every pool's address and
+    // the ids, which the caller checked against the pools; rows holds one row per id of every
+    // pool's part; head_dim is a multiple of 8 and every buffer 16-byte aligned (checked).
+    unsafe { b.launch(cfg) }.map_err(failed)?;
+    Ok(())
+}
+
 /// An uninitialised (tokens, width) tensor, for kernels and copies that fill every row.
 pub fn rows(device: &Device, dtype: DType, tokens: usize, width: usize) -> Result<Tensor> {
     empty(cuda(device)?, dtype, (tokens, width))

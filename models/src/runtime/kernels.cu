@@ -630,6 +630,31 @@ __device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, T *__rest
 INSTANTIATE_GEMV(__half, f16)
 INSTANTIATE_GEMV(__nv_bfloat16, bf16)
 
+// An export's rows in one launch: row i holds block ids[i] of every pool in turn (layer 0 K,
+// layer 0 V, layer 1 K, ...), each part (block_size, n_kv_heads, head_dim) token-major, from
+// pools (n_kv_heads, n_slots, head_dim) head-major. `meta` is [pool addresses as (lo, hi)
+// u32 pairs | block ids]. Block (i, pool); 8 elements a copy (head_dim % 8 == 0).
+// With SCATTER, the other way: rows into the blocks of the pools (an import).
+template <typename T, bool SCATTER>
+__device__ void move_blocks(const uint32_t *meta, T *__restrict__ rows, int n_pools, int kvh,
+                            int block_size, int head_dim, size_t n_slots) {
+    const int i = blockIdx.x, p = blockIdx.y, chunks = head_dim / 8;
+    T *pool = reinterpret_cast<T *>((uint64_t)meta[2 * p] | ((uint64_t)meta[2 * p + 1] << 32));
+    const size_t part = (size_t)block_size * kvh * head_dim;
+    const size_t first = (size_t)meta[2 * n_pools + i] * block_size;
+    T *row = rows + ((size_t)i * n_pools + p) * part;
+    for (int c = threadIdx.x; c < block_size * kvh * chunks; c += blockDim.x) {
+        const int d = 8 * (c % chunks), h = (c / chunks) % kvh, t = c / (chunks * kvh);
+        Raw8<T> *in_row = reinterpret_cast<Raw8<T> *>(row + ((size_t)t * kvh + h) * head_dim + d);
+        Raw8<T> *in_pool = reinterpret_cast<Raw8<T> *>(pool + ((size_t)h * n_slots + first + t) * head_dim + d);
+        if (SCATTER) {
+            *in_pool = *in_row;
+        } else {
+            *in_row = *in_pool;
+        }
+    }
+}
+
 #define INSTANTIATE(T, SUFFIX)                                                                  \
     extern "C" __global__ void add_rms_norm_##SUFFIX(const T *x, const T *y, const float *w,    \
                                                      T *x_out, T *h, int rows, int cols,         \
@@ -659,6 +684,16 @@ INSTANTIATE_GEMV(__nv_bfloat16, bf16)
     }                                                                                           \
     extern "C" __global__ void causal_softmax_##SUFFIX(T *scores, int n, int ctx, float scale) { \
         causal_softmax<T>(scores, n, ctx, scale);                                               \
+    }                                                                                           \
+    extern "C" __global__ void gather_blocks_##SUFFIX(const uint32_t *meta, T *rows, int n_pools,   \
+                                                      int kvh, int block_size, int head_dim,    \
+                                                      size_t n_slots) {                         \
+        move_blocks<T, false>(meta, rows, n_pools, kvh, block_size, head_dim, n_slots);         \
+    }                                                                                           \
+    extern "C" __global__ void scatter_blocks_##SUFFIX(const uint32_t *meta, T *rows, int n_pools,  \
+                                                       int kvh, int block_size, int head_dim,   \
+                                                       size_t n_slots) {                        \
+        move_blocks<T, true>(meta, rows, n_pools, kvh, block_size, head_dim, n_slots);          \
     }                                                                                           \
     extern "C" __global__ void silu_mul_##SUFFIX(const T *gate_up, T *act, size_t tokens,       \
                                                  int inter) {                                   \
