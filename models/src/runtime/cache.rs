@@ -201,6 +201,16 @@ impl KvCache {
         Ok((gather(&self.k[layer])?, gather(&self.v[layer])?))
     }
 
+    /// Every pool in export order: layer 0 K, layer 0 V, layer 1 K, ...
+    #[cfg(feature = "cuda")]
+    fn layer_pools(&self) -> Vec<&Tensor> {
+        self.k
+            .iter()
+            .zip(&self.v)
+            .flat_map(|(k, v)| [k, v])
+            .collect()
+    }
+
     /// A pool viewed as `(n_kv_heads, num_blocks, block_size, head_dim)`.
     fn blocked(&self, pool: &Tensor) -> Result<Tensor, RuntimeError> {
         Ok(pool.reshape((
@@ -278,12 +288,7 @@ impl KvCache {
         #[cfg(feature = "cuda")]
         if self.device.is_cuda() && self.head_dim.is_multiple_of(8) {
             // One launch, not two copies per pool and a concatenation.
-            let pools: Vec<&Tensor> = self
-                .k
-                .iter()
-                .zip(&self.v)
-                .flat_map(|(k, v)| [k, v])
-                .collect();
+            let pools = self.layer_pools();
             return Ok(super::fused::gather_blocks(
                 &pools,
                 blocks,
@@ -341,12 +346,7 @@ impl KvCache {
         }
         #[cfg(feature = "cuda")]
         if self.device.is_cuda() && self.head_dim.is_multiple_of(8) {
-            let pools: Vec<&Tensor> = self
-                .k
-                .iter()
-                .zip(&self.v)
-                .flat_map(|(k, v)| [k, v])
-                .collect();
+            let pools = self.layer_pools();
             let rows = data.contiguous()?;
             return Ok(super::fused::scatter_blocks(
                 &pools,

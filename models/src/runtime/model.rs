@@ -264,8 +264,8 @@ impl Model {
     /// one kernel each, and all single-token queries of the step attend in one kernel over
     /// their blocks in place; a longer query (a prefill or a chunk of one) attends in one
     /// flash-attention kernel per sequence (f16 or bf16, head_dim 64), else through cuBLAS and
-    /// the softmax kernel. A step of single-token queries with no observer replays a CUDA graph of its
-    /// shape (see graph.rs).
+    /// the softmax kernel. A step of single-token queries with no observer replays a CUDA
+    /// graph of its shape (see graph.rs).
     #[cfg(feature = "cuda")]
     fn forward_fused(
         &self,
