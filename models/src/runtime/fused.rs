@@ -246,8 +246,9 @@ impl DecodeRows {
         }
     }
 
-    /// These rows, their [`DecodeRows::meta`] in `meta` on the device; the kernel makes room
-    /// for `max_context` (at least [`DecodeRows::max_context`]) tokens of context.
+    /// These rows, their [`DecodeRows::meta`] in `meta` on the device; the launch is shaped
+    /// (split) for `max_context` (at least [`DecodeRows::max_context`]) tokens of context, so
+    /// a recorded step serves every context up to it.
     pub fn on_device(&self, meta: Tensor, max_context: usize) -> DeviceDecodeRows {
         DeviceDecodeRows {
             n: self.rows.len(),
