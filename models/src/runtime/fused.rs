@@ -54,6 +54,14 @@ fn suffix(dtype: DType) -> Result<&'static str> {
     }
 }
 
+/// Kernel `NAME_SUFFIX` of the module on `dev`, SUFFIX naming `dtype` (loaded once per
+/// device). A macro: candle does not name the function type it returns.
+macro_rules! kernel {
+    ($dev:expr, $name:expr, $dtype:expr) => {
+        $dev.get_or_load_custom_func(&format!("{}_{}", $name, suffix($dtype)?), MODULE, PTX)
+    };
+}
+
 /// The device address of a contiguous CUDA tensor's first element. Valid while the tensor
 /// lives; every kernel here runs on the tensor's own stream, after the work that wrote it.
 pub(crate) fn address(t: &Tensor) -> Result<u64> {
@@ -117,8 +125,7 @@ pub fn add_rms_norm(
         Some(_) => empty(dev, x.dtype(), (rows, cols))?,
         None => x.clone(),
     };
-    let func =
-        dev.get_or_load_custom_func(&format!("add_rms_norm_{}", suffix(x.dtype())?), MODULE, PTX)?;
+    let func = kernel!(dev, "add_rms_norm", x.dtype())?;
     let (px, pw, ph) = (address(x)?, address(w)?, address(&h)?);
     let (py, pout) = match y {
         Some(y) => (address(&y.contiguous()?)?, address(&x_out)?),
@@ -172,11 +179,7 @@ pub fn rope_write_kv(a: &RopeKv) -> Result<Tensor> {
     // The step's tokens; qkv may have padding rows past them (see [`matmul_rows`]).
     let t = a.positions.dim(0)?;
     let q = empty(dev, a.qkv.dtype(), (t, a.n_heads, hd))?;
-    let func = dev.get_or_load_custom_func(
-        &format!("rope_write_kv_{}", suffix(a.qkv.dtype())?),
-        MODULE,
-        PTX,
-    )?;
+    let func = kernel!(dev, "rope_write_kv", a.qkv.dtype())?;
     let ptrs = [
         address(a.qkv)?,
         address(a.cos)?,
@@ -323,9 +326,7 @@ pub fn paged_decode_attention(
         1 => None,
         _ => Some(empty(dev, DType::F32, decode.n * nh * splits * (hd + 2))?),
     };
-    let dtype = suffix(q.dtype())?;
-    let func =
-        dev.get_or_load_custom_func(&format!("paged_decode_attention_{dtype}"), MODULE, PTX)?;
+    let func = kernel!(dev, "paged_decode_attention", q.dtype())?;
     let meta = address(&decode.meta)?;
     let n = decode.n as u64;
     let (rows, po) = (meta, address(out)?);
@@ -366,8 +367,7 @@ pub fn paged_decode_attention(
     if splits == 1 {
         return Ok(());
     }
-    let func =
-        dev.get_or_load_custom_func(&format!("decode_attention_combine_{dtype}"), MODULE, PTX)?;
+    let func = kernel!(dev, "decode_attention_combine", q.dtype())?;
     let splits_i = splits as i32;
     let mut b = func.builder();
     b.arg(&pp)
@@ -434,11 +434,7 @@ pub fn prefill_attention(a: &Prefill) -> Result<()> {
             a.context
         )));
     }
-    let func = dev.get_or_load_custom_func(
-        &format!("prefill_attention_{}", suffix(a.q.dtype())?),
-        MODULE,
-        PTX,
-    )?;
+    let func = kernel!(dev, "prefill_attention", a.q.dtype())?;
     let ptrs = [address(a.q)?, pk, pv, address(a.table)?, address(a.out)?];
     let ints = [a.offset, a.n, a.context, nh, kvh].map(|v| v as i32);
     let (bs, scale) = (a.block_size as i32, 1.0 / (hd as f32).sqrt());
@@ -473,11 +469,7 @@ pub fn causal_softmax(scores: &Tensor, n: usize, scale: f32) -> Result<()> {
             "causal softmax: {n} queries over {ctx} keys in {rows} rows"
         )));
     }
-    let func = dev.get_or_load_custom_func(
-        &format!("causal_softmax_{}", suffix(scores.dtype())?),
-        MODULE,
-        PTX,
-    )?;
+    let func = kernel!(dev, "causal_softmax", scores.dtype())?;
     let (ps, n_i, ctx_i) = (address(scores)?, n as i32, ctx as i32);
     let mut b = func.builder();
     b.arg(&ps).arg(&n_i).arg(&ctx_i).arg(&scale);
@@ -497,11 +489,7 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     let (t, two_inter) = gate_up.dims2()?;
     let inter = two_inter / 2;
     let act = empty(dev, gate_up.dtype(), (t, inter))?;
-    let func = dev.get_or_load_custom_func(
-        &format!("silu_mul_{}", suffix(gate_up.dtype())?),
-        MODULE,
-        PTX,
-    )?;
+    let func = kernel!(dev, "silu_mul", gate_up.dtype())?;
     let (pin, pout, inter_i) = (address(gate_up)?, address(&act)?, inter as i32);
     let mut b = func.builder();
     b.arg(&pin).arg(&pout).arg(&t).arg(&inter_i);
@@ -574,7 +562,7 @@ pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dev = cuda(x.device())?;
     let n = w.dim(0)?;
     let y = empty(dev, x.dtype(), (1, n))?;
-    let func = dev.get_or_load_custom_func(&format!("gemv_{}", suffix(x.dtype())?), MODULE, PTX)?;
+    let func = kernel!(dev, "gemv", x.dtype())?;
     let (px, pw, py) = (address(x)?, address(w)?, address(&y)?);
     let (n_i, k_i) = (n as i32, k as i32);
     let mut b = func.builder();
@@ -619,7 +607,7 @@ pub fn scatter_blocks(
 }
 
 fn move_blocks(
-    kernel: &str,
+    name: &str,
     pools: &[&Tensor],
     ids: &[u32],
     rows: &Tensor,
@@ -627,7 +615,7 @@ fn move_blocks(
 ) -> Result<()> {
     let first = pools
         .first()
-        .ok_or_else(|| Error::Msg(format!("{kernel}: no pools")))?;
+        .ok_or_else(|| Error::Msg(format!("{name}: no pools")))?;
     let dev = cuda(first.device())?;
     let (kvh, n_slots, hd) = first.dims3()?;
     let mut meta = Vec::with_capacity(2 * pools.len() + ids.len());
@@ -635,7 +623,7 @@ fn move_blocks(
         let a = address(p)?;
         if p.dims3()? != (kvh, n_slots, hd) || p.dtype() != first.dtype() || a % 16 != 0 {
             return Err(Error::Msg(format!(
-                "{kernel}: pools differ or are misaligned"
+                "{name}: pools differ or are misaligned"
             )));
         }
         meta.extend([a as u32, (a >> 32) as u32]);
@@ -649,15 +637,14 @@ fn move_blocks(
         || pr % 16 != 0
     {
         return Err(Error::Msg(format!(
-            "{kernel}: {} blocks of head_dim {hd} and rows {:?}",
+            "{name}: {} blocks of head_dim {hd} and rows {:?}",
             ids.len(),
             rows.dims()
         )));
     }
     meta.extend_from_slice(ids);
     let meta = Tensor::from_slice(&meta, meta.len(), first.device())?;
-    let func =
-        dev.get_or_load_custom_func(&format!("{kernel}_{}", suffix(first.dtype())?), MODULE, PTX)?;
+    let func = kernel!(dev, name, first.dtype())?;
     let pm = address(&meta)?;
     let ints = [pools.len(), kvh, block_size, hd].map(|v| v as i32);
     let mut b = func.builder();
