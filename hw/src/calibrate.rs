@@ -30,6 +30,15 @@ pub const TCP_LOOPBACK: &str = "tcp-loopback";
 /// Tokens of each donor prefill step.
 const DONOR_CHUNK_TOKENS: usize = 256;
 
+/// Untimed steps before a shape's timed ones, in every pass: the first step after another
+/// shape pays for what that one left behind (memory to map, cold caches), which a server
+/// repeating a shape does not.
+const WARM_UP_STEPS: usize = 1;
+
+/// `Plan::passes` on a GPU: a pass takes seconds there, and a step's time, set by its host's
+/// launches more than by the GPU for all but the longest prompts, moves with the host.
+pub const GPU_PASSES: usize = 15;
+
 /// What to measure. Grids must be strictly increasing; mixed steps should sit on the grids so
 /// that they test the mixing rule, not the interpolation.
 #[derive(Clone, Debug)]
@@ -487,7 +496,7 @@ struct Bench {
 impl Bench {
     fn new(model: Model, plan: &Plan, block_size: usize) -> Result<Bench, CalibrateError> {
         let blocks = |tokens: u32| (tokens as usize).div_ceil(block_size);
-        let repeats = plan.step_repeats.max(plan.prefill_repeats) as u32 + 1;
+        let repeats = (plan.step_repeats.max(plan.prefill_repeats) + WARM_UP_STEPS) as u32 + 1;
         let shape_blocks = |s: &StepShape| {
             s.decode_seqs as usize * blocks(s.decode_context_tokens + repeats)
                 + s.prefill_seqs as usize * blocks(s.prefill_context_tokens + s.prefill_tokens)
@@ -604,9 +613,9 @@ impl Bench {
         Ok((elapsed_ns(start), sampled))
     }
 
-    /// `repeats` timed steps of `shape`. Decoding sequences are set up once and decode on
-    /// from step to step, starting so that the middle step sees the nominal context; prefill
-    /// sequences are set up afresh for every step.
+    /// `repeats` timed steps of `shape`, after [`WARM_UP_STEPS`] untimed ones. Decoding
+    /// sequences are set up once and decode on from step to step, starting so that the middle
+    /// timed step sees the nominal context; prefill sequences are set up afresh for every step.
     fn measure(
         &mut self,
         kind: Kind,
@@ -615,7 +624,7 @@ impl Bench {
         bar: &ProgressBar,
     ) -> Result<Vec<u64>, CalibrateError> {
         let start_context = (shape.decode_context_tokens as usize)
-            .saturating_sub(repeats / 2)
+            .saturating_sub(repeats / 2 + WARM_UP_STEPS)
             .max(1);
         let mut decodes = Vec::with_capacity(shape.decode_seqs as usize);
         if shape.decode_seqs > 0 {
@@ -630,13 +639,13 @@ impl Bench {
         );
         let context_kv = (shape.prefill_seqs > 0 && c > 0).then(|| self.kv(c, t));
         let mut times = Vec::with_capacity(repeats);
-        for repeat in 0..repeats {
+        for step in 0..WARM_UP_STEPS + repeats {
             let mut prefills = Vec::with_capacity(shape.prefill_seqs as usize);
             for s in 0..shape.prefill_seqs as usize {
                 let id = match &context_kv {
                     Some(kv) => self.paged.import(kv)?,
                     None => {
-                        let from = (repeat * 31 + s * 101) % self.block_size;
+                        let from = (step * 31 + s * 101) % self.block_size;
                         self.paged.admit(&self.tokens[from..from + t])?.0
                     }
                 };
@@ -660,6 +669,9 @@ impl Bench {
             for id in prefills {
                 self.paged.release(id)?;
             }
+            let Some(repeat) = step.checked_sub(WARM_UP_STEPS) else {
+                continue;
+            };
             times.push(time_ns);
             self.samples.push(Sample {
                 kind,
@@ -785,7 +797,7 @@ impl Bench {
 /// Tokens the donor is prefilled with: enough for every cached context the plan imports
 /// (longer transfers tile it), a whole number of blocks.
 fn donor_tokens(plan: &Plan, block_size: usize) -> u32 {
-    let repeats = plan.step_repeats.max(plan.prefill_repeats) as u32;
+    let repeats = (plan.step_repeats.max(plan.prefill_repeats) + WARM_UP_STEPS) as u32;
     let contexts = plan
         .decode_context_tokens
         .iter()

@@ -36,8 +36,53 @@ impl DeviceName {
         match self {
             DeviceName::Cpu => Ok(Device::Cpu),
             DeviceName::Cuda(ordinal) => {
-                Device::new_cuda(ordinal).map_err(|e| format!("`{self}`: {e}"))
+                let device = Device::new_cuda(ordinal).map_err(|e| format!("`{self}`: {e}"))?;
+                #[cfg(feature = "cuda")]
+                gpu::configure(&device).map_err(|e| format!("`{self}`: {e}"))?;
+                Ok(device)
             }
+        }
+    }
+}
+
+/// How every GPU this process opens is set up, before anything is allocated on it.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::{DriverError, sys};
+    use models::runtime::Device;
+
+    /// Two settings, so that a step costs the same in every process that runs one:
+    ///
+    /// - cudarc's event tracking off. Once a second stream exists (a KV transport's), it
+    ///   records and waits on two events per kernel argument, and every allocation creates
+    ///   two: a millisecond or more per step on the host, and no CUDA graphs. This crate
+    ///   orders its streams itself instead: device KV rows are complete when wrapped
+    ///   (`DeviceBlocks::new`), an import from them completes before it returns, and the
+    ///   transports complete their copies before handing memory on.
+    /// - The default memory pool keeps what is freed instead of handing it back to the
+    ///   driver at every synchronisation (its default), which re-maps a step's activations
+    ///   at every step.
+    pub(super) fn configure(device: &Device) -> Result<(), DriverError> {
+        let Device::Cuda(cuda) = device else {
+            return Ok(());
+        };
+        let ctx = cuda.cuda_stream().context().clone();
+        // SAFETY: from here on this crate orders the context's streams, as said above.
+        unsafe { ctx.disable_event_tracking() };
+        if !ctx.has_async_alloc() {
+            return Ok(());
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold = u64::MAX;
+        // SAFETY: a valid device handle; the attribute takes a u64 by pointer.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .result()
         }
     }
 }

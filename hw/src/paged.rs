@@ -120,7 +120,11 @@ fn write_payload(
         .rows()
         .to_device(cache.device())
         .map_err(RuntimeError::from)?;
-    Ok(cache.import_blocks_tensor(ids, &rows)?)
+    cache.import_blocks_tensor(ids, &rows)?;
+    // The rows may be dropped, and so freed, on another thread's stream, which nothing orders
+    // after this one's: the import completes first.
+    cache.device().synchronize().map_err(RuntimeError::from)?;
+    Ok(())
 }
 
 /// Chained hashes of the full blocks of `tokens`, extending `hashes` (which covers a prefix).

@@ -13,7 +13,9 @@ pub struct DeviceBlocks {
 }
 
 impl DeviceBlocks {
-    /// Wraps rows made by `KvCache::export_blocks_tensor` or received by a transport.
+    /// Wraps rows made by `KvCache::export_blocks_tensor` or received by a transport, once
+    /// the work that wrote them (on this thread's stream) has completed: any thread or stream
+    /// may then read them, as a transport does on its own streams.
     pub fn new(rows: Tensor) -> Result<DeviceBlocks, PagedError> {
         let shape_ok = rows.rank() == 2 && rows.dim(0).is_ok_and(|n| n > 0);
         if !shape_ok || !rows.is_contiguous() {
@@ -31,6 +33,9 @@ impl DeviceBlocks {
                 rows.dtype()
             )));
         }
+        rows.device()
+            .synchronize()
+            .map_err(models::runtime::RuntimeError::from)?;
         Ok(DeviceBlocks { rows })
     }
 

@@ -71,9 +71,6 @@ impl Gpu {
             return Ok(gpu.clone());
         }
         let ctx = cuda.cuda_stream().context().clone();
-        if ctx.has_async_alloc() {
-            keep_freed_memory(&ctx)?;
-        }
         let gpu = Gpu {
             device: device.clone(),
             cuda: cuda.clone(),
@@ -112,14 +109,16 @@ impl Gpu {
         self.cuda.id() == other.cuda.id()
     }
 
-    /// Uninitialised memory for `elems` elements of `dtype`, allocated on the inbound stream
-    /// (so the copies that fill it there need no other ordering), and its address.
+    /// Uninitialised memory for `elems` elements of `dtype`, and its address, for copies on the
+    /// inbound stream to fill. It is allocated on candle's stream, which is per thread: it is
+    /// freed on the stream of the thread that drops it, after the work that thread enqueued on
+    /// it (an import's scatter, say).
     fn alloc(
         &self,
         dtype: DType,
         elems: usize,
     ) -> Result<(CudaStorageSlice, sys::CUdeviceptr), CudaError> {
-        let stream = &self.inbound;
+        let stream = &self.cuda.cuda_stream();
         let alloc = at("cuMemAllocAsync");
         // SAFETY (each arm): the memory is written in full by the caller's copies before it is
         // wrapped into a tensor that anything reads.
@@ -137,6 +136,9 @@ impl Gpu {
             CudaStorageSlice::F32(s) => address_mut(s, stream),
             _ => unreachable!("allocated as one of the four above"),
         };
+        self.inbound
+            .wait(&mark(stream)?)
+            .map_err(at("cuStreamWaitEvent"))?;
         Ok((slice, ptr))
     }
 
@@ -147,27 +149,6 @@ impl Gpu {
             device: self.cuda.clone(),
         });
         Tensor::from_storage(storage, dims, BackpropOp::none(), false)
-    }
-}
-
-/// Makes the device's default memory pool keep what is freed instead of handing it back to
-/// the driver at every synchronisation (its default): a transfer allocates its landing rows,
-/// and re-mapping hundreds of megabytes each time would cost more than copying them.
-fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<(), CudaError> {
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut threshold = u64::MAX;
-    // SAFETY: a valid device handle; the attribute takes a u64 by pointer.
-    unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .map_err(at("cuDeviceGetDefaultMemPool"))?;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
-        .result()
-        .map_err(at("cuMemPoolSetAttribute"))
     }
 }
 
@@ -185,10 +166,11 @@ fn address_mut<T>(s: &mut CudaSlice<T>, stream: &Arc<CudaStream>) -> sys::CUdevi
     s.device_ptr_mut(stream).0
 }
 
-/// The device address of a contiguous CUDA tensor's first element and its size in bytes,
-/// `stream` (of the tensor's context) having been made to wait for the work that wrote it.
-/// The address stays valid while the tensor lives: the caller keeps it alive until its copies
-/// have completed, and nothing writes to exported KV rows.
+/// The device address of a contiguous CUDA tensor's first element and its size in bytes, for
+/// copies on `stream` (of the tensor's context). The tensor's writes have completed
+/// ([`crate::paged::DeviceBlocks::new`] waits for them). The address stays valid while the
+/// tensor lives: the caller keeps it alive until its copies have completed, and nothing
+/// writes to exported KV rows.
 fn tensor_span(
     t: &Tensor,
     stream: &Arc<CudaStream>,
