@@ -92,6 +92,9 @@ impl Plan {
                 StepShape::prefill(4, 128, 0),
                 StepShape::prefill(2, 192, 0),
                 StepShape::prefill(1, 128, 768),
+                // Chunks after a shared prefix, as multi-turn serving meets them.
+                StepShape::prefill(1, 171, 128),
+                StepShape::prefill(1, 358, 128),
                 StepShape::decode(3, 64),
                 StepShape::decode(12, 768),
                 StepShape::decode(24, 320),

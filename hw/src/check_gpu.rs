@@ -1,8 +1,9 @@
 //! `disagg-hw check-gpu`: is the model right on a device? The same seeded weights run in f32 on
 //! the CPU (the reference) and on the device in f32, f16 and bf16; the logits of a batched
 //! prefill and of greedy decode steps (every run fed the reference's tokens, so each step
-//! compares like with like) must agree within bounds set by each dtype's precision; the
-//! "decode graphs" column counts the step shapes a GPU replayed as CUDA graphs. Then a
+//! compares like with like), then of prompts prefilled alone (one of them in two chunks), must
+//! agree within bounds set by each dtype's precision; the "graphs" column counts the step
+//! shapes a GPU recorded as CUDA graphs (each replayed by every later step of its shape). Then a
 //! sequence's KV is exported on the device, imported into a fresh cache there, and decoding
 //! continues: tokens and logits must equal those of continuing in place, bit for bit.
 
@@ -27,6 +28,11 @@ pub struct CheckPlan {
     pub late_prompt_len: usize,
     /// Decode steps compared after the prefill.
     pub decode_steps: usize,
+    /// Prompts then prefilled alone, one step each, the last in two chunks (the second over
+    /// the first's KV). On a GPU in f16 and bf16 each is a recorded prefill: the default's
+    /// first records the 128-token bucket's graph, and the rest replay it with other lengths
+    /// and contexts.
+    pub solo_prompt_lens: Vec<usize>,
     /// Decode steps after the KV round trip.
     pub round_trip_steps: usize,
     pub block_size_tokens: usize,
@@ -39,6 +45,7 @@ impl Default for CheckPlan {
             prompt_lens: vec![37, 150, 300, 5, 64],
             late_prompt_len: 100,
             decode_steps: 8,
+            solo_prompt_lens: vec![100, 70, 250],
             round_trip_steps: 16,
             block_size_tokens: 16,
         }
@@ -101,7 +108,7 @@ pub struct Accuracy {
     /// Rows whose largest logit is the reference's.
     pub top1_agree: usize,
     pub bounds: Bounds,
-    /// Decode step shapes the run recorded and replayed as CUDA graphs.
+    /// Step shapes the run recorded as CUDA graphs.
     pub graphs: usize,
 }
 
@@ -168,7 +175,7 @@ impl Report {
             self.model, self.device, self.plan_words
         );
         out.push_str(
-            "| dtype | logit rows | max rel. error | bound | mean rel. error | bound | top-1 agreement | decode graphs | result |\n\
+            "| dtype | logit rows | max rel. error | bound | mean rel. error | bound | top-1 agreement | graphs | result |\n\
              |---|---|---|---|---|---|---|---|---|\n",
         );
         for a in &self.accuracy {
@@ -232,7 +239,7 @@ fn prompt(n: usize, k: usize, vocab: u32) -> Vec<u32> {
 /// Logit rows of one run: per step, per sequence.
 struct Run {
     rows: Vec<Vec<f32>>,
-    /// Decode step shapes replayed as CUDA graphs.
+    /// Step shapes recorded as CUDA graphs.
     graphs: usize,
     /// The tokens fed after the prefill, per step, per sequence.
     fed: Vec<Vec<u32>>,
@@ -242,11 +249,13 @@ struct Run {
 /// (the reference's tokens) or, for the reference itself, its own greedy picks. A `late`
 /// prompt joins at the first decode step, prefilled in two chunks beside the others' decode
 /// tokens (a mixed step, then a chunk over context already cached), and decodes from then on.
+/// Then each `solo` prompt is prefilled alone, the last in two chunks.
 fn run(
     model: Model,
     prompts: &[Vec<u32>],
     late: &[u32],
     steps: usize,
+    solo: &[Vec<u32>],
     forced: Option<&[Vec<u32>]>,
     block_size: usize,
 ) -> Result<Run, CheckError> {
@@ -254,6 +263,7 @@ fn run(
         .iter()
         .chain(std::iter::once(&late.to_vec()))
         .map(|p| (p.len() + steps + 1).div_ceil(block_size))
+        .chain(solo.iter().map(|p| p.len().div_ceil(block_size)))
         .sum();
     let mut m = PagedModel::new(model, blocks as u32 + 1, block_size as u32, false)?;
     // Each step's work, and whether each of its rows picks the sequence's next token (the
@@ -312,6 +322,21 @@ fn run(
             }
         }
         out.fed.push(next);
+    }
+    for (k, p) in solo.iter().enumerate() {
+        let id = m.admit(p)?.0;
+        let chunk = match k + 1 == solo.len() {
+            true => p.len().div_ceil(2),
+            false => p.len(),
+        };
+        for n in [chunk, p.len() - chunk].into_iter().filter(|&n| n > 0) {
+            let logits = m
+                .step(&[(id, n)])?
+                .to_vec2::<f32>()
+                .map_err(RuntimeError::from)?;
+            out.rows.extend(logits);
+        }
+        m.release(id)?;
     }
     out.graphs = m.recorded_graphs();
     Ok(out)
@@ -442,12 +467,19 @@ pub fn check(
         .map(|(k, &n)| prompt(n, k, vocab))
         .collect();
     let late = prompt(plan.late_prompt_len, prompts.len(), vocab);
+    let solo: Vec<Vec<u32>> = plan
+        .solo_prompt_lens
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| prompt(n, prompts.len() + 1 + k, vocab))
+        .collect();
     let weights = Weights::random(spec, TensorDType::F32, &Device::Cpu, plan.seed)?;
     let reference = run(
         Model::new(weights.clone())?,
         &prompts,
         &late,
         plan.decode_steps,
+        &solo,
         None,
         plan.block_size_tokens,
     )?;
@@ -456,8 +488,9 @@ pub fn check(
         device: device_label.to_string(),
         plan_words: format!(
             "a prefill of {} prompts ({} tokens) in one step, then {} decode steps fed the \
-             reference's greedy tokens, a prompt of {} tokens joining them in two chunks; the KV \
-             round trip continues {} steps",
+             reference's greedy tokens, a prompt of {} tokens joining them in two chunks, then \
+             prompts of {} tokens prefilled alone, the last in two chunks; the KV round trip \
+             continues {} steps",
             prompts.len(),
             plan.prompt_lens
                 .iter()
@@ -466,13 +499,16 @@ pub fn check(
                 .join(" and "),
             plan.decode_steps,
             plan.late_prompt_len,
+            plan.solo_prompt_lens
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             plan.round_trip_steps
         ),
         accuracy: Vec::new(),
         round_trips: Vec::new(),
     };
-    // Every dtype's logits first: a round trip's device export brings in the transport's
-    // streams, after which a GPU no longer replays decode steps as graphs.
     let mut models = Vec::with_capacity(dtypes.len());
     for &dtype in dtypes {
         let model = Model::new(weights.to(dtype, device)?)?;
@@ -481,6 +517,7 @@ pub fn check(
             &prompts,
             &late,
             plan.decode_steps,
+            &solo,
             Some(&reference.fed),
             plan.block_size_tokens,
         )?;
@@ -530,6 +567,7 @@ mod tests {
             prompt_lens: vec![21, 40],
             late_prompt_len: 13,
             decode_steps: 5,
+            solo_prompt_lens: vec![9, 30],
             round_trip_steps: 6,
             ..CheckPlan::default()
         };
@@ -537,9 +575,10 @@ mod tests {
         let report = check(&tiny(), &Device::Cpu, "cpu", &dtypes, &plan).unwrap();
         assert!(report.pass(), "{}", report.table());
         let f32_row = &report.accuracy[0];
-        // 2 prefill rows, then 5 steps of 2 decodes and the late prompt's chunk or token.
-        assert_eq!((f32_row.max_rel, f32_row.rows), (0.0, 17));
-        assert_eq!(f32_row.top1_agree, 17);
+        // 2 prefill rows, then 5 steps of 2 decodes and the late prompt's chunk or token, then
+        // one solo prompt's row and two chunks of the other's.
+        assert_eq!((f32_row.max_rel, f32_row.rows), (0.0, 20));
+        assert_eq!(f32_row.top1_agree, 20);
         for a in &report.accuracy[1..] {
             assert!(a.max_rel > 0.0, "{:?} rounds", a.dtype);
         }

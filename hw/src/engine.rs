@@ -255,12 +255,24 @@ impl Engine {
         if !model.device().is_cpu() {
             warm_up(&model, &config)?;
         }
-        let paged = PagedModel::new(
+        let mut paged = PagedModel::new(
             model,
             config.kv_blocks,
             config.block_size_tokens,
             config.prefix_caching,
         )?;
+        if paged.model().device().is_cuda() {
+            let started = std::time::Instant::now();
+            let graphs = paged.record_graphs(
+                config.max_num_seqs,
+                config.max_batched_tokens,
+                context_tokens,
+            )?;
+            eprintln!(
+                "warm-up: {graphs} CUDA graphs recorded in {:.2} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
         let tokenizer = Arc::new(tokenizer);
         let shared = Arc::new(Shared {
             waiting: AtomicUsize::new(0),

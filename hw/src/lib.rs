@@ -20,6 +20,17 @@ pub use sim;
 use models::runtime::TensorDType;
 
 /// A `--dtype` or `model.dtype` value.
+/// `listener` with TCP_NODELAY on every connection it accepts: a streamed token is a small
+/// write, which Nagle's algorithm would hold back until the peer's delayed ACK (40 ms).
+pub(crate) fn no_delay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
+}
+
 pub fn parse_dtype(dtype: &str) -> Result<TensorDType, String> {
     match dtype {
         "f32" => Ok(TensorDType::F32),

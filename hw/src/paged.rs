@@ -169,6 +169,19 @@ impl PagedModel {
         self.cache.recorded_graphs()
     }
 
+    /// Records the CUDA graphs of the steps up to these limits can replay (see
+    /// [`Model::record_graphs`]); returns the number recorded.
+    pub fn record_graphs(
+        &mut self,
+        max_seqs: usize,
+        max_tokens: usize,
+        max_context: usize,
+    ) -> Result<usize, PagedError> {
+        Ok(self
+            .model
+            .record_graphs(&mut self.cache, max_seqs, max_tokens, max_context)?)
+    }
+
     pub fn model(&self) -> &Model {
         &self.model
     }

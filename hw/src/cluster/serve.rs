@@ -50,7 +50,7 @@ pub async fn run_frontend(cluster: &Cluster, options: FrontendOptions) -> Result
         .collect();
     let registry: Arc<dyn Registry> = Arc::new(EmbeddedRegistry::new(names));
     let api = registry_api(Arc::clone(&registry));
-    tokio::spawn(async move { axum::serve(registry_listener, api).await });
+    tokio::spawn(async move { axum::serve(crate::no_delay(registry_listener), api).await });
 
     let (spec, tokenizer) = super::model::spec_and_tokenizer(cluster)?;
     let block_size_tokens = models::runtime::DEFAULT_BLOCK_SIZE_TOKENS as u32;

@@ -230,7 +230,7 @@ pub async fn run(
         kv_addr: kv_listener.as_ref().map(TcpKvListener::local_addr),
     };
     let app = control_api(Arc::clone(&worker));
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = tokio::spawn(async move { axum::serve(crate::no_delay(listener), app).await });
     let id = register(&info, registry).await?;
     eprintln!(
         "worker {name} ({} on {}) is worker {id}: control http://{addr}{}",

@@ -562,15 +562,19 @@ fn advance(
         }
         None => (req.sampling.releasable_text_bytes(detok.text()), None),
     };
+    // Every token goes out as it is sampled, its text empty while the detokenizer holds
+    // bytes back (part of a character, or of a stop string): a client sees the first token
+    // when it exists, not when it first makes text.
     let text = detok.text();
+    let mut piece = String::new();
     if end_bytes > *sent_bytes && text.is_char_boundary(*sent_bytes) {
-        let piece = text[*sent_bytes..end_bytes].to_owned();
+        piece = text[*sent_bytes..end_bytes].to_owned();
         *sent_bytes = end_bytes;
-        let _ = events.try_send(GenerateEvent::Token {
-            text: piece,
-            token_id,
-        });
     }
+    let _ = events.try_send(GenerateEvent::Token {
+        text: piece,
+        token_id,
+    });
     Ok(finish)
 }
 

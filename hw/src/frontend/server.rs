@@ -116,7 +116,7 @@ pub async fn serve_listener<B: Backend>(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(backend, metrics, config))
+    axum::serve(crate::no_delay(listener), router(backend, metrics, config))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -207,7 +207,7 @@ pub fn rope_write_kv(a: &RopeKv) -> Result<Tensor> {
         shared_mem_bytes: 0,
     };
     // SAFETY: the arguments match the kernel's signature; slots are checked to be in range
-    // and distinct by the caller.
+    // and distinct by the caller, or NO_SLOT, which the kernel skips.
     unsafe { b.launch(cfg) }.map_err(failed)?;
     Ok(q)
 }
@@ -402,15 +402,38 @@ pub struct Prefill<'a> {
     /// (n_kv_heads, n_slots, head_dim) pools of the layer.
     pub k_pool: &'a Tensor,
     pub v_pool: &'a Tensor,
-    /// The sequence's blocks, u32, covering its context.
-    pub table: &'a Tensor,
-    /// Its new tokens are rows offset..offset + n of q and out; the last n of its context.
-    pub offset: usize,
+    /// The sequence, u32: `[offset, n, context, block table...]` (see [`prefill_seq`]). Its
+    /// new tokens are rows offset..offset + n of q and out, the last n of its context.
+    pub seq: &'a Tensor,
+    /// Its n and context as `seq` holds them, checked against the table here.
     pub n: usize,
     pub context: usize,
+    /// Query rows the launch covers, at least n: a recorded step covers its bucket's.
+    pub queries: usize,
     pub block_size: usize,
     /// (tokens, n_heads * head_dim), the rows written in place.
     pub out: &'a Tensor,
+}
+
+/// The slot of a row that writes no KV: a recorded prefill's padding (see graph.rs).
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// u32s before a sequence's block table in [`Prefill::seq`].
+pub const PREFILL_SEQ_HEAD: usize = 3;
+
+/// [`Prefill::seq`]'s contents, the table padded with block 0 to `width` entries.
+pub fn prefill_seq(
+    offset: usize,
+    n: usize,
+    context: usize,
+    table: &[u32],
+    width: usize,
+) -> Vec<u32> {
+    let mut seq = Vec::with_capacity(PREFILL_SEQ_HEAD + width.max(table.len()));
+    seq.extend([offset, n, context].map(|v| v as u32));
+    seq.extend_from_slice(table);
+    seq.resize(PREFILL_SEQ_HEAD + width.max(table.len()), 0);
+    seq
 }
 
 /// Causal attention of a sequence's new tokens over its paged context (see `kernels.cu`).
@@ -419,12 +442,13 @@ pub fn prefill_attention(a: &Prefill) -> Result<()> {
     let (_, nh, hd) = a.q.dims3()?;
     let (kvh, n_slots, _) = a.k_pool.dims3()?;
     let (pk, pv) = (address(a.k_pool)?, address(a.v_pool)?);
-    let blocks = a.table.dim(0)?;
+    let blocks = a.seq.dim(0)?.saturating_sub(PREFILL_SEQ_HEAD);
     if !prefill_fits(a.q.dtype(), hd)
         || pk % 16 != 0
         || pv % 16 != 0
         || a.n == 0
         || a.n > a.context
+        || a.n > a.queries
         || blocks * a.block_size < a.context
     {
         return Err(Error::Msg(format!(
@@ -435,8 +459,8 @@ pub fn prefill_attention(a: &Prefill) -> Result<()> {
         )));
     }
     let func = kernel!(dev, "prefill_attention", a.q.dtype())?;
-    let ptrs = [address(a.q)?, pk, pv, address(a.table)?, address(a.out)?];
-    let ints = [a.offset, a.n, a.context, nh, kvh].map(|v| v as i32);
+    let ptrs = [address(a.q)?, pk, pv, address(a.seq)?, address(a.out)?];
+    let ints = [nh, kvh].map(|v| v as i32);
     let (bs, scale) = (a.block_size as i32, 1.0 / (hd as f32).sqrt());
     let mut b = func.builder();
     for p in &ptrs {
@@ -447,7 +471,7 @@ pub fn prefill_attention(a: &Prefill) -> Result<()> {
     }
     b.arg(&n_slots).arg(&bs).arg(&scale);
     let cfg = LaunchConfig {
-        grid_dim: (a.n.div_ceil(64) as u32, nh as u32, 1),
+        grid_dim: (a.queries.div_ceil(64) as u32, nh as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -139,6 +139,7 @@ __device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ y,
 // (n_kv_heads, n_slots, head_dim). Block (token, head) over the n_heads + 2 n_kv_heads heads of
 // the row (Q, then K, then V), one warp each: a one-token step still spreads over dozens of
 // blocks.
+#define NO_SLOT 0xffffffffu
 template <typename T>
 __device__ void rope_write_kv(const T *__restrict__ qkv, const T *__restrict__ cos,
                               const T *__restrict__ sin, const uint32_t *positions,
@@ -147,7 +148,10 @@ __device__ void rope_write_kv(const T *__restrict__ qkv, const T *__restrict__ c
                               size_t n_slots, int interleaved) {
     const int t = blockIdx.x, head = blockIdx.y, half = head_dim / 2;
     const T *x = qkv + ((size_t)t * (n_heads + 2 * n_kv_heads) + head) * head_dim;
-    const size_t slot = slots[t];
+    const uint32_t slot_id = slots[t];
+    // A padding row of a recorded step (see graph.rs) has no slot: its K and V go nowhere.
+    if (slot_id == NO_SLOT && head >= n_heads) return;
+    const size_t slot = slot_id;
     if (head >= n_heads + n_kv_heads) {
         T *v = v_pool + ((size_t)(head - n_heads - n_kv_heads) * n_slots + slot) * head_dim;
         for (int d = threadIdx.x; d < head_dim; d += blockDim.x) v[d] = x[d];
@@ -382,7 +386,9 @@ __device__ __forceinline__ int swizzle64(int row, int chunk) {
 // Causal attention of a sequence's n newest tokens (rows offset.. of q, (tokens, n_heads, HD))
 // over its ctx tokens of context, the new ones last, K and V read from the paged pools through
 // the sequence's block table; writes the rows' heads of out (tokens, n_heads * HD). Query i
-// sees keys up to ctx - n + i.
+// sees keys up to ctx - n + i. The sequence is read from device memory, seq = [offset, n, ctx,
+// block table...], so that a recorded step replays for another sequence: the grid covers at
+// least n queries, and tiles past them return.
 //
 // Flash attention: block (query tile, head) of 4 warps, each warp 16 query rows whose Q
 // fragments, scores, running max and sum and output stay in registers. Key tiles of 64 are
@@ -395,17 +401,20 @@ __device__ __forceinline__ int swizzle64(int row, int chunk) {
 #define FA_BK 64
 template <typename T, int HD>
 __device__ void prefill_attention(const T *__restrict__ q, const T *__restrict__ k_pool,
-                                  const T *__restrict__ v_pool, const uint32_t *__restrict__ table,
-                                  T *__restrict__ out, int offset, int n, int ctx, int n_heads,
-                                  int n_kv_heads, size_t n_slots, int block_size, float scale) {
+                                  const T *__restrict__ v_pool, const uint32_t *__restrict__ seq,
+                                  T *__restrict__ out, int n_heads, int n_kv_heads, size_t n_slots,
+                                  int block_size, float scale) {
     static_assert(HD == 64, "the shared tiles are laid out for rows of 64 elements");
+    const int offset = seq[0], n = seq[1], ctx = seq[2];
+    const uint32_t *__restrict__ table = seq + 3;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ;
+    if (q0 >= n) return;
     __shared__ __align__(128) T qs[FA_BQ * HD];
     __shared__ __align__(128) T ks[2][FA_BK * HD];
     __shared__ __align__(128) T vs[2][FA_BK * HD];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t4 = lane % 4;
     const int head = blockIdx.y, kh = head / (n_heads / n_kv_heads);
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ;
     const T *k_head = k_pool + (size_t)kh * n_slots * HD;
     const T *v_head = v_pool + (size_t)kh * n_slots * HD;
     const int past = ctx - n;                     // keys before the new tokens
@@ -544,11 +553,10 @@ __device__ void prefill_attention(const T *__restrict__ q, const T *__restrict__
 
 #define INSTANTIATE_PREFILL(T, SUFFIX)                                                          \
     extern "C" __global__ void __launch_bounds__(32 * FA_WARPS) prefill_attention_##SUFFIX(      \
-        const T *q, const T *k_pool, const T *v_pool, const uint32_t *table, T *out, int offset, \
-        int n, int ctx, int n_heads, int n_kv_heads, size_t n_slots, int block_size,            \
-        float scale) {                                                                          \
-        prefill_attention<T, 64>(q, k_pool, v_pool, table, out, offset, n, ctx, n_heads,         \
-                                 n_kv_heads, n_slots, block_size, scale);                       \
+        const T *q, const T *k_pool, const T *v_pool, const uint32_t *seq, T *out, int n_heads,  \
+        int n_kv_heads, size_t n_slots, int block_size, float scale) {                          \
+        prefill_attention<T, 64>(q, k_pool, v_pool, seq, out, n_heads, n_kv_heads, n_slots,      \
+                                 block_size, scale);                                            \
     }
 
 INSTANTIATE_PREFILL(__half, f16)

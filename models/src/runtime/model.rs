@@ -72,6 +72,25 @@ pub(crate) struct SeqPlan {
     mask: Option<Tensor>,
 }
 
+#[cfg(feature = "cuda")]
+impl SeqPlan {
+    /// A recorded step's padding sequence: one token at row `row`, over block 0.
+    pub(crate) fn padding(row: usize) -> SeqPlan {
+        SeqPlan::dummy(row, 1, 1, 1)
+    }
+
+    /// `n` tokens from row `offset`, the last of `context`, every block of which is block 0.
+    pub(crate) fn dummy(offset: usize, n: usize, context: usize, block_size: usize) -> SeqPlan {
+        SeqPlan {
+            offset,
+            n_tokens: n,
+            context_tokens: context,
+            blocks: vec![0; context.div_ceil(block_size)],
+            mask: None,
+        }
+    }
+}
+
 impl Model {
     /// Checks every tensor against the spec, fuses Q/K/V and gate/up, and precomputes RoPE
     /// tables for every position up to `max_position_embeddings`.
@@ -264,8 +283,9 @@ impl Model {
     /// one kernel each, and all single-token queries of the step attend in one kernel over
     /// their blocks in place; a longer query (a prefill or a chunk of one) attends in one
     /// flash-attention kernel per sequence (f16 or bf16, head_dim 64), else through cuBLAS and
-    /// the softmax kernel. A step of single-token queries with no observer replays a CUDA
-    /// graph of its shape (see graph.rs).
+    /// the softmax kernel. With no observer, a step of single-token queries, or of one
+    /// sequence's prefill (f16 or bf16, up to 1024 tokens), replays a CUDA graph of its shape
+    /// (see graph.rs).
     #[cfg(feature = "cuda")]
     fn forward_fused(
         &self,
@@ -275,11 +295,19 @@ impl Model {
     ) -> Result<Tensor, RuntimeError> {
         use super::{fused, graph};
         let dev = &self.device;
+        // Raw driver calls (a graph's upload) need the context on this thread, and a step may
+        // be a thread's first call: an engine's graphs are recorded before its thread starts.
+        if let Device::Cuda(cuda) = dev {
+            cuda.cuda_stream()
+                .context()
+                .bind_to_thread()
+                .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        }
         let block_size = cache.block_size_tokens();
         if on_layer.is_none()
             && let Some(key) = graph::key(self, cache, &packed)?
         {
-            return graph::decode_step(self, cache, &packed, key);
+            return graph::step(self, cache, packed, key);
         }
         let mut decode = fused::DecodeRows::default();
         let decoded: Vec<bool> = packed
@@ -294,9 +322,10 @@ impl Model {
                 fits
             })
             .collect();
-        let host = StepInputs::host(&packed, &decode);
+        let pad = Padding::default();
+        let host = StepInputs::host(&packed, &decoded, &decode, &pad);
         let buf = Tensor::from_slice(&host, host.len(), dev)?;
-        let inputs = StepInputs::views(&buf, &packed, decoded, &decode, 0)?;
+        let inputs = StepInputs::views(&buf, &packed, decoded, &decode, &pad)?;
         self.run_fused(cache, &packed.seqs, &inputs, on_layer)
     }
 
@@ -340,6 +369,26 @@ impl Model {
         Ok(0)
     }
 
+    /// Records into `cache` the CUDA graphs of the steps an engine of up to `max_seqs`
+    /// sequences, `max_tokens` tokens a step and `max_context` tokens a sequence can replay
+    /// (see graph.rs), so that none is recorded while serving. Does nothing off CUDA; returns
+    /// the number of graphs the cache holds.
+    pub fn record_graphs(
+        &self,
+        cache: &mut KvCache,
+        max_seqs: usize,
+        max_tokens: usize,
+        max_context: usize,
+    ) -> Result<usize, RuntimeError> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() {
+            self.check_cache(cache)?;
+            return super::graph::record_ahead(self, cache, max_seqs, max_tokens, max_context);
+        }
+        let _ = (cache, max_seqs, max_tokens, max_context);
+        Ok(0)
+    }
+
     /// Where the weights live: steps recorded for one model replay only with it.
     #[cfg(feature = "cuda")]
     pub(crate) fn weights_address(&self) -> Result<u64, RuntimeError> {
@@ -361,12 +410,6 @@ impl Model {
         let (kvh, hd) = (cache.n_kv_heads(), cache.head_dim());
         let nh = self.spec.n_heads as usize;
         let eps = self.spec.rms_norm_eps as f32;
-        let longer = seqs
-            .iter()
-            .zip(&inputs.decoded)
-            .filter(|(_, decoded)| !**decoded)
-            .map(|(s, _)| Ok((s, Tensor::from_slice(&s.blocks, s.blocks.len(), dev)?)))
-            .collect::<Result<Vec<_>, RuntimeError>>()?;
         let (cos, sin) = self.rope.tables();
 
         let x = self.embed.index_select(&inputs.tokens, 0)?;
@@ -390,7 +433,9 @@ impl Model {
             }
             let (k_pool, v_pool) = cache.pools(li);
 
-            // The matmuls' rows: padding rows zero (see `fused::matmul_rows`).
+            // The matmuls' rows: padding rows zero (see `fused::matmul_rows`). A recorded
+            // prefill's padding rows (past its tokens, see graph.rs) are left unwritten: every
+            // row's arithmetic is its own, and they write no KV.
             let attn = match fused::matmul_rows(t) {
                 rows if rows > t => Tensor::zeros((rows, nh * hd), self.dtype, dev)?,
                 _ => fused::rows(dev, self.dtype, t, nh * hd)?,
@@ -407,23 +452,26 @@ impl Model {
             }
             // Longer queries: the flash-attention kernel where it is built for the shapes.
             if fused::prefill_fits(self.dtype, hd) {
-                for (s, blocks) in &longer {
+                for p in &inputs.prefills {
+                    let s = &seqs[p.index];
                     fused::prefill_attention(&fused::Prefill {
                         q: &q,
                         k_pool,
                         v_pool,
-                        table: blocks,
-                        offset: s.offset,
+                        seq: &p.seq,
                         n: s.n_tokens,
                         context: s.context_tokens,
+                        queries: p.queries,
                         block_size: cache.block_size_tokens(),
                         out: &attn,
                     })?;
                 }
             } else {
                 let q = q.reshape((t, kvh, nh / kvh, hd))?;
-                for (s, blocks) in &longer {
-                    attn.slice_set(&self.seq_attention(cache, li, &q, s, blocks)?, 0, s.offset)?;
+                for p in &inputs.prefills {
+                    let s = &seqs[p.index];
+                    let blocks = p.seq.narrow(0, fused::PREFILL_SEQ_HEAD, s.blocks.len())?;
+                    attn.slice_set(&self.seq_attention(cache, li, &q, s, &blocks)?, 0, s.offset)?;
                 }
             }
             let o = fused::matmul(&attn, &layer.wo)?;
@@ -611,7 +659,8 @@ pub(crate) struct Packed {
 }
 
 /// A step's inputs on the device, views of one buffer uploaded at once: `[tokens | positions |
-/// slots | last rows | decode rows]` (u32; see [`super::fused::DecodeRows::meta`]).
+/// slots | last rows | decode rows | each longer query's sequence]` (u32; see
+/// [`super::fused::DecodeRows::meta`] and [`super::fused::prefill_seq`]).
 #[cfg(feature = "cuda")]
 pub(crate) struct StepInputs {
     pub(crate) tokens: Tensor,
@@ -620,20 +669,58 @@ pub(crate) struct StepInputs {
     pub(crate) last: Tensor,
     /// The single-token queries attended by the decode kernel.
     pub(crate) decode: Option<super::fused::DeviceDecodeRows>,
-    /// Per sequence: whether it is among them.
-    pub(crate) decoded: Vec<bool>,
+    /// The other sequences, attended one by one.
+    pub(crate) prefills: Vec<DevicePrefill>,
+}
+
+/// A sequence whose query is longer than a token (or past the decode kernel), on the device.
+#[cfg(feature = "cuda")]
+pub(crate) struct DevicePrefill {
+    /// Its place in the step's sequences.
+    pub(crate) index: usize,
+    /// `[offset, n, context, block table...]`.
+    pub(crate) seq: Tensor,
+    /// Query rows its attention launch covers.
+    pub(crate) queries: usize,
+}
+
+/// How a recorded step's inputs are shaped beyond the step itself, so that one recording
+/// serves every step that fits (all zero for a step run once).
+#[cfg(feature = "cuda")]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Padding {
+    /// Context the decode attention is split for.
+    pub(crate) max_context: usize,
+    /// Entries of each longer query's block table.
+    pub(crate) table_width: usize,
+    /// Query rows of each longer query's attention launch.
+    pub(crate) queries: usize,
 }
 
 #[cfg(feature = "cuda")]
 impl StepInputs {
-    /// The buffer's contents.
-    pub(crate) fn host(packed: &Packed, decode: &super::fused::DecodeRows) -> Vec<u32> {
+    /// The buffer's contents; `decoded` says which sequences `decode` holds.
+    pub(crate) fn host(
+        packed: &Packed,
+        decoded: &[bool],
+        decode: &super::fused::DecodeRows,
+        pad: &Padding,
+    ) -> Vec<u32> {
         let mut host = Vec::with_capacity(4 * packed.tokens.len() + decode.meta_len());
         host.extend_from_slice(&packed.tokens);
         host.extend_from_slice(&packed.positions);
         host.extend_from_slice(&packed.slots);
         host.extend_from_slice(&packed.last_rows);
         decode.meta(&mut host);
+        for (s, _) in packed.seqs.iter().zip(decoded).filter(|(_, d)| !**d) {
+            host.extend(super::fused::prefill_seq(
+                s.offset,
+                s.n_tokens,
+                s.context_tokens,
+                &s.blocks,
+                pad.table_width,
+            ));
+        }
         host
     }
 
@@ -642,22 +729,38 @@ impl StepInputs {
         packed: &Packed,
         decoded: Vec<bool>,
         decode: &super::fused::DecodeRows,
-        max_context: usize,
+        pad: &Padding,
     ) -> Result<StepInputs, RuntimeError> {
         let (t, n) = (packed.tokens.len(), packed.seqs.len());
-        let head = 3 * t + n;
+        let mut at = 3 * t + n;
+        let decode = match decode.is_empty() {
+            true => None,
+            false => {
+                let meta = buf.narrow(0, at, decode.meta_len())?;
+                at += decode.meta_len();
+                Some(decode.on_device(meta, pad.max_context))
+            }
+        };
+        let mut prefills = Vec::new();
+        for (index, s) in packed.seqs.iter().enumerate() {
+            if decoded[index] {
+                continue;
+            }
+            let len = super::fused::PREFILL_SEQ_HEAD + s.blocks.len().max(pad.table_width);
+            prefills.push(DevicePrefill {
+                index,
+                seq: buf.narrow(0, at, len)?,
+                queries: s.n_tokens.max(pad.queries),
+            });
+            at += len;
+        }
         Ok(StepInputs {
             tokens: buf.narrow(0, 0, t)?,
             positions: buf.narrow(0, t, t)?,
             slots: buf.narrow(0, 2 * t, t)?,
             last: buf.narrow(0, 3 * t, n)?,
-            decode: match decode.is_empty() {
-                true => None,
-                false => {
-                    Some(decode.on_device(buf.narrow(0, head, buf.dim(0)? - head)?, max_context))
-                }
-            },
-            decoded,
+            decode,
+            prefills,
         })
     }
 }
