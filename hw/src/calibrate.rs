@@ -35,8 +35,8 @@ const DONOR_CHUNK_TOKENS: usize = 256;
 /// repeating a shape does not.
 const WARM_UP_STEPS: usize = 1;
 
-/// `Plan::passes` on a GPU: a pass takes seconds there, and a step's time, set by its host's
-/// launches more than by the GPU for all but the longest prompts, moves with the host.
+/// `Plan::passes` on a GPU: a pass takes seconds there, and the steps that launch their kernels
+/// one by one (several prefills, mixed steps) move with the host's speed, which drifts.
 pub const GPU_PASSES: usize = 15;
 
 /// What to measure. Grids must be strictly increasing; mixed steps should sit on the grids so

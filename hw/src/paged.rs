@@ -169,8 +169,8 @@ impl PagedModel {
         self.cache.recorded_graphs()
     }
 
-    /// Records the CUDA graphs of the steps up to these limits can replay (see
-    /// [`Model::record_graphs`]); returns the number recorded.
+    /// Records the CUDA graphs of the steps these limits allow (see
+    /// [`Model::record_graphs`]); returns the number the cache holds.
     pub fn record_graphs(
         &mut self,
         max_seqs: usize,
