@@ -66,30 +66,42 @@ impl Default for EngineConfig {
     }
 }
 
-/// Runs a batched prefill and a decode step on a throwaway pool, and every matmul shape the
-/// engine's steps can meet. A GPU loads (JIT-compiles) a kernel module the first time it is
-/// used, seconds each (one H100 worker's first step took 21 s), and cuBLAS spends milliseconds
-/// on each new shape; both would otherwise land on the first requests.
-fn warm_up(model: &Model, config: &EngineConfig) -> Result<(), PagedError> {
+/// Runs every matmul shape the engine's steps can meet, a batched prefill and a decode step on
+/// a throwaway pool, then records into `paged` the CUDA graphs of the steps that `config` and
+/// `context_tokens` allow. A GPU loads (JIT-compiles) a kernel module the first time it is
+/// used, seconds each (one H100 worker's first step took 21 s), cuBLAS spends milliseconds on
+/// each new shape, and a graph takes milliseconds to record; all would otherwise land on the
+/// first requests.
+fn warm_up(
+    paged: &mut PagedModel,
+    config: &EngineConfig,
+    context_tokens: usize,
+) -> Result<(), PagedError> {
     let started = std::time::Instant::now();
+    let model = paged.model().clone();
     let matmuls = model.warm_up_matmuls(config.max_batched_tokens, config.max_num_seqs)?;
-    eprintln!(
-        "warm-up: {matmuls} matmul shapes in {:.2} s",
-        started.elapsed().as_secs_f64()
-    );
-    let mut paged = PagedModel::new(model.clone(), 8, config.block_size_tokens, false)?;
+    let mut pool = PagedModel::new(model, 8, config.block_size_tokens, false)?;
     let prompt: Vec<u32> = (1..=20).collect();
-    let (a, _) = paged.admit(&prompt)?;
-    let (b, _) = paged.admit(&prompt[..7])?;
-    paged.step(&[(a, 20), (b, 7)])?;
-    paged.push_token(a, 1)?;
-    paged.push_token(b, 1)?;
-    paged
-        .step(&[(a, 1), (b, 1)])?
+    let (a, _) = pool.admit(&prompt)?;
+    let (b, _) = pool.admit(&prompt[..7])?;
+    pool.step(&[(a, 20), (b, 7)])?;
+    pool.push_token(a, 1)?;
+    pool.push_token(b, 1)?;
+    pool.step(&[(a, 1), (b, 1)])?
         .to_vec2::<f32>()
         .map_err(models::runtime::RuntimeError::from)?;
-    paged.release(a)?;
-    paged.release(b)
+    pool.release(a)?;
+    pool.release(b)?;
+    let graphs = paged.record_graphs(
+        config.max_num_seqs,
+        config.max_batched_tokens,
+        context_tokens,
+    )?;
+    eprintln!(
+        "warm-up: {matmuls} matmul shapes, {graphs} CUDA graphs in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The prefill worker a decode worker's request takes its KV from.
@@ -252,26 +264,14 @@ impl Engine {
         }
         let context_tokens = (model.spec().max_position_embeddings as usize)
             .min(config.kv_blocks as usize * config.block_size_tokens as usize);
-        if !model.device().is_cpu() {
-            warm_up(&model, &config)?;
-        }
         let mut paged = PagedModel::new(
             model,
             config.kv_blocks,
             config.block_size_tokens,
             config.prefix_caching,
         )?;
-        if paged.model().device().is_cuda() {
-            let started = std::time::Instant::now();
-            let graphs = paged.record_graphs(
-                config.max_num_seqs,
-                config.max_batched_tokens,
-                context_tokens,
-            )?;
-            eprintln!(
-                "warm-up: {graphs} CUDA graphs recorded in {:.2} s",
-                started.elapsed().as_secs_f64()
-            );
+        if !paged.model().device().is_cpu() {
+            warm_up(&mut paged, &config, context_tokens)?;
         }
         let tokenizer = Arc::new(tokenizer);
         let shared = Arc::new(Shared {

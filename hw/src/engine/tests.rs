@@ -320,9 +320,9 @@ fn the_warm_up_leaves_the_model_as_it_was() {
         block_size_tokens: 16,
         ..EngineConfig::default()
     };
-    warm_up(&model, &config).unwrap();
-    // The throwaway pool is gone; a fresh one serves as usual.
     let mut paged = PagedModel::new(model, 8, 16, true).unwrap();
+    warm_up(&mut paged, &config, 64).unwrap();
+    // The throwaway pool is gone; the engine's serves as usual.
     let (id, cached) = paged.admit(&[1, 2, 3]).unwrap();
     assert_eq!(cached, 0);
     assert_eq!(paged.step(&[(id, 3)]).unwrap().dims(), &[1, 49152]);

@@ -283,13 +283,7 @@ pub(crate) fn record_ahead(
 /// A step of one sequence per entry of `n_tokens`, each its last n tokens of `context`, over
 /// block 0 alone and writing no KV.
 fn dummy_step(n_tokens: &[usize], context: usize, block_size: usize) -> Packed {
-    let mut p = Packed {
-        tokens: Vec::new(),
-        positions: Vec::new(),
-        slots: Vec::new(),
-        seqs: Vec::new(),
-        last_rows: Vec::new(),
-    };
+    let mut p = Packed::default();
     for &n in n_tokens {
         let offset = p.tokens.len();
         p.tokens.extend(std::iter::repeat_n(0, n));

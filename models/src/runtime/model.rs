@@ -650,6 +650,7 @@ impl Model {
     }
 }
 
+#[derive(Default)]
 pub(crate) struct Packed {
     pub(crate) tokens: Vec<u32>,
     pub(crate) positions: Vec<u32>,
