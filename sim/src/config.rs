@@ -125,6 +125,12 @@ pub struct SetupConfig {
     /// How long a worker's KV events take to reach the router's block index.
     #[serde(default)]
     pub registry_delay_ms: f64,
+    /// The fixed time a request spends in the serving stack outside its engine steps and its
+    /// KV transfer: the client's request reaching a worker's engine, the hand-offs between
+    /// workers, and each token travelling back to the client. Added to every time the client
+    /// sees. `disagg-validate` measures it on the cluster it runs.
+    #[serde(default)]
+    pub serving_path_ms: f64,
     #[serde(default)]
     pub engine: EngineConfig,
 }
@@ -227,6 +233,8 @@ pub struct Setup {
     pub prefill_router: Policy,
     pub conditional_threshold_tokens: u32,
     pub registry_delay_ns: Nanos,
+    /// `SetupConfig::serving_path_ms`.
+    pub serving_path_ns: Nanos,
     pub engine: EngineConfig,
 }
 
@@ -556,6 +564,9 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
         if !(s.registry_delay_ms >= 0.0 && s.registry_delay_ms.is_finite()) {
             return Err(err(&at("registry_delay_ms"), "must be >= 0".to_string()));
         }
+        if !(s.serving_path_ms >= 0.0 && s.serving_path_ms.is_finite()) {
+            return Err(err(&at("serving_path_ms"), "must be >= 0".to_string()));
+        }
         let e = &s.engine;
         let engine_checks = [
             (
@@ -635,6 +646,7 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             prefill_router,
             conditional_threshold_tokens: s.conditional_threshold_tokens,
             registry_delay_ns: secs_to_ns(s.registry_delay_ms / 1e3),
+            serving_path_ns: secs_to_ns(s.serving_path_ms / 1e3),
             engine: s.engine.clone(),
         });
     }

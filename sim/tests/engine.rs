@@ -527,3 +527,87 @@ fn a_decode_worker_takes_landed_kv_between_its_steps() {
         "{waited} waited, {at_once} at once"
     );
 }
+
+#[test]
+fn the_serving_path_delays_what_the_client_sees_and_the_next_turn() {
+    let options = RunOptions {
+        token_times: true,
+        ..RunOptions::default()
+    };
+    let run = |text: &str, path_ms: &str| {
+        let text = text.replacen(
+            "[setup.engine]",
+            &format!("serving_path_ms = {path_ms}\n[setup.engine]"),
+            1,
+        );
+        let scenario = parse(&text);
+        engine::run(&scenario, &scenario.setups[0], options.clone()).unwrap()
+    };
+    // Open loop, one turn: the engines see the same requests at the same times, and the client
+    // sees every token exactly 2.5 ms later.
+    let single = two_workers(20.0, 1, 1).setups[0].clone();
+    assert_eq!(single.serving_path_ns, 0);
+    let text = format!(
+        "{}\n[setup.engine]\nmax_num_seqs = 8\n",
+        r#"
+name = "path"
+seed = 5
+[model]
+preset = "smollm2-135m"
+[workload]
+arrival = { process = "poisson", rate_per_s = 40.0 }
+sessions = 40
+turns = { dist = "constant", value = 1 }
+user_tokens = { dist = "uniform", min = 50, max = 400 }
+output_tokens = { dist = "uniform", min = 1, max = 30 }
+[[setup]]
+name = "shared"
+hardware = "h100-sxm"
+link = "tcp-10g"
+mode = "disaggregated"
+prefill_workers = 1
+decode_workers = 1
+"#
+    );
+    let (a, b) = (run(&text, "0.0"), run(&text, "2.5"));
+    assert_eq!(a.records.len(), b.records.len());
+    for (x, y) in a.records.iter().zip(&b.records) {
+        assert_eq!(x.arrival_ns, y.arrival_ns);
+        assert_eq!(x.prefill_end_ns, y.prefill_end_ns);
+        assert_eq!(x.transfer_end_ns, y.transfer_end_ns);
+        assert_eq!(x.first_token_ns + 2_500_000, y.first_token_ns);
+        assert_eq!(x.end_ns + 2_500_000, y.end_ns);
+    }
+    for (x, y) in a.token_times.iter().zip(&b.token_times) {
+        assert_eq!(x.time_ns + 2_500_000, y.time_ns);
+    }
+    assert_eq!(a.summary.itl_ms, b.summary.itl_ms, "gaps are the engines'");
+    // Closed loop: a conversation's next turn starts from when the client saw the answer.
+    let multi = text.replace(
+        "turns = { dist = \"constant\", value = 1 }",
+        "turns = { dist = \"constant\", value = 3 }\nthink_time = { dist = \"constant\", secs = 0.0 }",
+    );
+    let out = run(&multi, "4.0");
+    let mut last_end: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut follow_ups = 0;
+    for r in &out.records {
+        if r.turn > 0 {
+            assert!(r.arrival_ns >= last_end[&r.conversation_id]);
+            follow_ups += 1;
+        }
+        last_end.insert(r.conversation_id, r.end_ns);
+    }
+    assert!(follow_ups > 0);
+    let bad = Scenario::parse(
+        &text.replacen(
+            "[setup.engine]",
+            "serving_path_ms = -1.0\n[setup.engine]",
+            1,
+        ),
+        "s.toml",
+        PathBuf::from("."),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("serving_path_ms: must be >= 0"), "{bad}");
+}

@@ -4,10 +4,10 @@
 # from validation/gpu/pack.sh):
 #
 #   1. with --calibrate, `disagg-hw calibrate --device cuda:0 --model tinyllama-1.1b --dtype
-#      bf16` writes configs/calibration/tinyllama-1.1b-bf16-TAG.toml (and .csv), the profile
-#      the cases price steps with (so the cases run on the profile just measured);
-#   2. `disagg-validate run` on the cases (default validation/cases/gpu/*.toml) into
-#      validation/results/gpu-TAG/.
+#      bf16` writes configs/calibration/tinyllama-1.1b-bf16-TAG.toml (and .csv);
+#   2. `disagg-validate run --profile configs/calibration/tinyllama-1.1b-bf16-TAG.toml` on the
+#      cases (default validation/cases/gpu/*.toml) into validation/results/gpu-TAG/: the
+#      cases price steps with the profile of this GPU kind (just measured, with --calibrate).
 #
 # It writes under $OUT (the device tool's output folder; default ./gpu-out): calibration/
 # (profile, samples, log), gpu-TAG/ (reports, CSVs, figures, derived files, serve logs,
@@ -60,4 +60,4 @@ mkdir -p "$OUT/gpu-$tag"
 rm -rf "$results"
 ln -s "$OUT/gpu-$tag" "$results"
 "$BIN/disagg-validate" run "${cases[@]}" --hw-bin "$BIN/disagg-hw" --machine "gpu-$tag" \
-    --out "$results" 2>&1 | tee "$OUT/validate.log"
+    --profile "$profile" --out "$results" 2>&1 | tee "$OUT/validate.log"

@@ -295,8 +295,9 @@ impl Case {
     }
 
     /// The scenario for the simulator: one setup of the same mode, worker counts, router,
-    /// engine limits and KV pool, priced by the profile (or the case's roofline).
-    pub fn scenario_toml(&self) -> String {
+    /// engine limits and KV pool, priced by the profile (or the case's roofline), with the
+    /// serving path measured on the real cluster once it is known.
+    pub fn scenario_toml(&self, serving_path_ms: Option<f64>) -> String {
         let c = &self.cluster;
         let engine = to_table(&EngineConfig {
             block_size_tokens: BLOCK_SIZE_TOKENS,
@@ -341,6 +342,9 @@ impl Case {
             self.sharing().expect("checked when the case was read");
         setup.insert("workers_per_device".into(), workers_per_device.into());
         setup.insert("device_parallelism".into(), device_parallelism.into());
+        if let Some(ms) = serving_path_ms {
+            setup.insert("serving_path_ms".into(), ms.into());
+        }
         setup.insert("engine".into(), Value::Table(engine));
 
         let mut model = Table::new();
@@ -426,40 +430,31 @@ impl Case {
         )
     }
 
+    /// Prices the simulator's steps with `profile` instead of what the case names: a profile
+    /// calibrated on the machine that runs the case.
+    pub fn price_with(&mut self, profile: &Path) -> Result<(), CaseError> {
+        let path = std::fs::canonicalize(profile).map_err(|source| ConfigError::Io {
+            file: profile.display().to_string(),
+            source,
+        })?;
+        self.profile = path.clone();
+        self.predictor = Predictor::Profile(path);
+        Ok(())
+    }
+
     /// Both sides, written into `dir` as `cluster.toml` and `scenario.toml` and then parsed
     /// and checked by the code that will run them (so an error names a file one can open).
     pub fn derive(&self, dir: &Path) -> Result<Derived, CaseError> {
         let cluster_text = self.cluster_toml();
-        let scenario_text = self.scenario_toml();
         let cluster_file = dir.join("cluster.toml");
-        let scenario_file = dir.join("scenario.toml");
-        let write = |path: &Path, text: &str| {
-            std::fs::create_dir_all(dir)
-                .and_then(|()| std::fs::write(path, text))
-                .map_err(|source| CaseError::Write {
-                    path: path.display().to_string(),
-                    source,
-                })
-        };
-        write(&cluster_file, &cluster_text)?;
-        write(&scenario_file, &scenario_text)?;
-        let derived = |what, source| CaseError::Derived {
-            case: self.file.clone(),
-            what,
-            source,
-        };
+        write(dir, &cluster_file, &cluster_text)?;
         let cluster = Cluster::parse(
             cluster_text.clone(),
             cluster_file.display().to_string(),
             dir.to_path_buf(),
         )
-        .map_err(|e| derived("cluster", e))?;
-        let scenario = Scenario::parse(
-            &scenario_text,
-            &scenario_file.display().to_string(),
-            dir.to_path_buf(),
-        )
-        .map_err(|e| derived("scenario", e))?;
+        .map_err(|e| self.derived_error("cluster", e))?;
+        let (scenario_text, scenario) = self.derive_scenario(dir, None)?;
         Ok(Derived {
             cluster,
             cluster_text,
@@ -467,6 +462,37 @@ impl Case {
             scenario_text,
         })
     }
+
+    /// The simulator's side alone, written into `dir` as `scenario.toml` and parsed.
+    pub fn derive_scenario(
+        &self,
+        dir: &Path,
+        serving_path_ms: Option<f64>,
+    ) -> Result<(String, Scenario), CaseError> {
+        let text = self.scenario_toml(serving_path_ms);
+        let file = dir.join("scenario.toml");
+        write(dir, &file, &text)?;
+        let scenario = Scenario::parse(&text, &file.display().to_string(), dir.to_path_buf())
+            .map_err(|e| self.derived_error("scenario", e))?;
+        Ok((text, scenario))
+    }
+
+    fn derived_error(&self, what: &'static str, source: ConfigError) -> CaseError {
+        CaseError::Derived {
+            case: self.file.clone(),
+            what,
+            source,
+        }
+    }
+}
+
+fn write(dir: &Path, path: &Path, text: &str) -> Result<(), CaseError> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(path, text))
+        .map_err(|source| CaseError::Write {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 /// Both sides of a case.
@@ -1068,7 +1094,7 @@ tpot_ms = 50.0
         let case = Case::parse(&text, "case.toml", dir.path()).unwrap();
         let profile = std::fs::canonicalize(dir.path().join("profile.toml")).unwrap();
         assert_eq!(case.predictor, Predictor::Profile(profile.clone()));
-        let doc: Table = case.scenario_toml().parse().unwrap();
+        let doc: Table = case.scenario_toml(None).parse().unwrap();
         let setup = &doc["setup"].as_array().unwrap()[0];
         assert_eq!(setup["profile"].as_str(), Some(profile.to_str().unwrap()));
         assert!(setup.get("hardware").is_none());
@@ -1089,7 +1115,7 @@ tpot_ms = 50.0
             };
             let mut case = parse(&text).unwrap();
             case.cores = cores;
-            let doc: Table = case.scenario_toml().parse().unwrap();
+            let doc: Table = case.scenario_toml(None).parse().unwrap();
             let setup = &doc["setup"].as_array().unwrap()[0];
             let cluster: Table = case.cluster_toml().parse().unwrap();
             let threads = cluster["worker"].as_array().unwrap()[0]

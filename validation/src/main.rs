@@ -32,6 +32,10 @@ enum Command {
         /// The disagg-hw binary; default: the one beside disagg-validate.
         #[arg(long)]
         hw_bin: Option<PathBuf>,
+        /// A calibration profile to price every case's steps with, instead of the one each
+        /// case names: one calibrated on this machine (`disagg-hw calibrate`).
+        #[arg(long)]
+        profile: Option<PathBuf>,
         /// Names this machine in the default results path; default cpu-<cores>core.
         #[arg(long)]
         machine: Option<String>,
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
                 cases,
                 out,
                 hw_bin,
+                profile,
                 machine,
                 require_goal,
             },
@@ -71,7 +76,7 @@ fn main() -> ExitCode {
     // after the others' minutes.
     let mut prepared = Vec::with_capacity(cases.len());
     for path in &cases {
-        match prepare(path, &out_root) {
+        match prepare(path, &out_root, profile.as_deref()) {
             Ok(p) => prepared.push(p),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -85,7 +90,13 @@ fn main() -> ExitCode {
         println!("== {} ({})", p.case.name, p.case.file);
         match run_case(p, &settings) {
             Ok(run) => {
+                println!(
+                    "serving path {:.3} ms (median of {} probes)",
+                    run.serving_path.median_ns as f64 / 1e6,
+                    run.serving_path.samples_ns.len()
+                );
                 print!("{}", run.comparison.text_table());
+                print!("{}", validation::parts::table(&run.parts));
                 print!("{}", validation::steps::table(&run.steps));
                 println!(
                     "load average {} before, {} after",

@@ -4,9 +4,11 @@
 
 use crate::case::{Case, CaseError, Derived, Mode, Predictor};
 use crate::compare::{Comparison, format_error};
+use crate::parts::{self, Part};
 use crate::steps::{self, StepKind};
 use crate::svg::{Panel, cdf_svg};
-use hw::loadgen::{BenchOptions, LoadgenError};
+use hw::loadgen::probe::{PROBES, ServingPath};
+use hw::loadgen::{BenchOptions, BenchOutput, LoadgenError};
 use sim::engine::{RunOptions, SimError};
 use sim::metrics::{RequestRecord, Summary};
 use std::fs::File;
@@ -125,10 +127,17 @@ pub struct Prepared {
     pub dir: PathBuf,
 }
 
-/// Loads a case and derives both sides into `out_root/NAME/`, before anything runs, so a bad
-/// case is found at once.
-pub fn prepare(path: &Path, out_root: &Path) -> Result<Prepared, CaseError> {
-    let case = Case::load(path)?;
+/// Loads a case (priced by `profile` where one is given) and derives both sides into
+/// `out_root/NAME/`, before anything runs, so a bad case is found at once.
+pub fn prepare(
+    path: &Path,
+    out_root: &Path,
+    profile: Option<&Path>,
+) -> Result<Prepared, CaseError> {
+    let mut case = Case::load(path)?;
+    if let Some(profile) = profile {
+        case.price_with(profile)?;
+    }
     let dir = out_root.join(&case.name);
     let derived = case.derive(&dir)?;
     Ok(Prepared { case, derived, dir })
@@ -146,6 +155,10 @@ pub struct CaseRun {
     pub load_before_after: (Option<f64>, Option<f64>),
     /// The real workers' steps against the cost model's price for the same work.
     pub steps: Vec<StepKind>,
+    /// The serving path measured on the idle cluster, which the prediction took.
+    pub serving_path: ServingPath,
+    /// Each part of the TTFT, predicted and measured.
+    pub parts: Vec<Part>,
 }
 
 /// The 1-minute load average (Linux); `None` where /proc/loadavg cannot be read.
@@ -164,15 +177,22 @@ pub fn format_load(load: Option<f64>) -> String {
 }
 
 /// Simulates, measures and writes the outputs of one prepared case.
+///
+/// The cluster's serving path is probed before the workload runs; the simulator then runs on
+/// the case's scenario with that path (`scenario.toml` is rewritten to hold it).
 pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunError> {
-    let scenario = &p.derived.scenario;
-    let setup = &scenario.setups[0];
-    let predicted = sim::engine::run(scenario, setup, RunOptions::default())?;
     let load_before = load_average();
-    let measured = measure(p, settings)?;
+    let (measured, serving_path) = measure(p, settings)?;
     let load_before_after = (load_before, load_average());
+    let path_ms = serving_path.median_ns as f64 / 1e6;
+    let (_, scenario) = p
+        .case
+        .derive_scenario(&p.dir, Some((path_ms * 1e3).round() / 1e3))?;
+    let setup = &scenario.setups[0];
+    let predicted = sim::engine::run(&scenario, setup, RunOptions::default())?;
     let steps =
-        steps::compare(&p.dir, setup.cost_model(scenario).as_ref()).map_err(RunError::Steps)?;
+        steps::compare(&p.dir, setup.cost_model(&scenario).as_ref()).map_err(RunError::Steps)?;
+    let parts = parts::compare(&predicted.records, &measured.records);
     let comparison = Comparison::new(&predicted.summary, &measured.summary);
     let csv = |name: &str, records: &[RequestRecord]| {
         let path = p.dir.join(name);
@@ -198,6 +218,8 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         dir: p.dir.clone(),
         load_before_after,
         steps,
+        serving_path,
+        parts,
     };
     let path = p.dir.join("report.md");
     let text = report(p, &run, settings, measured.delayed_sends);
@@ -299,8 +321,8 @@ fn serve(p: &Prepared, hw_bin: &Path) -> Result<Served, RunError> {
     Ok(served)
 }
 
-/// Runs the case's workload against a fresh cluster.
-fn measure(p: &Prepared, settings: &RunSettings) -> Result<hw::loadgen::BenchOutput, RunError> {
+/// Probes a fresh cluster's serving path, then runs the case's workload against it.
+fn measure(p: &Prepared, settings: &RunSettings) -> Result<(BenchOutput, ServingPath), RunError> {
     let served = serve(p, &settings.hw_bin)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -310,9 +332,11 @@ fn measure(p: &Prepared, settings: &RunSettings) -> Result<hw::loadgen::BenchOut
             message: format!("cannot start the load generator's runtime: {e}"),
         })?;
     let options = BenchOptions::new(served.url.clone());
-    let output = runtime.block_on(hw::loadgen::run(&p.derived.scenario, &options))?;
+    let scenario = &p.derived.scenario;
+    let serving_path = runtime.block_on(hw::loadgen::probe::serving_path(scenario, &options))?;
+    let output = runtime.block_on(hw::loadgen::run(scenario, &options))?;
     drop(served);
-    Ok(output)
+    Ok((output, serving_path))
 }
 
 fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u64) -> String {
@@ -391,6 +415,24 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
              fully open loop\n"
         ));
     }
+    let path = &run.serving_path;
+    let ms = |ns: &[u64]| {
+        ns.iter()
+            .map(|&n| format!("{:.2}", n as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    out.push_str(&format!(
+        "- serving path: {:.3} ms, the median of {} one-token probes (after {} warming the \
+         connections) sent one at a time to the idle cluster before the workload: each probe's \
+         TTFT less its prefill and KV transfer; the simulator adds it to every time the client \
+         sees (`serving_path_ms` in `scenario.toml`). Probes in ms: {}; their TTFTs: {}\n",
+        path.median_ns as f64 / 1e6,
+        path.samples_ns.len(),
+        PROBES - path.samples_ns.len(),
+        ms(&path.samples_ns),
+        ms(&path.ttft_ns)
+    ));
     out.push_str("\n## Predicted against measured\n\n");
     out.push_str(&run.comparison.markdown_table());
     out.push_str("\nError is (predicted - measured) / measured.\n\n");
@@ -404,6 +446,12 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
         )),
         None => out.push_str("No metric has a relative error (nothing was measured).\n"),
     }
+    out.push_str(
+        "\n## Time to first token by part\n\nMedians over completed requests: wait (arrival \
+         to the prefill's first step), prefill (to its last step's sample), transfer (the KV \
+         landing after that), delivery (the first token reaching the client after both):\n\n",
+    );
+    out.push_str(&parts::table(&run.parts));
     out.push_str(
         "\n## Step times\n\nEvery step the real workers ran (`steps-WORKER.csv`), against \
          the cost model's price for the same work:\n\n",

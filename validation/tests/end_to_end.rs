@@ -73,7 +73,7 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
         command: "end-to-end test".into(),
     };
     let out = dir.path().join("results");
-    let prepared = prepare(&case_path, &out).unwrap_or_else(|e| panic!("{e}"));
+    let prepared = prepare(&case_path, &out, None).unwrap_or_else(|e| panic!("{e}"));
     let run = run_case(&prepared, &settings).unwrap_or_else(|e| panic!("{e}"));
 
     let case_dir = out.join("tiny");
@@ -115,7 +115,28 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
     };
     assert_eq!(plan(&measured), plan(&predicted));
 
+    // The serving path, probed on the idle cluster, is what the prediction took.
+    let path = &run.serving_path;
+    assert_eq!(
+        path.samples_ns.len(),
+        validation::hw::loadgen::probe::PROBES - 1
+    );
+    assert!(path.median_ns > 0 && path.samples_ns.contains(&path.median_ns));
+    let scenario = std::fs::read_to_string(case_dir.join("scenario.toml")).unwrap();
+    let path_ms = (path.median_ns as f64 / 1e3).round() / 1e3;
+    assert!(
+        scenario.contains(&format!("serving_path_ms = {path_ms}")),
+        "{scenario}"
+    );
+    for r in predicted.iter().filter(|r| r.is_completed()) {
+        let ready = r.prefill_end_ns.max(r.transfer_end_ns);
+        assert!(r.first_token_ns >= ready + (path_ms * 1e6) as u64 - 1);
+    }
+    let parts: Vec<&str> = run.parts.iter().map(|p| p.part).collect();
+    assert_eq!(parts, ["wait", "prefill", "transfer", "delivery", "TTFT"]);
+
     let report = std::fs::read_to_string(case_dir.join("report.md")).unwrap();
+    assert!(report.contains("| delivery |"), "{report}");
     assert!(
         report.contains("| metric | predicted | measured | error % |"),
         "{report}"

@@ -10,6 +10,7 @@
 //! conversation, as in the simulator.
 
 mod client;
+pub mod probe;
 mod sse;
 #[cfg(test)]
 mod tests;
@@ -105,41 +106,9 @@ pub enum LoadgenError {
 /// Runs the scenario's workload (with its seed) against `options.target` until every
 /// conversation has ended and every request has completed or been rejected.
 pub async fn run(scenario: &Scenario, options: &BenchOptions) -> Result<BenchOutput, LoadgenError> {
-    let invalid = |field, message: String| LoadgenError::Invalid { field, message };
-    let target = options.target.trim_end_matches('/');
-    if !target.starts_with("http://") || target.len() == "http://".len() {
-        return Err(invalid(
-            "target",
-            format!(
-                "expected http://HOST:PORT (TLS is not served), got `{}`",
-                options.target
-            ),
-        ));
-    }
-    if options.max_in_flight == 0 {
-        return Err(invalid("max_in_flight", "must be at least 1".into()));
-    }
-    if options.request_timeout.is_zero() {
-        return Err(invalid("request_timeout_s", "must be positive".into()));
-    }
-    let vocab_size = scenario.model.vocab_size;
-    if vocab_size == 0 {
-        return Err(invalid(
-            "model.vocab_size",
-            "must be positive to draw prompt tokens".into(),
-        ));
-    }
-    let http = reqwest::Client::builder()
-        .connect_timeout(options.request_timeout)
-        .build()
-        .map_err(|e| LoadgenError::Target {
-            url: target.to_owned(),
-            message: format!("cannot build an HTTP client: {e}"),
-        })?;
-    let model = match &options.model {
-        Some(model) => model.clone(),
-        None => first_model(&http, target, options.request_timeout).await?,
-    };
+    let (target, http) = connect(options)?;
+    let vocab_size = vocab_size(scenario)?;
+    let model = model(&http, target, options).await?;
     let workload = Workload::new(&scenario.workload, scenario.seed, &scenario.base_dir)?;
     let block_size_tokens = scenario
         .setups
@@ -182,6 +151,58 @@ pub async fn run(scenario: &Scenario, options: &BenchOptions) -> Result<BenchOut
         summary,
         delayed_sends: gathered.delayed_sends,
     })
+}
+
+/// The target's base URL, checked, and an HTTP client for it.
+fn connect(options: &BenchOptions) -> Result<(&str, reqwest::Client), LoadgenError> {
+    let invalid = |field, message: String| LoadgenError::Invalid { field, message };
+    let target = options.target.trim_end_matches('/');
+    if !target.starts_with("http://") || target.len() == "http://".len() {
+        return Err(invalid(
+            "target",
+            format!(
+                "expected http://HOST:PORT (TLS is not served), got `{}`",
+                options.target
+            ),
+        ));
+    }
+    if options.max_in_flight == 0 {
+        return Err(invalid("max_in_flight", "must be at least 1".into()));
+    }
+    if options.request_timeout.is_zero() {
+        return Err(invalid("request_timeout_s", "must be positive".into()));
+    }
+    let http = reqwest::Client::builder()
+        .connect_timeout(options.request_timeout)
+        .build()
+        .map_err(|e| LoadgenError::Target {
+            url: target.to_owned(),
+            message: format!("cannot build an HTTP client: {e}"),
+        })?;
+    Ok((target, http))
+}
+
+/// The vocabulary prompt tokens are drawn from.
+fn vocab_size(scenario: &Scenario) -> Result<u32, LoadgenError> {
+    match scenario.model.vocab_size {
+        0 => Err(LoadgenError::Invalid {
+            field: "model.vocab_size",
+            message: "must be positive to draw prompt tokens".into(),
+        }),
+        n => Ok(n),
+    }
+}
+
+/// The model to name: the options', else the target's first.
+async fn model(
+    http: &reqwest::Client,
+    target: &str,
+    options: &BenchOptions,
+) -> Result<String, LoadgenError> {
+    match &options.model {
+        Some(model) => Ok(model.clone()),
+        None => first_model(http, target, options.request_timeout).await,
+    }
 }
 
 /// The first model of `GET /v1/models`.

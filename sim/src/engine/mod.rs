@@ -408,11 +408,11 @@ impl Simulation<'_> {
     fn complete(&mut self, slot: u32) {
         let mut seq = self.seqs.remove(slot);
         let w = seq.decode_worker;
-        seq.rec.end_ns = self.now;
+        seq.rec.end_ns = self.client_ns();
         self.workers[w as usize].kv.free(&seq.blocks);
         self.release_load(w, seq.prompt_blocks);
         self.wake.push(w);
-        match self.workload.follow_up(&seq.req, self.now) {
+        match self.workload.follow_up(&seq.req, seq.rec.end_ns) {
             Some(next) => {
                 let at = next.arrival_ns.max(self.now);
                 let slot = self.follow_ups.insert(next);
@@ -429,19 +429,25 @@ impl Simulation<'_> {
         }
     }
 
+    /// When the client sees what an engine hands on now.
+    fn client_ns(&self) -> Nanos {
+        self.now + self.setup.serving_path_ns
+    }
+
     /// The first token is out (locally after prefill, or with the KV on a decode worker).
     fn first_token(&mut self, slot: u32) {
+        let client_ns = self.client_ns();
         let seq = self.seqs.get_mut(slot);
         seq.generated = 1;
         seq.kv_len = seq.req.prompt_tokens;
-        seq.rec.first_token_ns = self.now;
+        seq.rec.first_token_ns = client_ns;
         seq.last_token_ns = self.now;
         seq.phase = Phase::Decoding;
         if self.options.token_times {
             self.token_times.push(TokenTime {
                 request_id: seq.req.id,
                 token_index: 0,
-                time_ns: self.now,
+                time_ns: client_ns,
             });
         }
     }

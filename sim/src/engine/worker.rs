@@ -362,7 +362,7 @@ impl Simulation<'_> {
                     self.token_times.push(TokenTime {
                         request_id: seq.req.id,
                         token_index: seq.generated - 1,
-                        time_ns: now,
+                        time_ns: now + self.setup.serving_path_ns,
                     });
                 }
                 if seq.kv_len.is_multiple_of(bs) {
