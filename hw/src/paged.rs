@@ -315,17 +315,20 @@ impl PagedModel {
         }
         // Without an observer a GPU step may replay a recorded graph.
         let logits = match streamed.is_empty() {
-            true => self.model.forward(&mut self.cache, &inputs)?,
-            false => {
-                self.model
-                    .forward_observed(&mut self.cache, &inputs, &mut |layer, cache| {
-                        for (i, blocks) in streamed.iter().enumerate() {
-                            on_layer(i, layer, cache.export_layer(layer, blocks)?);
-                        }
-                        Ok(())
-                    })?
-            }
-        };
+            true => self.model.forward(&mut self.cache, &inputs),
+            false => self
+                .model
+                .forward_observed(&mut self.cache, &inputs, &mut |layer, cache| {
+                    for (i, blocks) in streamed.iter().enumerate() {
+                        let parts = cache
+                            .export_layer(layer, blocks)
+                            .map_err(|e| e.during("exporting a layer's KV"))?;
+                        on_layer(i, layer, parts);
+                    }
+                    Ok(())
+                }),
+        }
+        .map_err(|e| e.during("forward pass"))?;
         for (&(id, _), &n) in work.iter().zip(&feeds) {
             let seq = self.seqs.get_mut(&id).expect("checked above");
             seq.kv_len += n;

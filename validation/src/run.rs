@@ -182,7 +182,7 @@ pub fn format_load(load: Option<f64>) -> String {
 /// the case's scenario with that path (`scenario.toml` is rewritten to hold it).
 pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunError> {
     let load_before = load_average();
-    let (measured, serving_path) = measure(p, settings)?;
+    let (measured, serving_path, workload_start) = measure(p, settings)?;
     let load_before_after = (load_before, load_average());
     let path_ms = serving_path.median_ns as f64 / 1e6;
     let (_, scenario) = p
@@ -190,8 +190,8 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         .derive_scenario(&p.dir, Some((path_ms * 1e3).round() / 1e3))?;
     let setup = &scenario.setups[0];
     let predicted = sim::engine::run(&scenario, setup, RunOptions::default())?;
-    let steps =
-        steps::compare(&p.dir, setup.cost_model(&scenario).as_ref()).map_err(RunError::Steps)?;
+    let steps = steps::compare(&p.dir, setup.cost_model(&scenario).as_ref(), workload_start)
+        .map_err(RunError::Steps)?;
     let parts = parts::compare(&predicted.records, &measured.records);
     let comparison = Comparison::new(&predicted.summary, &measured.summary);
     let csv = |name: &str, records: &[RequestRecord]| {
@@ -321,8 +321,12 @@ fn serve(p: &Prepared, hw_bin: &Path) -> Result<Served, RunError> {
     Ok(served)
 }
 
-/// Probes a fresh cluster's serving path, then runs the case's workload against it.
-fn measure(p: &Prepared, settings: &RunSettings) -> Result<(BenchOutput, ServingPath), RunError> {
+/// Probes a fresh cluster's serving path, then runs the case's workload against it; returns
+/// both and when the workload started (ns since the UNIX epoch, as the step traces count).
+fn measure(
+    p: &Prepared,
+    settings: &RunSettings,
+) -> Result<(BenchOutput, ServingPath, u64), RunError> {
     let served = serve(p, &settings.hw_bin)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -334,9 +338,10 @@ fn measure(p: &Prepared, settings: &RunSettings) -> Result<(BenchOutput, Serving
     let options = BenchOptions::new(served.url.clone());
     let scenario = &p.derived.scenario;
     let serving_path = runtime.block_on(hw::loadgen::probe::serving_path(scenario, &options))?;
+    let workload_start = hw::engine::steps::epoch_ns();
     let output = runtime.block_on(hw::loadgen::run(scenario, &options))?;
     drop(served);
-    Ok((output, serving_path))
+    Ok((output, serving_path, workload_start))
 }
 
 fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u64) -> String {

@@ -37,8 +37,14 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// Reads every `steps-*.csv` in `dir` and compares each kind of step with `cost`.
-pub fn compare(dir: &Path, cost: &dyn CostModel) -> Result<Vec<StepKind>, String> {
+/// Reads every `steps-*.csv` in `dir` and compares each kind of step that started at or after
+/// `from_epoch_ns` (the workload's start: the serving-path probes' steps are left out) with
+/// `cost`.
+pub fn compare(
+    dir: &Path,
+    cost: &dyn CostModel,
+    from_epoch_ns: u64,
+) -> Result<Vec<StepKind>, String> {
     let mut rows = Vec::new();
     let mut paths: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
@@ -51,7 +57,11 @@ pub fn compare(dir: &Path, cost: &dyn CostModel) -> Result<Vec<StepKind>, String
         .collect();
     paths.sort();
     for path in &paths {
-        rows.extend(steps::read(path)?);
+        rows.extend(
+            steps::read(path)?
+                .into_iter()
+                .filter(|r| r.start_ns >= from_epoch_ns),
+        );
     }
     Ok(["decode", "prefill", "mixed"]
         .into_iter()
@@ -126,7 +136,10 @@ mod tests {
                     30000000,19000000,50000000,0,0,1,64,2080,64\n";
         std::fs::write(dir.path().join("steps-decode-1.csv"), text).unwrap();
         std::fs::write(dir.path().join("other.csv"), "not a trace").unwrap();
-        let kinds = compare(dir.path(), &Flat).unwrap();
+        // Steps before the workload (the probes') are left out.
+        let after_probes = compare(dir.path(), &Flat, 9_000_000).unwrap();
+        assert_eq!(after_probes[0].steps, 1);
+        let kinds = compare(dir.path(), &Flat, 0).unwrap();
         assert_eq!(kinds.len(), 2);
         let decode = &kinds[0];
         assert_eq!((decode.kind, decode.steps), ("decode", 2));
@@ -140,7 +153,7 @@ mod tests {
         assert!(table(&kinds).contains("| decode | 2 | 10.2 ms | 10.0 ms | +2.5% |"));
         std::fs::write(dir.path().join("steps-bad.csv"), "start_ns\nx\n").unwrap();
         assert!(
-            compare(dir.path(), &Flat)
+            compare(dir.path(), &Flat, 0)
                 .unwrap_err()
                 .contains("steps-bad.csv")
         );

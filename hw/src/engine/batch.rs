@@ -389,7 +389,7 @@ impl Batcher {
                 }
             }
             StepRow {
-                start_ns: trace.since_start_ns(Instant::now()),
+                start_ns: trace.epoch_ns(Instant::now()),
                 forward_ns: 0,
                 end_ns: 0,
                 decode_seqs: step.decode_seqs,
@@ -406,7 +406,11 @@ impl Batcher {
             .step_streaming(&work, &stream, &mut |i, layer, parts| {
                 let _ = senders[i].send((layer as u32, parts));
             })
-            .and_then(|logits| Ok(logits.to_vec2::<f32>().map_err(RuntimeError::from)?));
+            .and_then(|logits| {
+                logits
+                    .to_vec2::<f32>()
+                    .map_err(|e| RuntimeError::from(e).during("logits to the host").into())
+            });
         // Closing the channels tells the senders that every layer is out.
         drop(senders);
         let rows = match rows {
@@ -431,7 +435,7 @@ impl Batcher {
         }
         if let (Some(trace), Some(row)) = (&mut self.trace, &mut row) {
             row.forward_ns = forward_ns;
-            row.end_ns = trace.since_start_ns(Instant::now());
+            row.end_ns = trace.epoch_ns(Instant::now());
             if !trace.record(row) {
                 self.trace = None;
             }

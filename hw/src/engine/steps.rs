@@ -9,8 +9,9 @@ use std::io::BufWriter;
 use std::path::Path;
 use std::time::Instant;
 
-/// One step. Times are ns since the engine started; `end_ns` is when the step's tokens were
-/// handed on (sampling, detokenization and KV hand-off included).
+/// One step. Times are ns since the UNIX epoch on the host's clock, so that the traces of a
+/// host's workers, and what a client there did meanwhile, line up; `end_ns` is when the step's
+/// tokens were handed on (sampling, detokenization and KV hand-off included).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepRow {
     pub start_ns: u64,
@@ -41,7 +42,10 @@ impl StepRow {
 /// signal.
 pub struct StepTrace {
     out: csv::Writer<BufWriter<File>>,
+    /// The same moment on the monotonic clock and as ns since the UNIX epoch: steps are timed
+    /// on the former and written on the latter.
     origin: Instant,
+    origin_epoch_ns: u64,
 }
 
 impl StepTrace {
@@ -50,17 +54,26 @@ impl StepTrace {
         Ok(StepTrace {
             out: csv::Writer::from_writer(BufWriter::new(file)),
             origin: Instant::now(),
+            origin_epoch_ns: epoch_ns(),
         })
     }
 
-    pub fn since_start_ns(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.origin).as_nanos() as u64
+    /// `at` as ns since the UNIX epoch.
+    pub fn epoch_ns(&self, at: Instant) -> u64 {
+        self.origin_epoch_ns + at.saturating_duration_since(self.origin).as_nanos() as u64
     }
 
     /// Records a step; a failed write ends the trace rather than the worker.
     pub fn record(&mut self, row: &StepRow) -> bool {
         self.out.serialize(row).is_ok() && self.out.flush().is_ok()
     }
+}
+
+/// Now, as ns since the UNIX epoch (0 on a clock set before it).
+pub fn epoch_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Reads a step trace.

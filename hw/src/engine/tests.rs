@@ -247,6 +247,7 @@ async fn the_step_trace_records_each_step_in_the_simulators_terms() {
     let prompt: Vec<u32> = (100..140).collect();
     let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 5, "temperature": 0,
                       "ignore_eos": true});
+    let sent = steps::epoch_ns();
     let (status, text) = post(&app, "/v1/completions", body).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     // The last step's row is written once its token is handed on, just after the answer.
@@ -266,6 +267,8 @@ async fn the_step_trace_records_each_step_in_the_simulators_terms() {
         assert_eq!((row.decode_seqs, row.prefill_seqs), (1, 0));
         assert_eq!(row.decode_context_tokens, 40 + i as u64);
     }
+    // On the host's clock: the steps ran after the request was sent.
+    assert!(rows[0].start_ns >= sent && rows[4].end_ns <= steps::epoch_ns());
     for pair in rows.windows(2) {
         assert!(pair[0].start_ns <= pair[0].end_ns && pair[0].end_ns <= pair[1].start_ns);
         assert!(pair[0].forward_ns <= pair[0].end_ns - pair[0].start_ns);

@@ -21,4 +21,20 @@ pub enum RuntimeError {
     Invalid(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// An error of one stage of a step, named so that a device error says where it arose.
+    #[error("{stage}: {source}")]
+    Stage {
+        stage: &'static str,
+        source: Box<RuntimeError>,
+    },
+}
+
+impl RuntimeError {
+    /// This error, as one of `stage`.
+    pub fn during(self, stage: &'static str) -> RuntimeError {
+        RuntimeError::Stage {
+            stage,
+            source: Box::new(self),
+        }
+    }
 }

@@ -6,6 +6,8 @@
 //! manager) decides which blocks a sequence owns.
 
 mod cache;
+#[cfg(feature = "cuda")]
+pub mod context;
 mod error;
 #[cfg(feature = "cuda")]
 mod fused;

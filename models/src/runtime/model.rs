@@ -298,10 +298,10 @@ impl Model {
         // Raw driver calls (a graph's upload) need the context on this thread, and a step may
         // be a thread's first call: an engine's graphs are recorded before its thread starts.
         if let Device::Cuda(cuda) = dev {
-            cuda.cuda_stream()
-                .context()
-                .bind_to_thread()
-                .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+            super::context::bind(cuda.cuda_stream().context()).map_err(|e| {
+                RuntimeError::from(candle_core::Error::Cuda(Box::new(e)))
+                    .during("binding the CUDA context to the step's thread")
+            })?;
         }
         let block_size = cache.block_size_tokens();
         if on_layer.is_none()

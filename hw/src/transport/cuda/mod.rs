@@ -99,9 +99,7 @@ impl Gpu {
     }
 
     fn bind(&self) -> Result<(), CudaError> {
-        self.context()
-            .bind_to_thread()
-            .map_err(at("cuCtxSetCurrent"))
+        models::runtime::context::bind(self.context()).map_err(at("cuCtxSetCurrent"))
     }
 
     /// Whether the tensors of `self` and `other` are one candle device's.

@@ -25,11 +25,13 @@ pub(crate) async fn write_rows<W: AsyncWrite + Unpin>(
     let (src, len) = tensor_span(rows.rows(), &gpu.outbound).map_err(device_error)?;
     let mut pinned = PinnedPair::take(gpu.context()).map_err(device_error)?;
     let written = write_chunks(w, &gpu, src, len, &mut pinned, crc).await;
-    // Copies still in flight into the buffers finish before the buffers are reused.
-    let synced = gpu
-        .outbound
-        .synchronize()
-        .map_err(at("cuStreamSynchronize"));
+    // Copies still in flight into the buffers finish before the buffers are reused. The task
+    // may have moved to another thread at an await.
+    let synced = gpu.bind().and_then(|()| {
+        gpu.outbound
+            .synchronize()
+            .map_err(at("cuStreamSynchronize"))
+    });
     pinned.give_back();
     written?;
     synced.map_err(device_error)
@@ -95,7 +97,9 @@ pub(crate) async fn read_rows<R: AsyncRead + Unpin>(
     let (slice, dst) = gpu.alloc(dtype, len / elem).map_err(device_error)?;
     let mut pinned = PinnedPair::take(gpu.context()).map_err(device_error)?;
     let read = read_chunks(fr, &gpu, dst, len, &mut pinned).await;
-    let synced = gpu.inbound.synchronize().map_err(at("cuStreamSynchronize"));
+    let synced = gpu
+        .bind()
+        .and_then(|()| gpu.inbound.synchronize().map_err(at("cuStreamSynchronize")));
     pinned.give_back();
     read?;
     synced.map_err(device_error)?;
