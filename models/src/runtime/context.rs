@@ -2,9 +2,10 @@
 
 use candle_core::cuda_backend::cudarc::driver::{CudaContext, DriverError, result, sys};
 
-/// Binds `ctx` to this thread. A thread whose current context the driver no longer
-/// recognises answers every query of it with `CUDA_ERROR_INVALID_CONTEXT`, binding included:
-/// such a thread is cleared first and bound again, and says so once on stderr.
+/// Binds `ctx` to this thread. Binding now and then fails with `CUDA_ERROR_INVALID_CONTEXT`
+/// (seen in the prefill workers of the GPU validation cases, on an H200 with driver 580, with
+/// and without another context current on the thread); clearing the thread's context and
+/// binding again has succeeded every time. A retry says so on stderr.
 pub fn bind(ctx: &CudaContext) -> Result<(), DriverError> {
     let Err(first) = ctx.bind_to_thread() else {
         return Ok(());

@@ -217,12 +217,14 @@ pub(super) async fn copy_rows(
                 },
                 Err(e) => Err(e),
             };
-            // Whatever happened, nothing may still be copying through the buffers.
-            let synced = src
-                .outbound
-                .synchronize()
-                .and_then(|()| dst.inbound.synchronize())
-                .map_err(at("cuStreamSynchronize"));
+            // Whatever happened, nothing may still be copying through the buffers (the task
+            // may have moved to another thread at the await).
+            let synced = src.bind().and_then(|()| {
+                src.outbound
+                    .synchronize()
+                    .and_then(|()| dst.inbound.synchronize())
+                    .map_err(at("cuStreamSynchronize"))
+            });
             pinned.give_back();
             done?;
             synced?;

@@ -38,12 +38,15 @@ impl PinnedPair {
         POOL.lock().unwrap_or_else(|e| e.into_inner()).push(self);
     }
 
-    /// The first `n` bytes of buffer `i`.
+    /// The first `n` bytes of buffer `i` (reaching them waits for the buffer's last copy,
+    /// which needs the context on this thread: a task may have moved at an await).
     pub(crate) fn get(&self, i: usize, n: usize) -> Result<&[u8], CudaError> {
+        models::runtime::context::bind(self.bufs[i].context()).map_err(at("cuCtxSetCurrent"))?;
         Ok(&self.bufs[i].as_slice().map_err(at("cuEventSynchronize"))?[..n])
     }
 
     pub(crate) fn get_mut(&mut self, i: usize, n: usize) -> Result<&mut [u8], CudaError> {
+        models::runtime::context::bind(self.bufs[i].context()).map_err(at("cuCtxSetCurrent"))?;
         Ok(&mut self.bufs[i]
             .as_mut_slice()
             .map_err(at("cuEventSynchronize"))?[..n])
