@@ -655,10 +655,12 @@ fn calibrate_device(args: CalibrateArgs) -> Result<(), String> {
     print!("\n{}", calibrate::checks_table(&cal.checks));
     let link = &cal.profile.link[0];
     println!(
-        "\n{}: {:.2} GB/s on the wire, {:.2} GB/s per host copy, {} us per transfer",
+        "\n{}: {:.2} GB/s on the wire, {:.2} GB/s for the sender's copy, {:.2} GB/s for the \
+         receiving engine's import, {} us per transfer",
         link.name,
         link.bytes_per_s() / 1e9,
         link.host_copy_bytes_per_s.unwrap_or(0.0) / 1e9,
+        link.import_bytes_per_s.unwrap_or(0.0) / 1e9,
         link.per_transfer_overhead_ns / 1000
     );
     Ok(())

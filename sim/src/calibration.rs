@@ -550,31 +550,34 @@ fn fit_line(x: &[f64], y: &[f64]) -> (f64, f64) {
 /// The link that reproduces a transport's measured transfer times in the simulator's network
 /// model: the fixed part of the time becomes `per_transfer_overhead_ns` (on loopback the
 /// route's latency cannot be told apart from setting up the connection), the per-byte cost of
-/// the export and import becomes `host_copy_bytes_per_s` (one copy per side) and the rest of
-/// the per-byte cost (framing, checksums, the socket) the bandwidth. A lone transfer of B bytes
-/// then takes `a + k B`, the line fitted to the whole times.
+/// the export `host_copy_bytes_per_s` (the sender's copy), that of the import
+/// `import_bytes_per_s` (the receiving engine's copy, which the decode worker pays between its
+/// steps) and the rest of the per-byte cost (framing, checksums, the socket) the bandwidth. A
+/// lone transfer of B bytes, import included, then takes `a + k B`, the line fitted to the
+/// whole times.
 pub fn fit_link(name: &str, kind: LinkKind, t: &TransferTable) -> Result<LinkSpec, FitError> {
     let n = t.payload_bytes.len();
     if n < 2 {
         return Err(FitError::TooFewSizes(n));
     }
     let x: Vec<f64> = t.payload_bytes.iter().map(|&b| b as f64).collect();
-    let total: Vec<f64> = t.time_ns.iter().map(|&v| v.max(1) as f64).collect();
-    let (a, k) = fit_line(&x, &total);
+    let slope = |ns: &[u64]| {
+        let y: Vec<f64> = ns.iter().map(|&v| v.max(1) as f64).collect();
+        fit_line(&x, &y)
+    };
+    let (a, k) = slope(&t.time_ns);
     if !(k > 0.0 && k.is_finite()) {
         return Err(FitError::NoSlope);
     }
-    let copy: Vec<f64> = t
-        .export_ns
-        .iter()
-        .zip(&t.import_ns)
-        .map(|(&e, &i)| (e + i).max(1) as f64)
-        .collect();
-    let (_, k_copy) = fit_line(&x, &copy);
     // Copies take the share they measured; the wire keeps at least a tenth of the slope, so
     // noise in a copy-dominated transfer cannot leave it a rate of zero.
-    let k_copy = k_copy.clamp(0.0, 0.9 * k);
-    let k_wire = k - k_copy;
+    let (_, k_export) = slope(&t.export_ns);
+    let (_, k_import) = slope(&t.import_ns);
+    let (k_export, k_import) = (k_export.max(0.0), k_import.max(0.0));
+    let scale = (0.9 * k / (k_export + k_import)).min(1.0);
+    let (k_export, k_import) = (k_export * scale, k_import * scale);
+    let k_wire = k - k_export - k_import;
+    let rate = |k: f64| (k > 0.0).then(|| 1e9 / k);
     Ok(LinkSpec {
         name: name.to_string(),
         kind,
@@ -582,8 +585,9 @@ pub fn fit_link(name: &str, kind: LinkKind, t: &TransferTable) -> Result<LinkSpe
         efficiency: 1.0,
         latency_ns: 0,
         per_transfer_overhead_ns: a.round() as u64,
-        host_copy_bytes_per_s: (k_copy > 0.0).then(|| 2e9 / k_copy),
+        host_copy_bytes_per_s: rate(k_export),
         serialize_bytes_per_s: None,
+        import_bytes_per_s: rate(k_import),
     })
 }
 
@@ -610,6 +614,7 @@ pub(crate) mod tests {
             per_transfer_overhead_ns: 100_000,
             host_copy_bytes_per_s: Some(4e9),
             serialize_bytes_per_s: None,
+            import_bytes_per_s: None,
         };
         let sizes = vec![1_000_000u64, 4_000_000, 16_000_000];
         Profile {
@@ -786,9 +791,12 @@ pub(crate) mod tests {
             let got = fitted.lone_transfer_ns(bytes) as f64;
             assert!((got / time as f64 - 1.0).abs() < 1e-6, "{got} vs {time}");
         }
-        // Export and import took 2 x 1/8 ns per byte: one copy per side at 8 GB/s.
+        // Export and import took 1/8 ns per byte each: 8 GB/s, the import left to the engine.
         let copy = fitted.host_copy_bytes_per_s.unwrap();
         assert!((copy / 8e9 - 1.0).abs() < 1e-9, "{copy}");
+        let import = fitted.import_bytes_per_s.unwrap();
+        assert!((import / 8e9 - 1.0).abs() < 1e-9, "{import}");
+        assert_eq!(fitted.import_ns(8_000_000), 1_000_000);
         assert_eq!(fitted.per_transfer_overhead_ns, 100_000);
     }
 

@@ -469,6 +469,7 @@ impl Simulation<'_> {
         seq.phase = Phase::Transferring;
         let sender_done = self.now + path.link().endpoint_ns(bytes);
         seq.transfer_latency_ns = path.latency_ns();
+        seq.import_ns = path.link().import_ns(bytes);
         self.queue.push(sender_done, Event::TransferSent(slot));
     }
 
@@ -509,7 +510,8 @@ impl Simulation<'_> {
     }
 
     /// The KV is on the decode worker: the prefill worker lets go of its copy (still cached);
-    /// the decode worker takes it (and emits the first token) once its running step is over.
+    /// the decode worker takes it in (imports it, then emits the first token) once its
+    /// running step is over.
     fn transfer_landed(&mut self, slot: u32) {
         let seq = self.seqs.get_mut(slot);
         seq.rec.transfer_end_ns = self.now;
@@ -519,10 +521,9 @@ impl Simulation<'_> {
         self.workers[p as usize].kv.free(&prefill_blocks);
         self.release_load(p, prompt_blocks);
         self.wake.push(p);
-        if self.workers[d as usize].busy {
-            self.workers[d as usize].landed.push(slot);
-        } else {
-            self.take_landed(slot);
+        self.workers[d as usize].landed.push(slot);
+        if !self.workers[d as usize].busy {
+            self.take_in(d);
         }
     }
 

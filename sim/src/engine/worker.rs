@@ -57,6 +57,8 @@ pub struct Seq {
     pub generated: u32,
     pub last_token_ns: Nanos,
     pub transfer_latency_ns: Nanos,
+    /// The decode worker's import of the transferred KV, once it landed.
+    pub import_ns: Nanos,
     started: bool,
 }
 
@@ -90,6 +92,7 @@ impl Seq {
             generated: 0,
             last_token_ns: now,
             transfer_latency_ns: 0,
+            import_ns: 0,
             started: false,
         }
     }
@@ -108,6 +111,8 @@ pub struct Worker {
     /// Transfers that landed while a step was running: the engine takes them in between
     /// steps, as a real one handles the KV it received before its next iteration.
     pub landed: Vec<u32>,
+    /// Landed transfers whose KV the worker is importing instead of stepping.
+    pub importing: Vec<u32>,
     pub busy: bool,
     pub(super) step: StepProgress,
     busy_ns: Nanos,
@@ -135,6 +140,7 @@ impl Worker {
             running: Vec::new(),
             batch: Vec::new(),
             landed: Vec::new(),
+            importing: Vec::new(),
             busy: false,
             step: StepProgress::default(),
             busy_ns: 0,
@@ -334,6 +340,9 @@ impl Simulation<'_> {
         let bs = self.block_size;
         let now = self.now;
         self.end_step(w);
+        if !self.workers[wi].importing.is_empty() {
+            return self.imported(w);
+        }
         let batch = std::mem::take(&mut self.workers[wi].batch);
         let worker = &mut self.workers[wi];
         worker.busy = false;
@@ -426,12 +435,49 @@ impl Simulation<'_> {
         finished.clear();
         self.prefilled_scratch = prefilled;
         self.finished_scratch = finished;
-        let mut landed = std::mem::take(&mut self.workers[wi].landed);
-        for &slot in &landed {
+        self.take_in(w);
+        self.wake.push(w);
+    }
+
+    /// The worker, between two steps, takes in the transfers that landed meanwhile: it
+    /// imports their KV (the link's import cost, holding up its next step), after which they
+    /// generate; without an import cost they generate at once.
+    pub(super) fn take_in(&mut self, w: WorkerId) {
+        let wi = w as usize;
+        let import_ns: Nanos = self.workers[wi]
+            .landed
+            .iter()
+            .map(|&slot| self.seqs.get(slot).import_ns)
+            .sum();
+        if import_ns == 0 {
+            let mut landed = std::mem::take(&mut self.workers[wi].landed);
+            for &slot in &landed {
+                self.take_landed(slot);
+            }
+            landed.clear();
+            self.workers[wi].landed = landed;
+            return;
+        }
+        let worker = &mut self.workers[wi];
+        std::mem::swap(&mut worker.importing, &mut worker.landed);
+        worker.busy = true;
+        self.begin_step(w, import_ns);
+    }
+
+    /// An import is over: its requests generate, and what landed meanwhile is taken in.
+    fn imported(&mut self, w: WorkerId) {
+        let wi = w as usize;
+        let now = self.now;
+        let worker = &mut self.workers[wi];
+        worker.busy = false;
+        worker.busy_ns += now - worker.step.started_ns;
+        let mut importing = std::mem::take(&mut worker.importing);
+        for &slot in &importing {
             self.take_landed(slot);
         }
-        landed.clear();
-        self.workers[wi].landed = landed;
+        importing.clear();
+        self.workers[wi].importing = importing;
+        self.take_in(w);
         self.wake.push(w);
     }
 

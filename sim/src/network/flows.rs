@@ -384,6 +384,7 @@ mod tests {
             per_transfer_overhead_ns: 0,
             host_copy_bytes_per_s: None,
             serialize_bytes_per_s: None,
+            import_bytes_per_s: None,
         }
     }
 

@@ -29,12 +29,18 @@ pub struct LinkSpec {
     pub latency_ns: u64,
     /// Setup of one transfer (handshake, registration, RPC).
     pub per_transfer_overhead_ns: u64,
-    /// Staging copies between device and host memory, paid once on each side.
+    /// Staging copies between device and host memory, paid once on each side (on the sender
+    /// only, where `import_bytes_per_s` is set).
     #[serde(default)]
     pub host_copy_bytes_per_s: Option<f64>,
     /// Serialization on the sender and deserialization on the receiver.
     #[serde(default)]
     pub serialize_bytes_per_s: Option<f64>,
+    /// The receiving engine's copy of landed KV into its cache, which it makes between two of
+    /// its steps, holding up the next: where set, it replaces the receiving side's host copy,
+    /// and the decode worker, not the transfer, pays it (as `disagg-hw`'s engine does).
+    #[serde(default)]
+    pub import_bytes_per_s: Option<f64>,
 }
 
 const PRESET_TOML: [(&str, &str); 5] = [
@@ -100,6 +106,9 @@ impl LinkSpec {
         if let Some(rate) = self.serialize_bytes_per_s {
             positive_finite("serialize_bytes_per_s", rate)?;
         }
+        if let Some(rate) = self.import_bytes_per_s {
+            positive_finite("import_bytes_per_s", rate)?;
+        }
         Ok(())
     }
 
@@ -109,20 +118,37 @@ impl LinkSpec {
     }
 
     /// Time a transfer of `bytes` spends outside the shared wire: per-transfer overhead plus,
-    /// where set, host copies and (de)serialization on both sides (sequential, not pipelined).
+    /// where set, host copies and (de)serialization on both sides (sequential, not pipelined;
+    /// the receiver's copy is left to its engine where the link has an import rate).
     pub fn endpoint_ns(&self, bytes: u64) -> Nanos {
         let bytes = bytes as f64;
-        let per_side_secs = self.host_copy_bytes_per_s.map_or(0.0, |r| bytes / r)
-            + self.serialize_bytes_per_s.map_or(0.0, |r| bytes / r);
+        let copies = if self.import_bytes_per_s.is_some() {
+            1.0
+        } else {
+            2.0
+        };
+        let copy_secs = self
+            .host_copy_bytes_per_s
+            .map_or(0.0, |r| copies * bytes / r);
+        let serialize_secs = self.serialize_bytes_per_s.map_or(0.0, |r| 2.0 * bytes / r);
         self.per_transfer_overhead_ns
-            .saturating_add(secs_to_ns(2.0 * per_side_secs))
+            .saturating_add(secs_to_ns(copy_secs + serialize_secs))
     }
 
-    /// Time of a lone transfer of `bytes` on an idle link: endpoint_ns + latency + bytes / rate.
+    /// The receiving engine's import of `bytes` once they landed (0 where the link leaves
+    /// the import inside the transfer).
+    pub fn import_ns(&self, bytes: u64) -> Nanos {
+        self.import_bytes_per_s
+            .map_or(0, |r| secs_to_ns(bytes as f64 / r))
+    }
+
+    /// Time of a lone transfer of `bytes` on an idle link, the receiver's import included:
+    /// endpoint_ns + latency + bytes / rate + import_ns.
     pub fn lone_transfer_ns(&self, bytes: u64) -> Nanos {
         self.endpoint_ns(bytes)
             .saturating_add(self.latency_ns)
             .saturating_add(secs_to_ns(bytes as f64 / self.bytes_per_s()))
+            .saturating_add(self.import_ns(bytes))
     }
 }
 
@@ -175,6 +201,7 @@ mod tests {
             per_transfer_overhead_ns: 500,
             host_copy_bytes_per_s: Some(1e9),
             serialize_bytes_per_s: Some(2e9),
+            import_bytes_per_s: None,
         };
         assert_eq!(spec.bytes_per_s(), 0.5e9);
         // 1 MB: 2 x 1 ms of copies + 2 x 0.5 ms of (de)serialization + 500 ns of setup.
@@ -187,6 +214,21 @@ mod tests {
             ..spec
         };
         assert_eq!(bare.endpoint_ns(1_000_000), 500);
+        // An engine that imports: the sender's copy stays in the transfer, the receiver's
+        // becomes the import (4 ms at 0.25 GB/s), and a lone transfer counts both.
+        let importing = LinkSpec {
+            import_bytes_per_s: Some(0.25e9),
+            ..bare.clone()
+        };
+        assert_eq!(importing.import_ns(1_000_000), 4_000_000);
+        let importing = LinkSpec {
+            host_copy_bytes_per_s: Some(1e9),
+            ..importing
+        };
+        assert_eq!(importing.endpoint_ns(1_000_000), 1_000_500);
+        assert_eq!(importing.import_ns(1_000_000), 4_000_000);
+        assert_eq!(importing.lone_transfer_ns(1_000_000), 7_001_500);
+        assert_eq!(bare.import_ns(1_000_000), 0);
     }
 
     #[test]
