@@ -11,8 +11,9 @@ use crate::frontend::api::{CompletionRequest, Prompt, StreamOptions};
 use sim::config::Scenario;
 use tokio::time::Instant;
 
-/// Probes sent; the first warms the connections and is not counted.
-pub const PROBES: usize = 12;
+/// Probes sent; the first warms the connections and is not counted. A probe takes a few ms
+/// on a GPU; medians of 11 moved between runs by up to a factor of 2.5, so more are taken.
+pub const PROBES: usize = 32;
 
 /// What the probes measured, in ns.
 #[derive(Clone, Debug, PartialEq)]
