@@ -2,6 +2,7 @@
 //! spent its time (waiting for an engine, prefilling, moving its KV, reaching the client), so
 //! that a miss in TTFT names the part of the model that misses.
 
+use crate::compare::median;
 use sim::metrics::RequestRecord;
 
 /// The parts, in the order a request goes through them.
@@ -31,23 +32,16 @@ fn parts_ns(r: &RequestRecord) -> [Option<u64>; 5] {
 }
 
 fn medians_ms(records: &[RequestRecord]) -> [Option<f64>; 5] {
-    let mut values: [Vec<u64>; 5] = Default::default();
+    let mut values: [Vec<f64>; 5] = Default::default();
     for r in records
         .iter()
         .filter(|r| r.is_completed() && r.prefill_end_ns > 0)
     {
         for (v, part) in values.iter_mut().zip(parts_ns(r)) {
-            v.extend(part);
+            v.extend(part.map(|ns| ns as f64 / 1e6));
         }
     }
-    values.map(|mut v| {
-        v.sort_unstable();
-        match v.len() {
-            0 => None,
-            n if n % 2 == 1 => Some(v[n / 2] as f64 / 1e6),
-            n => Some((v[n / 2 - 1] + v[n / 2]) as f64 / 2e6),
-        }
-    })
+    values.map(|v| median(&v))
 }
 
 /// The median of each part, predicted and measured.

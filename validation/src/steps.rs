@@ -28,13 +28,8 @@ fn kind(row: &StepRow) -> &'static str {
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
+fn median(values: Vec<f64>) -> f64 {
+    crate::compare::median(&values).unwrap_or(f64::NAN)
 }
 
 /// Reads every `steps-*.csv` in `dir` and compares each kind of step that started at or after

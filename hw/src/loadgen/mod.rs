@@ -205,6 +205,28 @@ async fn model(
     }
 }
 
+/// A streamed, greedy completion of exactly `max_tokens` tokens (end-of-sequence ignored),
+/// with the usage at its end.
+fn streamed_completion(model: &str, prompt: Vec<u32>, max_tokens: u32) -> CompletionRequest {
+    CompletionRequest {
+        model: model.to_owned(),
+        prompt: Prompt::Tokens(prompt),
+        max_tokens: Some(u64::from(max_tokens)),
+        temperature: Some(0.0),
+        top_p: None,
+        stop: None,
+        seed: None,
+        n: None,
+        stream: Some(true),
+        stream_options: Some(StreamOptions {
+            include_usage: true,
+        }),
+        user: None,
+        ignore_eos: Some(true),
+        return_token_ids: None,
+    }
+}
+
 /// The first model of `GET /v1/models`.
 async fn first_model(
     http: &reqwest::Client,
@@ -399,22 +421,14 @@ impl Driver {
         let sent_ns = self.now_ns();
         let id = planned.req.id;
         let body = CompletionRequest {
-            model: self.model.clone(),
-            prompt: Prompt::Tokens(planned.prompt.clone()),
-            // A completion has at least one token.
-            max_tokens: Some(u64::from(planned.req.output_tokens.max(1))),
-            temperature: Some(0.0),
-            top_p: None,
-            stop: None,
-            seed: None,
-            n: None,
-            stream: Some(true),
-            stream_options: Some(StreamOptions {
-                include_usage: true,
-            }),
             user: Some(planned.req.conversation.to_string()),
-            ignore_eos: Some(true),
             return_token_ids: Some(true),
+            // A completion has at least one token.
+            ..streamed_completion(
+                &self.model,
+                planned.prompt.clone(),
+                planned.req.output_tokens.max(1),
+            )
         };
         let http = self.http.clone();
         let url = self.url.clone();

@@ -6,8 +6,7 @@
 //! so that nothing they leave enters a prefix cache or the router's index.
 
 use super::client;
-use super::{BenchOptions, LoadgenError, connect, model, vocab_size};
-use crate::frontend::api::{CompletionRequest, Prompt, StreamOptions};
+use super::{BenchOptions, LoadgenError, connect, model, streamed_completion, vocab_size};
 use sim::config::Scenario;
 use tokio::time::Instant;
 
@@ -53,23 +52,7 @@ pub async fn serving_path(
         let prompt = (0..prompt_tokens)
             .map(|k| ((i as u64 * 7919 + u64::from(k) * 104_729 + 17) % u64::from(vocab)) as u32)
             .collect();
-        let body = CompletionRequest {
-            model: model.clone(),
-            prompt: Prompt::Tokens(prompt),
-            max_tokens: Some(1),
-            temperature: Some(0.0),
-            top_p: None,
-            stop: None,
-            seed: None,
-            n: None,
-            stream: Some(true),
-            stream_options: Some(StreamOptions {
-                include_usage: true,
-            }),
-            user: None,
-            ignore_eos: Some(true),
-            return_token_ids: None,
-        };
+        let body = streamed_completion(&model, prompt, 1);
         let start = Instant::now();
         let answer = client::complete(&http, &url, &body, start, options.request_timeout)
             .await
