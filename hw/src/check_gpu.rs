@@ -33,6 +33,9 @@ pub struct CheckPlan {
     /// first records the 128-token bucket's graph, and the rest replay it with other lengths
     /// and contexts.
     pub solo_prompt_lens: Vec<usize>,
+    /// Decode steps of each solo prompt alone, fed its own tokens again: batch 1, where a GPU
+    /// takes the one-row GEMV kernels and decode attention split over the context.
+    pub solo_decode_steps: usize,
     /// Decode steps after the KV round trip.
     pub round_trip_steps: usize,
     pub block_size_tokens: usize,
@@ -46,6 +49,7 @@ impl Default for CheckPlan {
             late_prompt_len: 100,
             decode_steps: 8,
             solo_prompt_lens: vec![100, 70, 250],
+            solo_decode_steps: 4,
             round_trip_steps: 16,
             block_size_tokens: 16,
         }
@@ -249,13 +253,16 @@ struct Run {
 /// (the reference's tokens) or, for the reference itself, its own greedy picks. A `late`
 /// prompt joins at the first decode step, prefilled in two chunks beside the others' decode
 /// tokens (a mixed step, then a chunk over context already cached), and decodes from then on.
-/// Then each `solo` prompt is prefilled alone, the last in two chunks.
+/// Then each `solo` prompt is prefilled alone, the last in two chunks, and decodes `solo_steps`
+/// steps alone, fed its own tokens from the first (no run's picks, so every run is fed alike).
+#[allow(clippy::too_many_arguments)]
 fn run(
     model: Model,
     prompts: &[Vec<u32>],
     late: &[u32],
     steps: usize,
     solo: &[Vec<u32>],
+    solo_steps: usize,
     forced: Option<&[Vec<u32>]>,
     block_size: usize,
 ) -> Result<Run, CheckError> {
@@ -263,7 +270,10 @@ fn run(
         .iter()
         .chain(std::iter::once(&late.to_vec()))
         .map(|p| (p.len() + steps + 1).div_ceil(block_size))
-        .chain(solo.iter().map(|p| p.len().div_ceil(block_size)))
+        .chain(
+            solo.iter()
+                .map(|p| (p.len() + solo_steps).div_ceil(block_size)),
+        )
         .sum();
     let mut m = PagedModel::new(model, blocks as u32 + 1, block_size as u32, false)?;
     // Each step's work, and whether each of its rows picks the sequence's next token (the
@@ -332,6 +342,14 @@ fn run(
         for n in [chunk, p.len() - chunk].into_iter().filter(|&n| n > 0) {
             let logits = m
                 .step(&[(id, n)])?
+                .to_vec2::<f32>()
+                .map_err(RuntimeError::from)?;
+            out.rows.extend(logits);
+        }
+        for &t in p.iter().cycle().take(solo_steps) {
+            m.push_token(id, t)?;
+            let logits = m
+                .step(&[(id, 1)])?
                 .to_vec2::<f32>()
                 .map_err(RuntimeError::from)?;
             out.rows.extend(logits);
@@ -480,6 +498,7 @@ pub fn check(
         &late,
         plan.decode_steps,
         &solo,
+        plan.solo_decode_steps,
         None,
         plan.block_size_tokens,
     )?;
@@ -489,8 +508,8 @@ pub fn check(
         plan_words: format!(
             "a prefill of {} prompts ({} tokens) in one step, then {} decode steps fed the \
              reference's greedy tokens, a prompt of {} tokens joining them in two chunks, then \
-             prompts of {} tokens prefilled alone, the last in two chunks; the KV round trip \
-             continues {} steps",
+             prompts of {} tokens prefilled alone, the last in two chunks, each decoding {} \
+             steps alone; the KV round trip continues {} steps",
             prompts.len(),
             plan.prompt_lens
                 .iter()
@@ -504,6 +523,7 @@ pub fn check(
                 .map(usize::to_string)
                 .collect::<Vec<_>>()
                 .join(", "),
+            plan.solo_decode_steps,
             plan.round_trip_steps
         ),
         accuracy: Vec::new(),
@@ -518,6 +538,7 @@ pub fn check(
             &late,
             plan.decode_steps,
             &solo,
+            plan.solo_decode_steps,
             Some(&reference.fed),
             plan.block_size_tokens,
         )?;
@@ -576,9 +597,10 @@ mod tests {
         assert!(report.pass(), "{}", report.table());
         let f32_row = &report.accuracy[0];
         // 2 prefill rows, then 5 steps of 2 decodes and the late prompt's chunk or token, then
-        // one solo prompt's row and two chunks of the other's.
-        assert_eq!((f32_row.max_rel, f32_row.rows), (0.0, 20));
-        assert_eq!(f32_row.top1_agree, 20);
+        // one solo prompt's row and two chunks of the other's, each solo prompt then decoding
+        // four steps alone.
+        assert_eq!((f32_row.max_rel, f32_row.rows), (0.0, 28));
+        assert_eq!(f32_row.top1_agree, 28);
         for a in &report.accuracy[1..] {
             assert!(a.max_rel > 0.0, "{:?} rounds", a.dtype);
         }

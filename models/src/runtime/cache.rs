@@ -31,6 +31,10 @@ pub struct KvCache {
     /// Decode steps recorded over these pools.
     #[cfg(feature = "cuda")]
     pub(crate) graphs: super::graph::Graphs,
+    /// The split decode attention's counters (see `fused::paged_decode_attention`), on a GPU:
+    /// zero between launches, at one address for every step, recorded or not.
+    #[cfg(feature = "cuda")]
+    pub(crate) attention_counters: Option<Tensor>,
 }
 
 impl KvCache {
@@ -88,6 +92,15 @@ impl KvCache {
             device: device.clone(),
             #[cfg(feature = "cuda")]
             graphs: Default::default(),
+            #[cfg(feature = "cuda")]
+            attention_counters: match device {
+                Device::Cuda(_) => Some(Tensor::zeros(
+                    super::fused::ATTENTION_COUNTERS,
+                    DType::U32,
+                    device,
+                )?),
+                _ => None,
+            },
         })
     }
 

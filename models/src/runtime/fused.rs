@@ -156,8 +156,6 @@ pub fn add_rms_norm(
 
 /// Where a step's new tokens go: rotated Q out, K and V into the cache pools.
 pub struct RopeKv<'a> {
-    /// (tokens, n_heads + 2 n_kv_heads, head_dim): the fused QKV projection.
-    pub qkv: &'a Tensor,
     /// (max_position, head_dim / 2) tables in the activations' dtype.
     pub cos: &'a Tensor,
     pub sin: &'a Tensor,
@@ -171,17 +169,70 @@ pub struct RopeKv<'a> {
     pub interleaved: bool,
 }
 
-/// RoPE on every Q and K head of every token (each at its own position), K and V written to
+/// The fused QKV projection of x (tokens, hidden) by w ((n_heads + 2 n_kv_heads) head_dim,
+/// hidden), then [`rope_write_kv`]: in one GEMV launch for one token of f16 or bf16.
+pub fn qkv_rope(x: &Tensor, w: &Tensor, a: &RopeKv) -> Result<Tensor> {
+    let (kvh, n_slots, hd) = a.k_pool.dims3()?;
+    let fits = gemv_fits(x, w, Product::Plain)?
+        && a.positions.dim(0)? == 1
+        && hd.is_multiple_of(2)
+        && w.dim(0)? == (a.n_heads + 2 * kvh) * hd;
+    if !fits {
+        return rope_write_kv(&matmul(x, w)?, a);
+    }
+    let dev = cuda(x.device())?;
+    let k = x.dim(1)?;
+    let q = empty(dev, x.dtype(), (1, a.n_heads, hd))?;
+    let func = kernel!(dev, "gemv_rope", x.dtype())?;
+    let pairs = w.dim(0)? / 2;
+    let ksplit = gemv_ksplit(k);
+    let ptrs = [
+        address(a.cos)?,
+        address(a.sin)?,
+        address(a.positions)?,
+        address(a.slots)?,
+        address(&q)?,
+        address(a.k_pool)?,
+        address(a.v_pool)?,
+    ];
+    let (px, pw) = (address(x)?, address(w)?);
+    let (pairs_i, k_i, ksplit_i) = (pairs as i32, k as i32, ksplit as i32);
+    let (nh, kvh_i, hd_i) = (a.n_heads as i32, kvh as i32, hd as i32);
+    let interleaved = i32::from(a.interleaved);
+    let mut b = func.builder();
+    b.arg(&px).arg(&pw).arg(&pairs_i).arg(&k_i).arg(&ksplit_i);
+    for p in &ptrs {
+        b.arg(p);
+    }
+    b.arg(&nh)
+        .arg(&kvh_i)
+        .arg(&hd_i)
+        .arg(&n_slots)
+        .arg(&interleaved);
+    let cfg = LaunchConfig {
+        grid_dim: (pairs.div_ceil(GEMV_THREADS / 32 / ksplit) as u32, 1, 1),
+        block_dim: (GEMV_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature; x holds k elements and w 2 x pairs
+    // rows of k, 16-byte aligned, k a multiple of 8 (gemv_fits); one token's position and
+    // slot, checked in range by the caller or NO_SLOT, which the kernel skips.
+    unsafe { b.launch(cfg) }.map_err(failed)?;
+    Ok(q)
+}
+
+/// RoPE on every Q and K head of every token of `qkv` (tokens, n_heads + 2 n_kv_heads,
+/// head_dim), the fused QKV projection (each token at its own position), K and V written to
 /// their slots; returns Q, (tokens, n_heads, head_dim).
-pub fn rope_write_kv(a: &RopeKv) -> Result<Tensor> {
-    let dev = cuda(a.qkv.device())?;
+pub fn rope_write_kv(qkv: &Tensor, a: &RopeKv) -> Result<Tensor> {
+    let dev = cuda(qkv.device())?;
     let (kvh, n_slots, hd) = a.k_pool.dims3()?;
     // The step's tokens; qkv may have padding rows past them (see [`matmul_rows`]).
     let t = a.positions.dim(0)?;
-    let q = empty(dev, a.qkv.dtype(), (t, a.n_heads, hd))?;
-    let func = kernel!(dev, "rope_write_kv", a.qkv.dtype())?;
+    let q = empty(dev, qkv.dtype(), (t, a.n_heads, hd))?;
+    let func = kernel!(dev, "rope_write_kv", qkv.dtype())?;
     let ptrs = [
-        address(a.qkv)?,
+        address(qkv)?,
         address(a.cos)?,
         address(a.sin)?,
         address(a.positions)?,
@@ -273,6 +324,9 @@ pub struct DeviceDecodeRows {
 const ATTENTION_TARGET_BLOCKS: usize = 256;
 /// Fewest keys a split of the context takes.
 const MIN_SPLIT_KEYS: usize = 64;
+/// Counters a split launch needs at most: one per (row, head), and a split launch has at most
+/// half the target's blocks of them.
+pub(crate) const ATTENTION_COUNTERS: usize = ATTENTION_TARGET_BLOCKS / 2;
 
 /// How a decode attention launch of `rows` queries of `heads` heads over at most
 /// `max_context` tokens splits the context: (splits, keys per split).
@@ -302,13 +356,15 @@ pub fn attention_fits(head_dim: usize, max_context: usize, block_size: usize) ->
 
 /// Attention of each decode row's query over its paged context, written into `out` (tokens,
 /// n_heads * head_dim) at the row; other rows of `out` are left as they are. A context split
-/// over several blocks (see [`attention_splits`]) is merged by a second kernel.
+/// over several blocks (see [`attention_splits`]) is merged by the last of them to finish,
+/// counting in `counters` ([`ATTENTION_COUNTERS`] u32 zeros, left zero).
 pub fn paged_decode_attention(
     q: &Tensor,
     k_pool: &Tensor,
     v_pool: &Tensor,
     decode: &DeviceDecodeRows,
     block_size: usize,
+    counters: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
     let dev = cuda(q.device())?;
@@ -326,6 +382,13 @@ pub fn paged_decode_attention(
         1 => None,
         _ => Some(empty(dev, DType::F32, decode.n * nh * splits * (hd + 2))?),
     };
+    if splits > 1 && (decode.n * nh > counters.elem_count() || counters.dtype() != DType::U32) {
+        return Err(Error::Msg(format!(
+            "decode attention: {} rows of {nh} heads split {splits} ways need {} u32 counters",
+            decode.n,
+            decode.n * nh
+        )));
+    }
     let func = kernel!(dev, "paged_decode_attention", q.dtype())?;
     let meta = address(&decode.meta)?;
     let n = decode.n as u64;
@@ -341,6 +404,7 @@ pub fn paged_decode_attention(
         meta + 12 * n,
         po,
         pp,
+        address(counters)?,
     ];
     let (nh_i, kvh_i, hd_i, bs) = (nh as i32, kvh as i32, hd as i32, block_size as i32);
     let (split_keys_i, scale) = (split_keys as i32, 1.0 / (hd as f32).sqrt());
@@ -362,27 +426,8 @@ pub fn paged_decode_attention(
     };
     // SAFETY: the arguments match the kernel's signature; the tables hold checked block ids
     // covering each row's context, the pools are aligned for 8-element loads, the shared
-    // memory fits (checked above) and partial holds every split's head_dim + 2 floats.
-    unsafe { b.launch(cfg) }.map_err(failed)?;
-    if splits == 1 {
-        return Ok(());
-    }
-    let func = kernel!(dev, "decode_attention_combine", q.dtype())?;
-    let splits_i = splits as i32;
-    let mut b = func.builder();
-    b.arg(&pp)
-        .arg(&rows)
-        .arg(&po)
-        .arg(&nh_i)
-        .arg(&hd_i)
-        .arg(&splits_i);
-    let cfg = LaunchConfig {
-        grid_dim: (decode.n as u32, nh as u32, 1),
-        block_dim: (hd as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the arguments match the kernel's signature; partial was written above for
-    // every row, head and split; head_dim is at most 256 threads (checked above).
+    // memory fits (checked above), partial holds every split's head_dim + 2 floats and
+    // counters one u32 per (row, head) where the context is split.
     unsafe { b.launch(cfg) }.map_err(failed)?;
     Ok(())
 }
@@ -563,43 +608,97 @@ impl MatmulShapes {
     }
 }
 
-/// Weight rows a GEMV block covers (`GEMV_ROWS * GEMV_WARPS` in `kernels.cu`).
-const GEMV_BLOCK_ROWS: usize = 8;
+/// Threads of a GEMV block (`32 * GEMV_WARPS` in `kernels.cu`), and the outputs a group of
+/// its warps covers (`GEMV_ROWS`; gated, one).
+const GEMV_THREADS: usize = 256;
+const GEMV_GROUP_ROWS: usize = 2;
+/// Rows of w longer than this are split over four warps, shorter over two (see `kernels.cu`).
+const GEMV_LONG_ROW: usize = 4096;
 
-/// `x · wᵀ` for x (m, k) and w (n, k): one row of f16 or bf16 in the GEMV kernel, which reads
-/// w once at close to the copy bandwidth; more rows, or other dtypes, through cuBLAS.
-pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// What a matmul yields.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Product {
+    /// `x · wᵀ`, stored as x's dtype.
+    Plain,
+    /// `x · wᵀ` in f32 (the logits).
+    F32,
+    /// A SwiGLU's `SiLU(x · w_gateᵀ) * (x · w_upᵀ)` for w (2 inter, k) = [w_gate | w_up].
+    Silu,
+}
+
+/// Warps that share a GEMV's rows of k.
+fn gemv_ksplit(k: usize) -> usize {
+    if k > GEMV_LONG_ROW { 4 } else { 2 }
+}
+
+/// Whether x (1, k) and w (n, k) fit the GEMV kernel: f16 or bf16, contiguous, k a multiple
+/// of 8, both 16-byte aligned; gated, w of an even number of rows.
+fn gemv_fits(x: &Tensor, w: &Tensor, product: Product) -> Result<bool> {
     let (m, k) = x.dims2()?;
-    let fits = m == 1
+    Ok(m == 1
         && matches!(x.dtype(), DType::F16 | DType::BF16)
         && w.dtype() == x.dtype()
         && x.is_contiguous()
         && w.is_contiguous()
         && w.rank() == 2
         && w.dim(1)? == k
+        && (product != Product::Silu || w.dim(0)?.is_multiple_of(2))
         && k.is_multiple_of(8)
         && address(x)? % 16 == 0
-        && address(w)? % 16 == 0;
-    if !fits {
-        return linear(x, w);
-    }
+        && address(w)? % 16 == 0)
+}
+
+/// The GEMV kernel over x and w that fit it: (1, n) for w (n, k), gated (1, n / 2).
+fn gemv(x: &Tensor, w: &Tensor, product: Product) -> Result<Tensor> {
     let dev = cuda(x.device())?;
-    let n = w.dim(0)?;
-    let y = empty(dev, x.dtype(), (1, n))?;
-    let func = kernel!(dev, "gemv", x.dtype())?;
+    let (n, k) = w.dims2()?;
+    let ksplit = gemv_ksplit(k);
+    let groups = GEMV_THREADS / 32 / ksplit;
+    let (name, outputs, dtype, block_outputs) = match product {
+        Product::Plain => ("gemv", n, x.dtype(), groups * GEMV_GROUP_ROWS),
+        Product::F32 => ("gemv_f32_out", n, DType::F32, groups * GEMV_GROUP_ROWS),
+        Product::Silu => ("gemv_silu", n / 2, x.dtype(), groups),
+    };
+    let y = empty(dev, dtype, (1, outputs))?;
+    let func = kernel!(dev, name, x.dtype())?;
     let (px, pw, py) = (address(x)?, address(w)?, address(&y)?);
-    let (n_i, k_i) = (n as i32, k as i32);
+    let (n_i, k_i, ksplit_i) = (outputs as i32, k as i32, ksplit as i32);
     let mut b = func.builder();
-    b.arg(&px).arg(&pw).arg(&py).arg(&n_i).arg(&k_i);
+    b.arg(&px)
+        .arg(&pw)
+        .arg(&py)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&ksplit_i);
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(GEMV_BLOCK_ROWS) as u32, 1, 1),
-        block_dim: (128, 1, 1),
+        grid_dim: (outputs.div_ceil(block_outputs) as u32, 1, 1),
+        block_dim: (GEMV_THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: the arguments match the kernel's signature; x holds k elements, w n x k, y n;
-    // k is a multiple of 8 and both inputs are 16-byte aligned.
+    // SAFETY: the arguments match the kernel's signature; x holds k elements, w n x k rows
+    // (gated: 2 x outputs), y `outputs` of its dtype; k is a multiple of 8 and both inputs
+    // are 16-byte aligned; ksplit divides the block's warps.
     unsafe { b.launch(cfg) }.map_err(failed)?;
     Ok(y)
+}
+
+/// The `product` of x (m, k) and w (n, k): one row of f16 or bf16 in the GEMV kernel, which
+/// reads w once at close to the copy bandwidth; more rows, or other dtypes, through cuBLAS
+/// (gated, then [`silu_mul`]).
+pub fn product(x: &Tensor, w: &Tensor, product: Product) -> Result<Tensor> {
+    if gemv_fits(x, w, product)? {
+        return gemv(x, w, product);
+    }
+    match product {
+        Product::Plain => linear(x, w),
+        Product::F32 => linear(x, w)?.to_dtype(DType::F32),
+        Product::Silu => silu_mul(&linear(x, w)?),
+    }
+}
+
+/// `x · wᵀ`: [`product`]'s plain one.
+pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    product(x, w, Product::Plain)
 }
 
 /// The rows of an export (see `KvCache::export_blocks_tensor`) in one launch: row i holds block

@@ -89,12 +89,14 @@ __device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ y,
     }
     float sq = 0.0f;
     if (vec && cols <= 8 * (int)blockDim.x * ROW_CHUNKS) {
-        float v[ROW_CHUNKS][8];
+        // The weights are loaded with the row, not after the reduction: one round trip less.
+        float v[ROW_CHUNKS][8], wk[ROW_CHUNKS][8];
 #pragma unroll
         for (int k = 0; k < ROW_CHUNKS; ++k) {
             const int c = 8 * (threadIdx.x + k * blockDim.x);
             if (c >= cols) break;
             load8(x + row + c, v[k]);
+            load8(w + c, wk[k]);
             if (y != nullptr) {
                 float b[8];
                 load8(y + row + c, b);
@@ -114,7 +116,7 @@ __device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ y,
             const int c = 8 * (threadIdx.x + k * blockDim.x);
             if (c >= cols) break;
 #pragma unroll
-            for (int e = 0; e < 8; ++e) h[row + c + e] = from_f32<T>(v[k][e] * scale * w[c + e]);
+            for (int e = 0; e < 8; ++e) h[row + c + e] = from_f32<T>(v[k][e] * scale * wk[k][e]);
         }
         return;
     }
@@ -173,9 +175,11 @@ __device__ void rope_write_kv(const T *__restrict__ qkv, const T *__restrict__ c
 // Attention of single-token queries over their paged context, split over the context (flash
 // decoding): block (i, head, split) reads query row rows[i] of q (tokens, n_heads, head_dim)
 // and keys [split * split_keys, (split + 1) * split_keys) of the first context[i] tokens of
-// the blocks listed at tables[table_start[i]..]. With one split it writes its head of row
-// rows[i] of out (tokens, n_heads * head_dim); with several, (sums, max, sum) to `partial`
-// for decode_attention_combine.
+// the blocks listed at tables[table_start[i]..], and writes its head of row rows[i] of out
+// (tokens, n_heads * head_dim). With several splits, each writes (sums, max, sum) to
+// `partial`, and the last of (i, head) to finish merges them: counters[i * n_heads + head]
+// counts the finished splits (zero between launches: the last resets it), so the merge needs
+// no second launch, which cost about as much as the attention itself at batch 1.
 //
 // Decode attention is bound by the latency of its loads, not their bytes (a few hundred KiB a
 // layer), so a batch of one sequence splits its context over many blocks, and within a block
@@ -189,7 +193,8 @@ __device__ void paged_decode_attention(const T *__restrict__ q, const T *__restr
                                        const T *__restrict__ v_pool, const uint32_t *rows,
                                        const uint32_t *context, const uint32_t *table_start,
                                        const uint32_t *tables, T *__restrict__ out,
-                                       float *__restrict__ partial, int n_heads, int n_kv_heads,
+                                       float *__restrict__ partial, uint32_t *counters,
+                                       int n_heads, int n_kv_heads,
                                        int head_dim, size_t n_slots, int block_size,
                                        int split_keys, float scale) {
     extern __shared__ float smem[];
@@ -275,28 +280,37 @@ __device__ void paged_decode_attention(const T *__restrict__ q, const T *__restr
             if (d == 0) p[head_dim] = mx, p[head_dim + 1] = sum;
         }
     }
-}
+    if (gridDim.z == 1) return;
 
-// The splits of decode_attention's block (i, head) merged: block (i, head), a thread per
-// element of the head. Splits past a row's context hold max -inf and sum 0.
-template <typename T>
-__device__ void decode_attention_combine(const float *__restrict__ partial, const uint32_t *rows,
-                                         T *__restrict__ out, int n_heads, int head_dim,
-                                         int splits) {
-    const int i = blockIdx.x, head = blockIdx.y;
+    // Publish this split, count it, and let the last split of (i, head) merge them all.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        uint32_t *count = counters + (size_t)i * n_heads + head;
+        last = atomicAdd(count, 1u) == gridDim.z - 1;
+        if (last) *count = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // Splits past the row's context hold max -inf and sum 0. Read from L2, where the other
+    // blocks' writes are.
+    const int splits = gridDim.z;
     const float *p = partial + ((size_t)i * n_heads + head) * splits * (head_dim + 2);
     float mx = -INFINITY;
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, p[s * (head_dim + 2) + head_dim]);
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, __ldcg(p + s * (head_dim + 2) + head_dim));
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float sum = 0.0f, o = 0.0f;
         for (int s = 0; s < splits; ++s) {
             const float *ps = p + s * (head_dim + 2);
-            if (ps[head_dim] == -INFINITY) continue;
-            const float w = exp2f(ps[head_dim] - mx);
-            sum += ps[head_dim + 1] * w;
-            o += ps[d] * w;
+            const float m_s = __ldcg(ps + head_dim);
+            if (m_s == -INFINITY) continue;
+            const float w = exp2f(m_s - mx);
+            sum += __ldcg(ps + head_dim + 1) * w;
+            o += __ldcg(ps + d) * w;
         }
-        out[((size_t)rows[i] * n_heads + head) * head_dim + d] = from_f32<T>(o / sum);
+        out[(row * n_heads + head) * head_dim + d] = from_f32<T>(o / sum);
     }
 }
 
@@ -575,41 +589,87 @@ __device__ void silu_mul(const T *gate_up, T *act, size_t tokens, int inter) {
     }
 }
 
+// Sixteen bytes of weights that are read once: they bypass L1, which keeps x for every warp.
+__device__ __forceinline__ uint4 load_streamed(const uint4 *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
 // y (n) = w x for w (n, k) row-major: a one-sequence decode step's matmuls, bound by reading w
-// once (on an H100 a batch-1 TinyLlama step took 1.37 ms with it, 1.40 ms with cuBLAS; at two
-// to four rows cuBLAS was faster, and is used). Each warp computes GEMV_ROWS consecutive outputs; its lanes
-// stride over k eight elements (16 bytes) at a time, GEMV_UNROLL steps in flight; x is read
-// through L1, where every warp of the SM finds it. Sums in f32. k is a multiple of 8, both
-// inputs 16-byte aligned.
+// once (at two to four rows cuBLAS was faster, and is used). Each `ksplit` warps (2 or 4)
+// compute GEMV_ROWS consecutive outputs, taking alternate 512-byte runs of each row (16 bytes
+// a lane, GEMV_UNROLL runs in flight) and adding their sums in shared memory; x is read
+// through L1, where every warp of the SM finds it. Sums in f32; y is stored as O. k is a
+// multiple of 8, both inputs 16-byte aligned. On an H200, in CUDA graphs of TinyLlama's
+// shapes, this took 29.5 us a layer against 34.9 for one warp a row pair with cached loads;
+// four warps a row pair paid off on the longest rows (down: 7.5 us against 7.9).
+//
+// GATED: y (n) = SiLU(w_gate x) * (w_up x) for w (2n, k) = [w_gate | w_up]: the warps take
+// row j of each half and write act j, so a SwiGLU's gate and up projections and their product
+// are one launch.
+//
+// ROPE: w is a fused QKV projection and the product goes where rope_write_kv puts it (Q
+// rotated to q_out, K rotated and V into the token's slot of the pools), so the projection and
+// its RoPE are one launch: the warps take the two rows of a rotation pair of a head (n pairs),
+// each rounded to T as the projection's output would be, and rotate them. One token (row 0 of
+// positions and slots).
+//
+// (Folding the RMSNorm before a matmul into it, each block normalising the row itself, made a
+// batch-1 step 15% slower on an H200: gate/up's 1408 blocks run in two waves, each paying the
+// norm's loads and reduction.)
 #define GEMV_ROWS 2
-#define GEMV_WARPS 4
+#define GEMV_WARPS 8
 #define GEMV_UNROLL 4
-template <typename T>
-__device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, int n,
-                     int k) {
-    const int lane = threadIdx.x % 32;
-    const int col0 = (blockIdx.x * GEMV_WARPS + threadIdx.x / 32) * GEMV_ROWS;
-    if (col0 >= n) return;
-    const int chunks = k / 8;
+enum GemvMode { PLAIN, GATED, ROPE };
+// Where ROPE writes (see rope_write_kv).
+template <typename T> struct RopeOut {
+    const T *cos, *sin;
+    const uint32_t *positions, *slots;
+    T *q_out, *k_pool, *v_pool;
+    int n_heads, n_kv_heads, head_dim;
+    size_t n_slots;
+    int interleaved;
+};
+template <typename T, typename O, GemvMode MODE>
+__device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, O *__restrict__ y, int n,
+                     int k, int ksplit, const RopeOut<T> &rope) {
+    __shared__ float part[GEMV_WARPS][GEMV_ROWS];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int group = blockIdx.x * (GEMV_WARPS / ksplit) + warp / ksplit;
+    const int slice = warp % ksplit;
+    // Outputs col0 .. col0 + GEMV_ROWS (gated: one, col0; rope: pair col0).
+    const int col0 = MODE == PLAIN ? group * GEMV_ROWS : group;
+    const int chunks = k / 8, stride = 32 * ksplit;
     float acc[GEMV_ROWS] = {};
     const uint4 *rows[GEMV_ROWS];
+    // ROPE: head `head`, pair (a, b) of it.
+    const int half = rope.head_dim / 2, pair = min(col0, n - 1);
+    const int head = MODE == ROPE ? pair / half : 0, j = MODE == ROPE ? pair % half : 0;
+    const int a = rope.interleaved ? 2 * j : j, b = rope.interleaved ? 2 * j + 1 : j + half;
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) {
-        rows[r] = reinterpret_cast<const uint4 *>(w + (size_t)min(col0 + r, n - 1) * k);
+        int row;
+        if (MODE == PLAIN) row = min(col0 + r, n - 1);
+        else if (MODE == GATED) row = min(col0, n - 1) + r * n;
+        else row = head * rope.head_dim + (r == 0 ? a : b);
+        rows[r] = reinterpret_cast<const uint4 *>(w + (size_t)row * k);
     }
-    for (int base = lane; base < chunks; base += 32 * GEMV_UNROLL) {
+    for (int base = slice * 32 + lane; base < chunks; base += stride * GEMV_UNROLL) {
         uint4 wv[GEMV_UNROLL][GEMV_ROWS];
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
-            const int c = base + 32 * u;
+            const int c = base + stride * u;
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; ++r) {
-                wv[u][r] = c < chunks ? __ldg(rows[r] + c) : make_uint4(0, 0, 0, 0);
+                wv[u][r] = c < chunks ? load_streamed(rows[r] + c) : make_uint4(0, 0, 0, 0);
             }
         }
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
-            const int c = base + 32 * u;
+            const int c = base + stride * u;
             if (c >= chunks) break;
             float xv[8];
             load8(x + 8 * c, xv);
@@ -625,14 +685,59 @@ __device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, T *__rest
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) {
         const float sum = warp_sum(acc[r]);
-        if (lane == r && col0 + r < n) y[col0 + r] = from_f32<T>(sum);
+        if (lane == 0) part[warp][r] = sum;
+    }
+    __syncthreads();
+    if (slice != 0 || lane != 0) return;
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+        acc[r] = 0.0f;
+        for (int s = 0; s < ksplit; ++s) acc[r] += part[warp + s][r];
+    }
+    if (MODE == GATED) {
+        if (col0 < n) y[col0] = from_f32<O>(acc[0] / (1.0f + __expf(-acc[0])) * acc[1]);
+    } else if (MODE == ROPE) {
+        if (col0 >= n) return;
+        const float x0 = to_f32(from_f32<T>(acc[0])), x1 = to_f32(from_f32<T>(acc[1]));
+        const uint32_t slot_id = rope.slots[0];
+        const int nh = rope.n_heads, kvh = rope.n_kv_heads, hd = rope.head_dim;
+        if (head >= nh + kvh) {
+            if (slot_id == NO_SLOT) return;
+            T *v = rope.v_pool + ((size_t)(head - nh - kvh) * rope.n_slots + slot_id) * hd;
+            v[a] = from_f32<T>(x0), v[b] = from_f32<T>(x1);
+            return;
+        }
+        if (head >= nh && slot_id == NO_SLOT) return;
+        const size_t at = (size_t)rope.positions[0] * half + j;
+        const float cj = to_f32(rope.cos[at]), sj = to_f32(rope.sin[at]);
+        T *o = head < nh ? rope.q_out + (size_t)head * hd
+                         : rope.k_pool + ((size_t)(head - nh) * rope.n_slots + slot_id) * hd;
+        o[a] = from_f32<T>(x0 * cj - x1 * sj);
+        o[b] = from_f32<T>(x0 * sj + x1 * cj);
+    } else {
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) {
+            if (col0 + r < n) y[col0 + r] = from_f32<O>(acc[r]);
+        }
     }
 }
 
-#define INSTANTIATE_GEMV(T, SUFFIX)                                                             \
+#define GEMV_ENTRY(T, O, MODE, NAME)                                                            \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                               \
-        gemv_##SUFFIX(const T *x, const T *w, T *y, int n, int k) {                             \
-        gemv<T>(x, w, y, n, k);                                                                 \
+        NAME(const T *x, const T *w, O *y, int n, int k, int ksplit) {                          \
+        gemv<T, O, MODE>(x, w, y, n, k, ksplit, RopeOut<T>{});                                  \
+    }
+#define INSTANTIATE_GEMV(T, SUFFIX)                                                             \
+    GEMV_ENTRY(T, T, PLAIN, gemv_##SUFFIX)                                                      \
+    GEMV_ENTRY(T, float, PLAIN, gemv_f32_out_##SUFFIX)                                          \
+    GEMV_ENTRY(T, T, GATED, gemv_silu_##SUFFIX)                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS) gemv_rope_##SUFFIX(           \
+        const T *x, const T *w, int n, int k, int ksplit, const T *cos, const T *sin,           \
+        const uint32_t *positions, const uint32_t *slots, T *q_out, T *k_pool, T *v_pool,       \
+        int n_heads, int n_kv_heads, int head_dim, size_t n_slots, int interleaved) {           \
+        const RopeOut<T> rope{cos,    sin,     positions,  slots,      q_out,    k_pool,        \
+                              v_pool, n_heads, n_kv_heads, head_dim,   n_slots,  interleaved};  \
+        gemv<T, T, ROPE>(x, w, nullptr, n, k, ksplit, rope);                                    \
     }
 
 INSTANTIATE_GEMV(__half, f16)
@@ -679,16 +784,11 @@ __device__ void move_blocks(const uint32_t *meta, T *__restrict__ rows, int n_po
     extern "C" __global__ void paged_decode_attention_##SUFFIX(                                 \
         const T *q, const T *k_pool, const T *v_pool, const uint32_t *rows,                     \
         const uint32_t *context, const uint32_t *table_start, const uint32_t *tables, T *out,   \
-        float *partial, int n_heads, int n_kv_heads, int head_dim, size_t n_slots,              \
-        int block_size, int split_keys, float scale) {                                          \
+        float *partial, uint32_t *counters, int n_heads, int n_kv_heads, int head_dim,          \
+        size_t n_slots, int block_size, int split_keys, float scale) {                          \
         paged_decode_attention<T>(q, k_pool, v_pool, rows, context, table_start, tables, out,   \
-                                  partial, n_heads, n_kv_heads, head_dim, n_slots, block_size,  \
-                                  split_keys, scale);                                           \
-    }                                                                                           \
-    extern "C" __global__ void decode_attention_combine_##SUFFIX(                               \
-        const float *partial, const uint32_t *rows, T *out, int n_heads, int head_dim,          \
-        int splits) {                                                                           \
-        decode_attention_combine<T>(partial, rows, out, n_heads, head_dim, splits);             \
+                                  partial, counters, n_heads, n_kv_heads, head_dim, n_slots,    \
+                                  block_size, split_keys, scale);                               \
     }                                                                                           \
     extern "C" __global__ void causal_softmax_##SUFFIX(T *scores, int n, int ctx, float scale) { \
         causal_softmax<T>(scores, n, ctx, scale);                                               \

@@ -404,7 +404,7 @@ impl Model {
         inputs: &StepInputs,
         mut on_layer: Option<&mut OnLayer>,
     ) -> Result<Tensor, RuntimeError> {
-        use super::fused;
+        use super::fused::{self, Product};
         let dev = &self.device;
         let t = inputs.tokens.dim(0)?;
         let (kvh, hd) = (cache.n_kv_heads(), cache.head_dim());
@@ -415,10 +415,8 @@ impl Model {
         let x = self.embed.index_select(&inputs.tokens, 0)?;
         let (mut x, mut h) = fused::add_rms_norm(&x, None, &self.layers[0].attn_norm, eps)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let qkv = fused::matmul(&h, &layer.wqkv)?;
             let (k_pool, v_pool) = cache.pools(li);
-            let q = fused::rope_write_kv(&fused::RopeKv {
-                qkv: &qkv,
+            let rope = fused::RopeKv {
                 cos,
                 sin,
                 positions: &inputs.positions,
@@ -427,7 +425,8 @@ impl Model {
                 v_pool,
                 n_heads: nh,
                 interleaved: self.rope.interleaved(),
-            })?;
+            };
+            let q = fused::qkv_rope(&h, &layer.wqkv, &rope)?;
             if let Some(f) = on_layer.as_mut() {
                 f(li, cache)?;
             }
@@ -441,12 +440,16 @@ impl Model {
                 _ => fused::rows(dev, self.dtype, t, nh * hd)?,
             };
             if let Some(d) = &inputs.decode {
+                let counters = cache.attention_counters.as_ref().ok_or_else(|| {
+                    RuntimeError::Invalid("decode attention: the cache is not on a GPU".into())
+                })?;
                 fused::paged_decode_attention(
                     &q,
                     k_pool,
                     v_pool,
                     d,
                     cache.block_size_tokens(),
+                    counters,
                     &attn,
                 )?;
             }
@@ -476,13 +479,17 @@ impl Model {
             }
             let o = fused::matmul(&attn, &layer.wo)?;
             let (x1, h1) = fused::add_rms_norm(&x, Some(&o), &layer.ffn_norm, eps)?;
-            let gate_up = fused::matmul(&h1, &layer.w_gate_up)?;
-            let down = fused::matmul(&fused::silu_mul(&gate_up)?, &layer.w_down)?;
+            let act = fused::product(&h1, &layer.w_gate_up, Product::Silu)?;
+            let down = fused::matmul(&act, &layer.w_down)?;
             let next_norm = self.layers.get(li + 1).map_or(&self.norm, |l| &l.attn_norm);
             (x, h) = fused::add_rms_norm(&x1, Some(&down), next_norm, eps)?;
         }
-        let last = h.index_select(&inputs.last, 0)?;
-        Ok(fused::matmul(&last, &self.lm_head)?.to_dtype(DType::F32)?)
+        // A one-token step's last row is its only one.
+        let last = match t {
+            1 => h,
+            _ => h.index_select(&inputs.last, 0)?,
+        };
+        Ok(fused::product(&last, &self.lm_head, Product::F32)?)
     }
 
     /// Attention of one sequence's new tokens (rows of `q`, viewed as (T, kv_heads, group,
