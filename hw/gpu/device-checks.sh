@@ -8,6 +8,7 @@
 # what runs.
 set -uo pipefail
 : "${OUT:?set OUT to the folder for the results}"
+mkdir -p "$OUT"
 STEPS=${STEPS:-check,p2p,staged,tcp}
 BIN=/tmp/disagg-hw
 gunzip -c .devpack/disagg-hw.gz >"$BIN" && chmod +x "$BIN" || exit 1

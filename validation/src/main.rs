@@ -5,7 +5,10 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use validation::overall::Overall;
-use validation::run::{Machine, RunSettings, format_load, hw_bin_beside, prepare, run_case};
+use validation::reprice::reprice_case;
+use validation::run::{
+    Machine, RunError, RunSettings, format_load, hw_bin_beside, prepare, run_case,
+};
 
 #[derive(Parser)]
 #[command(
@@ -43,20 +46,56 @@ enum Command {
         #[arg(long)]
         require_goal: bool,
     },
+    /// Price committed measurements again with the current model, without running anything
+    /// real: each case is derived as `run` derives it, simulated with the serving path its
+    /// run measured, and laid beside that run's measured metrics, TTFT parts and steps.
+    Reprice {
+        /// Case files (TOML).
+        #[arg(required = true)]
+        cases: Vec<PathBuf>,
+        /// The results root of the measured run: each case's measurement is MEASURED/CASE/.
+        #[arg(long)]
+        measured: PathBuf,
+        /// Where the new predictions go (OUT/CASE/); default target/reprice/<measured's name>.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The profile to price with, instead of the one each case names.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// Cores of the machine that measured (CPU workers share them); default this one's.
+        #[arg(long)]
+        cores: Option<u32>,
+    },
 }
 
 fn main() -> ExitCode {
-    let Cli {
-        command:
-            Command::Run {
-                cases,
-                out,
-                hw_bin,
-                profile,
-                machine,
-                require_goal,
-            },
-    } = Cli::parse();
+    match Cli::parse().command {
+        Command::Run {
+            cases,
+            out,
+            hw_bin,
+            profile,
+            machine,
+            require_goal,
+        } => run(cases, out, hw_bin, profile, machine, require_goal),
+        Command::Reprice {
+            cases,
+            measured,
+            out,
+            profile,
+            cores,
+        } => reprice(cases, measured, out, profile, cores),
+    }
+}
+
+fn run(
+    cases: Vec<PathBuf>,
+    out: Option<PathBuf>,
+    hw_bin: Option<PathBuf>,
+    profile: Option<PathBuf>,
+    machine: Option<String>,
+    require_goal: bool,
+) -> ExitCode {
     let machine = Machine::this(machine);
     let out_root = out.unwrap_or_else(|| Path::new("validation/results").join(&machine.tag));
     let hw_bin = match hw_bin.map_or_else(hw_bin_beside_this, Ok) {
@@ -76,7 +115,7 @@ fn main() -> ExitCode {
     // after the others' minutes.
     let mut prepared = Vec::with_capacity(cases.len());
     for path in &cases {
-        match prepare(path, &out_root, profile.as_deref()) {
+        match prepare(path, &out_root, profile.as_deref(), None) {
             Ok(p) => prepared.push(p),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -118,22 +157,8 @@ fn main() -> ExitCode {
             .map(|r| (r.name.clone(), &r.comparison))
             .collect::<Vec<_>>(),
     );
-    println!("== errors over {} case(s)", runs.len());
-    print!("{}", overall.text());
-    if !runs.is_empty() {
-        let path = out_root.join("summary.csv");
-        let written = std::fs::File::create(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|f| {
-                overall
-                    .write_csv(BufWriter::new(f))
-                    .map_err(|e| e.to_string())
-            });
-        if let Err(e) = written {
-            eprintln!("error: {}: {e}", path.display());
-            return ExitCode::FAILURE;
-        }
-        println!("wrote {}", path.display());
+    if !summarize(&overall, runs.len(), &out_root) {
+        return ExitCode::FAILURE;
     }
     if failed > 0 {
         eprintln!("error: {failed} of {} case(s) failed", prepared.len());
@@ -148,4 +173,83 @@ fn main() -> ExitCode {
 fn hw_bin_beside_this() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot locate disagg-validate: {e}"))?;
     hw_bin_beside(&exe)
+}
+
+/// Prints the errors over the cases and writes them to `OUT/summary.csv`; false if that
+/// cannot be written.
+fn summarize(overall: &Overall, cases: usize, out_root: &Path) -> bool {
+    println!("== errors over {cases} case(s)");
+    print!("{}", overall.text());
+    if cases == 0 {
+        return true;
+    }
+    let path = out_root.join("summary.csv");
+    let written = std::fs::File::create(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            overall
+                .write_csv(BufWriter::new(f))
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = written {
+        eprintln!("error: {}: {e}", path.display());
+        return false;
+    }
+    println!("wrote {}", path.display());
+    true
+}
+
+fn reprice(
+    cases: Vec<PathBuf>,
+    measured: PathBuf,
+    out: Option<PathBuf>,
+    profile: Option<PathBuf>,
+    cores: Option<u32>,
+) -> ExitCode {
+    let out_root = out.unwrap_or_else(|| {
+        let name = measured.file_name().unwrap_or_default();
+        Path::new("target/reprice").join(name)
+    });
+    let mut repriced = Vec::new();
+    let mut failed = 0;
+    for path in &cases {
+        let prepared = prepare(path, &out_root, profile.as_deref(), cores);
+        let result = prepared.map_err(RunError::from).and_then(|p| {
+            let dir = measured.join(&p.case.name);
+            println!(
+                "== {} ({}, measured in {})",
+                p.case.name,
+                p.case.file,
+                dir.display()
+            );
+            reprice_case(&p, &dir)
+        });
+        match result {
+            Ok(r) => {
+                println!(
+                    "serving path {:.3} ms (measured)",
+                    r.measurement.serving_path_ns as f64 / 1e6
+                );
+                print!("{}", r.comparison.text_table());
+                print!("{}", validation::parts::table(&r.parts));
+                print!("{}", validation::steps::table(&r.steps));
+                println!("wrote {}\n", r.dir.display());
+                repriced.push(r);
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e}\n", path.display());
+                failed += 1;
+            }
+        }
+    }
+    let overall = Overall::new(
+        &repriced
+            .iter()
+            .map(|r| (r.name.clone(), &r.comparison))
+            .collect::<Vec<_>>(),
+    );
+    if !summarize(&overall, repriced.len(), &out_root) || failed > 0 {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }

@@ -127,16 +127,21 @@ pub struct Prepared {
     pub dir: PathBuf,
 }
 
-/// Loads a case (priced by `profile` where one is given) and derives both sides into
-/// `out_root/NAME/`, before anything runs, so a bad case is found at once.
+/// Loads a case (priced by `profile` where one is given, its CPU workers sharing `cores`
+/// where given) and derives both sides into `out_root/NAME/`, before anything runs, so a bad
+/// case is found at once.
 pub fn prepare(
     path: &Path,
     out_root: &Path,
     profile: Option<&Path>,
+    cores: Option<u32>,
 ) -> Result<Prepared, CaseError> {
     let mut case = Case::load(path)?;
     if let Some(profile) = profile {
         case.price_with(profile)?;
+    }
+    if let Some(cores) = cores {
+        case.cores = cores.max(1);
     }
     let dir = out_root.join(&case.name);
     let derived = case.derive(&dir)?;
@@ -184,6 +189,11 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
     let load_before = load_average();
     let (measured, serving_path, workload_start) = measure(p, settings)?;
     let load_before_after = (load_before, load_average());
+    crate::reprice::Measurement {
+        workload_start_ns: workload_start,
+        serving_path_ns: serving_path.median_ns,
+    }
+    .write(&p.dir)?;
     let path_ms = serving_path.median_ns as f64 / 1e6;
     let (_, scenario) = p
         .case
@@ -466,7 +476,8 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
         "\n![TTFT and E2E CDFs, predicted dashed, measured solid](cdf.svg)\n\n\
          Files: `requests-measured.csv`, `requests-predicted.csv` (one row per request, the \
          simulator's schema), `steps-WORKER.csv` (one row per real step), `comparison.csv`, \
-         `cdf.svg`, `cluster.toml`, `scenario.toml`, `serve.log`.\n",
+         `cdf.svg`, `cluster.toml`, `scenario.toml`, `measurement.toml` (what `disagg-validate \
+         reprice` reads), `serve.log`.\n",
     );
     out
 }

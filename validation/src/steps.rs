@@ -4,7 +4,7 @@
 
 use hw::engine::steps::{self, StepRow};
 use sim::cost::CostModel;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The steps of one kind.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,6 +18,11 @@ pub struct StepKind {
     /// Median share of the step spent outside the forward pass (sampling, detokenization,
     /// hand-off), in percent.
     pub outside_forward_pct_p50: f64,
+    /// Where several workers ran: the median time of the steps that no other worker's step
+    /// overlapped, and of those that other workers' steps overlapped throughout (workers on
+    /// one device slow each other only if these differ).
+    pub alone_ms_p50: Option<f64>,
+    pub overlapped_ms_p50: Option<f64>,
 }
 
 fn kind(row: &StepRow) -> &'static str {
@@ -32,16 +37,46 @@ fn median(values: Vec<f64>) -> f64 {
     crate::compare::median(&values).unwrap_or(f64::NAN)
 }
 
-/// Reads every `steps-*.csv` in `dir` and compares each kind of step that started at or after
-/// `from_epoch_ns` (the workload's start: the serving-path probes' steps are left out) with
-/// `cost`.
-pub fn compare(
-    dir: &Path,
-    cost: &dyn CostModel,
-    from_epoch_ns: u64,
-) -> Result<Vec<StepKind>, String> {
-    let mut rows = Vec::new();
-    let mut paths: Vec<_> = std::fs::read_dir(dir)
+/// Steps that others overlap for less than this share of their time count as alone, for more
+/// than one minus it as overlapped.
+const OVERLAP_MARGIN: f64 = 0.1;
+
+/// The union of the steps of every worker but one, as sorted disjoint intervals.
+fn busy_union(workers: &[Vec<StepRow>], but: usize) -> Vec<(u64, u64)> {
+    let mut spans: Vec<(u64, u64)> = workers
+        .iter()
+        .enumerate()
+        .filter(|&(w, _)| w != but)
+        .flat_map(|(_, rows)| rows.iter().map(|r| (r.start_ns, r.end_ns)))
+        .collect();
+    spans.sort_unstable();
+    let mut union: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+    for (start, end) in spans {
+        match union.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => union.push((start, end)),
+        }
+    }
+    union
+}
+
+/// The share of `[start, end)` that `union` covers.
+fn covered(union: &[(u64, u64)], start: u64, end: u64) -> f64 {
+    if end <= start {
+        return 0.0;
+    }
+    let first = union.partition_point(|&(_, e)| e <= start);
+    let ns: u64 = union[first..]
+        .iter()
+        .take_while(|&&(s, _)| s < end)
+        .map(|&(s, e)| e.min(end) - s.max(start))
+        .sum();
+    ns as f64 / (end - start) as f64
+}
+
+/// The step traces in `dir` (`steps-WORKER.csv`), sorted.
+pub fn trace_paths(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -51,22 +86,51 @@ pub fn compare(
         })
         .collect();
     paths.sort();
-    for path in &paths {
+    Ok(paths)
+}
+
+/// Reads every `steps-*.csv` in `dir` and compares each kind of step that started at or after
+/// `from_epoch_ns` (the workload's start: the serving-path probes' steps are left out) with
+/// `cost`.
+pub fn compare(
+    dir: &Path,
+    cost: &dyn CostModel,
+    from_epoch_ns: u64,
+) -> Result<Vec<StepKind>, String> {
+    let mut workers = Vec::new();
+    for path in &trace_paths(dir)? {
+        let mut rows = steps::read(path)?;
+        rows.retain(|r| r.start_ns >= from_epoch_ns);
+        workers.push(rows);
+    }
+    // Each step with the share of it that other workers' steps overlap.
+    let mut rows: Vec<(StepRow, f64)> = Vec::new();
+    for (w, own) in workers.iter().enumerate() {
+        let others = busy_union(&workers, w);
         rows.extend(
-            steps::read(path)?
-                .into_iter()
-                .filter(|r| r.start_ns >= from_epoch_ns),
+            own.iter()
+                .map(|r| (*r, covered(&others, r.start_ns, r.end_ns))),
         );
     }
+    let several = workers.len() > 1;
     Ok(["decode", "prefill", "mixed"]
         .into_iter()
         .filter_map(|k| {
-            let of_kind: Vec<&StepRow> = rows.iter().filter(|r| kind(r) == k).collect();
+            let of_kind: Vec<&(StepRow, f64)> = rows.iter().filter(|(r, _)| kind(r) == k).collect();
             if of_kind.is_empty() {
                 return None;
             }
             let measured = |r: &StepRow| r.end_ns.saturating_sub(r.start_ns) as f64;
             let predicted = |r: &StepRow| cost.step_ns(&r.work()) as f64;
+            let by_overlap = |keep: fn(f64) -> bool| {
+                let ms: Vec<f64> = of_kind
+                    .iter()
+                    .filter(|(_, share)| keep(*share))
+                    .map(|(r, _)| measured(r) / 1e6)
+                    .collect();
+                several.then(|| crate::compare::median(&ms)).flatten()
+            };
+            let of_kind: Vec<&StepRow> = of_kind.iter().map(|(r, _)| r).collect();
             Some(StepKind {
                 kind: k,
                 steps: of_kind.len(),
@@ -84,6 +148,8 @@ pub fn compare(
                         .map(|r| 100.0 * (1.0 - r.forward_ns as f64 / measured(r).max(1.0)))
                         .collect(),
                 ),
+                alone_ms_p50: by_overlap(|share| share < OVERLAP_MARGIN),
+                overlapped_ms_p50: by_overlap(|share| share > 1.0 - OVERLAP_MARGIN),
             })
         })
         .collect())
@@ -91,19 +157,22 @@ pub fn compare(
 
 /// The markdown table of `kinds`.
 pub fn table(kinds: &[StepKind]) -> String {
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2} ms"));
     let mut out = String::from(
-        "| step | steps | measured p50 | predicted p50 | error p50 | outside the forward pass |\n\
-         |---|---:|---:|---:|---:|---:|\n",
+        "| step | steps | measured p50 | predicted p50 | error p50 | outside the forward pass \
+         | alone p50 | overlapped p50 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for k in kinds {
         out.push_str(&format!(
-            "| {} | {} | {:.1} ms | {:.1} ms | {:+.1}% | {:.1}% |\n",
+            "| {} | {} | {:.1} ms | {:.1} ms | {:+.1}% | {:.1}% | {} | {} |\n",
             k.kind,
             k.steps,
             k.measured_ms_p50,
             k.predicted_ms_p50,
             k.error_pct_p50,
-            k.outside_forward_pct_p50
+            k.outside_forward_pct_p50,
+            ms(k.alone_ms_p50),
+            ms(k.overlapped_ms_p50)
         ));
     }
     out
@@ -152,5 +221,41 @@ mod tests {
                 .unwrap_err()
                 .contains("steps-bad.csv")
         );
+    }
+
+    #[test]
+    fn steps_are_split_by_whether_another_worker_stepped_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = "start_ns,forward_ns,end_ns,decode_seqs,decode_context_tokens,prefill_seqs,prefill_tokens,prefill_attention_pairs,prefill_kv_read_tokens\n";
+        // Worker 1: a 2 ms step alone, then a 4 ms one inside worker 2's long step, then a
+        // 3 ms one half overlapped (neither alone nor overlapped).
+        let one = format!(
+            "{header}0,1,2000000,1,10,0,0,0,0\n10000000,1,14000000,1,10,0,0,0,0\n\
+             19000000,1,22000000,1,10,0,0,0,0\n"
+        );
+        let two =
+            format!("{header}9000000,1,15000000,1,10,0,0,0,0\n20500000,1,30000000,1,10,0,0,0,0\n");
+        std::fs::write(dir.path().join("steps-decode-1.csv"), one).unwrap();
+        std::fs::write(dir.path().join("steps-decode-2.csv"), &two).unwrap();
+        let kinds = compare(dir.path(), &Flat, 0).unwrap();
+        assert_eq!(kinds[0].steps, 5);
+        // Alone: worker 1's first step; overlapped: its second, and worker 2's first (covered
+        // from 10 to 14 of 9..15 ms: two thirds, so neither).
+        assert_eq!(kinds[0].alone_ms_p50, Some(2.0));
+        assert_eq!(kinds[0].overlapped_ms_p50, Some(4.0));
+        assert!(
+            table(&kinds).contains("| 2.00 ms | 4.00 ms |"),
+            "{}",
+            table(&kinds)
+        );
+        // One worker: nothing to split by.
+        let single = tempfile::tempdir().unwrap();
+        std::fs::write(single.path().join("steps-decode-2.csv"), two).unwrap();
+        let kinds = compare(single.path(), &Flat, 0).unwrap();
+        assert_eq!(
+            (kinds[0].alone_ms_p50, kinds[0].overlapped_ms_p50),
+            (None, None)
+        );
+        assert!(table(&kinds).ends_with("| - | - |\n"));
     }
 }

@@ -4,6 +4,7 @@
 //! workload.
 
 use std::path::Path;
+use validation::reprice::reprice_case;
 use validation::run::{Machine, RunSettings, hw_bin_beside, prepare, run_case};
 use validation::sim;
 
@@ -73,7 +74,7 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
         command: "end-to-end test".into(),
     };
     let out = dir.path().join("results");
-    let prepared = prepare(&case_path, &out, None).unwrap_or_else(|e| panic!("{e}"));
+    let prepared = prepare(&case_path, &out, None, None).unwrap_or_else(|e| panic!("{e}"));
     let run = run_case(&prepared, &settings).unwrap_or_else(|e| panic!("{e}"));
 
     let case_dir = out.join("tiny");
@@ -87,6 +88,7 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
         "comparison.csv",
         "report.md",
         "cdf.svg",
+        "measurement.toml",
     ] {
         assert!(case_dir.join(file).is_file(), "{file} was not written");
     }
@@ -148,5 +150,19 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
     let comparison = std::fs::read_to_string(case_dir.join("comparison.csv")).unwrap();
     assert_eq!(comparison.lines().count(), 1 + run.comparison.rows.len());
     assert!(Path::new(&settings.hw_bin).is_file());
+
+    // Priced again from what it left, the same model gives the same prediction and the same
+    // measured side, parts and steps.
+    let again = dir.path().join("again");
+    let prepared = prepare(&case_path, &again, None, None).unwrap_or_else(|e| panic!("{e}"));
+    let repriced = reprice_case(&prepared, &case_dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(repriced.comparison, run.comparison);
+    assert_eq!(repriced.parts, run.parts);
+    assert_eq!(repriced.steps, run.steps);
+    assert_eq!(repriced.measurement.serving_path_ns, path.median_ns);
+    assert_eq!(
+        std::fs::read(again.join("tiny/requests-predicted.csv")).unwrap(),
+        std::fs::read(case_dir.join("requests-predicted.csv")).unwrap()
+    );
     dir
 }
