@@ -15,8 +15,8 @@ use crate::transport::{KvTransfer, KvTransport, TransportError, model_fingerprin
 use indicatif::ProgressBar;
 use models::runtime::{Model, RuntimeError, Sampler, SamplingParams};
 use sim::calibration::{
-    Accuracy, ContextTable, DecodeTable, FitError, Meta, MixedStep, MixedSteps, PrefillTable,
-    Profile, ProfileError, StepShape, TransferTable, fit_link,
+    Accuracy, ContextTable, DecodeTable, FitError, GraphShapes, Meta, MixedStep, MixedSteps,
+    PrefillTable, Profile, ProfileError, StepShape, TransferTable, fit_link,
 };
 use sim::cost::{CostModel, Measured};
 use sim::kv::token_block_hashes;
@@ -332,6 +332,13 @@ pub fn run(
         ));
     }
     bar.set_length(plan.samples());
+    // The engine pads its replayed prefills; the profile says so, so that they are priced so.
+    let graphs = model
+        .prefill_graph_shape()
+        .map(|(bucket, longest)| GraphShapes {
+            prefill_bucket_tokens: bucket as u32,
+            prefill_max_tokens: longest as u32,
+        });
     let mut bench = Bench::new(model.clone(), plan, block_size)?;
     bar.set_message("prefilling the donor sequence");
     bench.build_donor(plan)?;
@@ -408,6 +415,7 @@ pub fn run(
 
     let mut profile = Profile {
         meta,
+        graphs,
         prefill: PrefillTable {
             repeats: prefill_repeats,
             seqs: plan.prefill_seqs.clone(),

@@ -28,6 +28,9 @@ use std::path::Path;
 #[serde(deny_unknown_fields)]
 pub struct Profile {
     pub meta: Meta,
+    /// The shapes the engine pads its steps to, where it replays recorded ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graphs: Option<GraphShapes>,
     pub prefill: PrefillTable,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefill_context: Option<ContextTable>,
@@ -96,6 +99,27 @@ pub struct DecodeTable {
     pub seqs: Vec<u32>,
     pub context_tokens: Vec<u32>,
     pub time_ns: Vec<Vec<u64>>,
+}
+
+/// An engine that replays recorded steps (CUDA graphs) runs a one-sequence prefill of up to
+/// `prefill_max_tokens` tokens as the graph of its token count rounded up to a multiple of
+/// `prefill_bucket_tokens`: the step takes the rounded count's time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphShapes {
+    pub prefill_bucket_tokens: u32,
+    pub prefill_max_tokens: u32,
+}
+
+impl GraphShapes {
+    /// The tokens a lone prefill chunk of `tokens` computes.
+    pub fn prefill_tokens(&self, tokens: u64) -> u64 {
+        if tokens <= u64::from(self.prefill_max_tokens) {
+            tokens.next_multiple_of(u64::from(self.prefill_bucket_tokens))
+        } else {
+            tokens
+        }
+    }
 }
 
 /// Steps that carry decodes and a prefill chunk together.
@@ -392,6 +416,17 @@ impl Profile {
         if self.meta.block_size_tokens == 0 {
             return Err(bad("meta.block_size_tokens", "must be positive"));
         }
+        if let Some(g) = &self.graphs {
+            if g.prefill_bucket_tokens == 0 {
+                return Err(bad("graphs.prefill_bucket_tokens", "must be positive"));
+            }
+            if g.prefill_max_tokens < g.prefill_bucket_tokens {
+                return Err(bad(
+                    "graphs.prefill_max_tokens",
+                    "must be at least graphs.prefill_bucket_tokens",
+                ));
+            }
+        }
         let p = &self.prefill;
         axis("prefill.seqs", &p.seqs, 1)?;
         axis("prefill.tokens", &p.tokens, 1)?;
@@ -631,6 +666,7 @@ pub(crate) mod tests {
                 date: "2025-01-01".into(),
                 command: "test".into(),
             },
+            graphs: None,
             prefill: PrefillTable {
                 repeats: 3,
                 time_ns: seqs
@@ -689,10 +725,38 @@ pub(crate) mod tests {
 
     #[test]
     fn a_profile_round_trips_through_toml() {
-        let profile = sample();
+        let mut profile = sample();
         profile.validate().unwrap();
         let text = profile.to_toml().unwrap();
         assert_eq!(Profile::parse(&text, "p.toml").unwrap(), profile);
+        profile.graphs = Some(GraphShapes {
+            prefill_bucket_tokens: 64,
+            prefill_max_tokens: 1024,
+        });
+        let text = profile.to_toml().unwrap();
+        assert!(
+            text.contains("[graphs]\nprefill_bucket_tokens = 64\n"),
+            "{text}"
+        );
+        assert_eq!(Profile::parse(&text, "p.toml").unwrap(), profile);
+        profile.graphs = Some(GraphShapes {
+            prefill_bucket_tokens: 64,
+            prefill_max_tokens: 32,
+        });
+        let e = profile.validate().unwrap_err();
+        assert_eq!(e.path, "graphs.prefill_max_tokens");
+    }
+
+    #[test]
+    fn graphs_pad_lone_prefills_up_to_their_longest() {
+        let g = GraphShapes {
+            prefill_bucket_tokens: 64,
+            prefill_max_tokens: 1024,
+        };
+        let padded: Vec<u64> = [1, 64, 65, 600, 1024, 1025]
+            .map(|t| g.prefill_tokens(t))
+            .into();
+        assert_eq!(padded, [64, 64, 128, 640, 1024, 1025]);
     }
 
     #[test]

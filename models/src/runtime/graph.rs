@@ -28,6 +28,8 @@ const MIN_CONTEXT_BUCKET: usize = 256;
 const PREFILL_BUCKET: usize = 64;
 /// Longest prefill recorded: past it the GPU's work outlasts the launches.
 const PREFILL_GRAPH_MAX_TOKENS: usize = 1024;
+/// (bucket, longest) of the recorded prefills, as the calibration profile records them.
+pub(crate) const PREFILL_SHAPE: (usize, usize) = (PREFILL_BUCKET, PREFILL_GRAPH_MAX_TOKENS);
 
 /// The shape a graph was recorded for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -389,6 +389,20 @@ impl Model {
         Ok(0)
     }
 
+    /// How the steps this model replays are padded: a lone prefill chunk of up to `longest`
+    /// tokens runs as the graph of its tokens rounded up to a multiple of `bucket`. Returns
+    /// `(bucket, longest)`, or `None` where no prefill is replayed (off CUDA, or a prefill the
+    /// fused kernel cannot take).
+    pub fn prefill_graph_shape(&self) -> Option<(usize, usize)> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda()
+            && super::fused::prefill_fits(self.dtype(), self.spec().head_dim as usize)
+        {
+            return Some(super::graph::PREFILL_SHAPE);
+        }
+        None
+    }
+
     /// Where the weights live: steps recorded for one model replay only with it.
     #[cfg(feature = "cuda")]
     pub(crate) fn weights_address(&self) -> Result<u64, RuntimeError> {

@@ -1,7 +1,7 @@
 //! Step times interpolated from a calibration profile's tables.
 
 use super::{CostModel, StepWork};
-use crate::calibration::{Profile, ProfileError};
+use crate::calibration::{GraphShapes, Profile, ProfileError};
 use crate::time::Nanos;
 
 /// A table over two grid axes, read piecewise linearly in each (bilinear within a cell) and
@@ -51,7 +51,8 @@ impl Grid {
 }
 
 /// Step times of a measured device. A step of `b` prefill chunks of `t` tokens after `c`
-/// cached tokens on average costs `prefill(b, t) + b (context(t, c) - context(t, 0))`; one of
+/// cached tokens on average costs `prefill(b, t) + b (context(t, c) - context(t, 0))`, `t`
+/// padded as the engine pads a lone chunk (the profile's `graphs`); one of
 /// `b` decodes after `c` cached tokens on average costs `decode(b, c)`; a step with both pays
 /// the sum less what it pays once (`shared_ns`, at most the smaller part). Every table is read
 /// piecewise linearly, so the model returns each measured grid point exactly and is monotone
@@ -63,6 +64,7 @@ pub struct Measured {
     context: Option<Grid>,
     decode: Grid,
     shared_ns: f64,
+    graphs: Option<GraphShapes>,
 }
 
 impl Measured {
@@ -87,6 +89,7 @@ impl Measured {
             context,
             decode: Grid::new(&d.seqs, &d.context_tokens, d.time_ns.iter().map(as_f64)),
             shared_ns: profile.mixed.shared_ns as f64,
+            graphs: profile.graphs,
         })
     }
 
@@ -96,7 +99,11 @@ impl Measured {
             return 0.0;
         }
         let b = w.prefill_seqs as f64;
-        let t = w.prefill_tokens as f64 / b;
+        let mut t = w.prefill_tokens as f64 / b;
+        // A step of one prefill chunk alone replays the graph of its padded length.
+        if let (Some(g), 1, 0) = (self.graphs, w.prefill_seqs, w.decode_seqs) {
+            t = g.prefill_tokens(w.prefill_tokens) as f64;
+        }
         let c = w.prefill_kv_read_tokens.saturating_sub(w.prefill_tokens) as f64 / b;
         let extra = self
             .context
@@ -216,6 +223,31 @@ mod tests {
             assert!(t >= last, "context {context}");
             last = t;
         }
+    }
+
+    #[test]
+    fn a_lone_prefill_chunk_takes_its_padded_length_where_the_engine_pads() {
+        let mut profile = sample();
+        let plain = Measured::new(&profile).unwrap();
+        profile.graphs = Some(GraphShapes {
+            prefill_bucket_tokens: 64,
+            prefill_max_tokens: 128,
+        });
+        let padded = Measured::new(&profile).unwrap();
+        // 40 tokens (after 100 cached) run as 64; 64 is a bucket already.
+        assert_eq!(prefill(&padded, 1, 40, 100), prefill(&plain, 1, 64, 100));
+        assert_eq!(prefill(&padded, 1, 64, 0), prefill(&plain, 1, 64, 0));
+        assert!(prefill(&plain, 1, 40, 0) < prefill(&plain, 1, 64, 0));
+        // Past the longest graph, two chunks in a step, or a chunk beside decodes: no graph.
+        assert_eq!(prefill(&padded, 1, 200, 0), prefill(&plain, 1, 200, 0));
+        assert_eq!(prefill(&padded, 2, 40, 0), prefill(&plain, 2, 40, 0));
+        let mixed = |m: &Measured| {
+            let mut w = StepWork::default();
+            w.add_decode(300);
+            w.add_prefill(40, 0);
+            m.step_ns(&w)
+        };
+        assert_eq!(mixed(&padded), mixed(&plain));
     }
 
     #[test]
