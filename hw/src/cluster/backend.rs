@@ -47,7 +47,10 @@ struct Tracked {
     live: bool,
     /// Requests the frontend has sent it that have not ended.
     in_flight: u32,
-    used_blocks: u32,
+    /// Prompt blocks of those requests: the load the router weighs, counted as the simulator
+    /// counts it (a worker's own report lags its last step, so a follow-up turn sent as soon
+    /// as the previous one ended would see the finished request still held).
+    active_blocks: u64,
     subscription: JoinHandle<()>,
 }
 
@@ -93,6 +96,8 @@ struct Pick {
     worker: u32,
     addr: SocketAddr,
     prefill: Option<(u32, SocketAddr)>,
+    /// The prompt blocks counted in both workers' loads.
+    blocks: u64,
 }
 
 /// A stable 64-bit id of a conversation name (FNV-1a), for affinity.
@@ -168,7 +173,7 @@ async fn follow_membership(inner: Arc<Inner>) {
                         info,
                         live: false,
                         in_flight: 0,
-                        used_blocks: 0,
+                        active_blocks: 0,
                         subscription,
                     });
                 }
@@ -242,7 +247,6 @@ async fn read_events(inner: &Inner, id: u32, info: &WorkerInfo) -> (bool, String
         state.index.apply_all(id, &events);
         if let Some(t) = state.workers.get_mut(&id) {
             t.live = true;
-            t.used_blocks = message.used_blocks;
         }
         drop(state);
         inner
@@ -304,7 +308,7 @@ impl Inner {
                 role: t.info.role,
                 live: t.live && !exclude.contains(&id),
                 active_requests: t.in_flight,
-                active_blocks: u64::from(t.used_blocks),
+                active_blocks: t.active_blocks,
             })
             .collect();
         let role = if loads.iter().any(|w| w.live && w.role == Role::Decode) {
@@ -331,23 +335,24 @@ impl Inner {
             None
         };
         for id in std::iter::once(chosen).chain(prefill.map(|p| p.0)) {
-            workers
-                .get_mut(&id)
-                .expect("routed to a tracked worker")
-                .in_flight += 1;
+            let t = workers.get_mut(&id).expect("routed to a tracked worker");
+            t.in_flight += 1;
+            t.active_blocks += prompt_blocks;
         }
         Some(Pick {
             worker: chosen,
             addr: workers[&chosen].info.addr,
             prefill,
+            blocks: prompt_blocks,
         })
     }
 
     /// Takes a request out of a worker's load.
-    fn release(&self, worker: u32) {
+    fn release(&self, worker: u32, blocks: u64) {
         let mut state = self.state.lock().expect("router lock");
         if let Some(t) = state.workers.get_mut(&worker) {
             t.in_flight = t.in_flight.saturating_sub(1);
+            t.active_blocks = t.active_blocks.saturating_sub(blocks);
         }
     }
 
@@ -452,9 +457,9 @@ impl Inner {
     }
 
     fn release_pick(&self, pick: &Pick) {
-        self.release(pick.worker);
+        self.release(pick.worker, pick.blocks);
         if let Some((prefill, _)) = pick.prefill {
-            self.release(prefill);
+            self.release(prefill, pick.blocks);
         }
     }
 }
@@ -489,7 +494,7 @@ async fn relay(
             };
             if prefill_held && let Some((prefill, _)) = pick.prefill {
                 // The prefill worker's part ends with the first event.
-                inner.release(prefill);
+                inner.release(prefill, pick.blocks);
                 prefill_held = false;
             }
             let event = match event {
@@ -520,17 +525,22 @@ async fn relay(
                 GenerateEvent::Error(_) => event,
             };
             let last = !matches!(event, GenerateEvent::Token { .. });
-            if tx.send(event).await.is_err() || last {
-                // Done, failed, or the client went away (dropping the stream cancels the
-                // request at the worker).
-                inner.release(pick.worker);
+            if last {
+                // Out of the load before the client can send its next turn.
+                inner.release(pick.worker, pick.blocks);
+                let _ = tx.send(event).await;
+                return;
+            }
+            if tx.send(event).await.is_err() {
+                // The client went away (dropping the stream cancels the request at the worker).
+                inner.release(pick.worker, pick.blocks);
                 return;
             }
         };
         if prefill_held && let Some((prefill, _)) = pick.prefill {
-            inner.release(prefill);
+            inner.release(prefill, pick.blocks);
         }
-        inner.release(pick.worker);
+        inner.release(pick.worker, pick.blocks);
         let name = inner.worker_name(pick.worker);
         job.exclude.insert(pick.worker);
         if tokens == 0 {
