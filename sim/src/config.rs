@@ -131,6 +131,10 @@ pub struct SetupConfig {
     /// sees. `disagg-validate` measures it on the cluster it runs.
     #[serde(default)]
     pub serving_path_ms: f64,
+    /// The serving path of a request that reaches a cluster with nothing in flight, whose
+    /// threads and cores have gone to sleep (default: `serving_path_ms`).
+    #[serde(default)]
+    pub serving_path_idle_ms: Option<f64>,
     #[serde(default)]
     pub engine: EngineConfig,
 }
@@ -235,6 +239,8 @@ pub struct Setup {
     pub registry_delay_ns: Nanos,
     /// `SetupConfig::serving_path_ms`.
     pub serving_path_ns: Nanos,
+    /// `SetupConfig::serving_path_idle_ms`.
+    pub serving_path_idle_ns: Nanos,
     pub engine: EngineConfig,
 }
 
@@ -567,6 +573,10 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
         if !(s.serving_path_ms >= 0.0 && s.serving_path_ms.is_finite()) {
             return Err(err(&at("serving_path_ms"), "must be >= 0".to_string()));
         }
+        let serving_path_idle_ms = s.serving_path_idle_ms.unwrap_or(s.serving_path_ms);
+        if !(serving_path_idle_ms >= 0.0 && serving_path_idle_ms.is_finite()) {
+            return Err(err(&at("serving_path_idle_ms"), "must be >= 0".to_string()));
+        }
         let e = &s.engine;
         let engine_checks = [
             (
@@ -647,6 +657,7 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             conditional_threshold_tokens: s.conditional_threshold_tokens,
             registry_delay_ns: secs_to_ns(s.registry_delay_ms / 1e3),
             serving_path_ns: secs_to_ns(s.serving_path_ms / 1e3),
+            serving_path_idle_ns: secs_to_ns(serving_path_idle_ms / 1e3),
             engine: s.engine.clone(),
         });
     }

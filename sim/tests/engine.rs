@@ -613,6 +613,63 @@ decode_workers = 1
 }
 
 #[test]
+fn a_request_reaching_an_idle_cluster_takes_the_idle_serving_path() {
+    let text = r#"
+name = "idle"
+seed = 9
+[model]
+preset = "smollm2-135m"
+[workload]
+arrival = { process = "poisson", rate_per_s = 30.0 }
+sessions = 60
+turns = { dist = "constant", value = 1 }
+user_tokens = { dist = "uniform", min = 50, max = 400 }
+output_tokens = { dist = "uniform", min = 1, max = 30 }
+[[setup]]
+name = "one"
+hardware = "h100-sxm"
+link = "tcp-10g"
+mode = "aggregated"
+aggregated_workers = 1
+"#;
+    let run = |paths: &str| {
+        let scenario = parse(&format!("{text}{paths}"));
+        engine::run(&scenario, &scenario.setups[0], RunOptions::default()).unwrap()
+    };
+    let base = run("");
+    let paths = run("serving_path_ms = 1.0\nserving_path_idle_ms = 3.0\n");
+    let (mut idle, mut busy) = (0, 0);
+    for (x, y) in base.records.iter().zip(&paths.records) {
+        assert_eq!(
+            x.prefill_end_ns, y.prefill_end_ns,
+            "the engines see the same work"
+        );
+        let in_flight = base
+            .records
+            .iter()
+            .any(|o| o.arrival_ns < x.arrival_ns && o.end_ns > x.arrival_ns);
+        let shift = if in_flight {
+            busy += 1;
+            1_000_000
+        } else {
+            idle += 1;
+            3_000_000
+        };
+        assert_eq!(y.first_token_ns, x.first_token_ns + shift);
+        assert_eq!(y.end_ns, x.end_ns + shift);
+    }
+    assert!(idle > 0 && busy > 0, "{idle} idle, {busy} busy");
+    let bad = Scenario::parse(
+        &format!("{text}serving_path_idle_ms = -2.0\n"),
+        "s.toml",
+        PathBuf::from("."),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("serving_path_idle_ms: must be >= 0"), "{bad}");
+}
+
+#[test]
 fn a_decode_worker_imports_landed_kv_before_its_first_token() {
     let text = |import: &str, rate: f64| {
         format!(

@@ -21,6 +21,25 @@ pub const BLOCK_SIZE_TOKENS: u32 = hw::models::runtime::DEFAULT_BLOCK_SIZE_TOKEN
 /// Processes one case may start on one machine: a bound that only a mistake reaches.
 const MAX_WORKERS: u32 = 64;
 
+/// The serving paths the probes measured on a real cluster, ns: back to back (a busy
+/// cluster's) and after a pause (an idle one's; runs before the idle probes have none).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ServingPaths {
+    pub busy_ns: u64,
+    pub idle_ns: Option<u64>,
+}
+
+impl ServingPaths {
+    /// In ms to the microsecond, as the scenario holds it.
+    pub fn busy_ms(&self) -> f64 {
+        (self.busy_ns as f64 / 1e3).round() / 1e3
+    }
+
+    pub fn idle_ms(&self) -> Option<f64> {
+        self.idle_ns.map(|ns| (ns as f64 / 1e3).round() / 1e3)
+    }
+}
+
 /// The case file as written.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -296,8 +315,8 @@ impl Case {
 
     /// The scenario for the simulator: one setup of the same mode, worker counts, router,
     /// engine limits and KV pool, priced by the profile (or the case's roofline), with the
-    /// serving path measured on the real cluster once it is known.
-    pub fn scenario_toml(&self, serving_path_ms: Option<f64>) -> String {
+    /// serving paths measured on the real cluster once they are known.
+    pub fn scenario_toml(&self, serving_paths: Option<ServingPaths>) -> String {
         let c = &self.cluster;
         let engine = to_table(&EngineConfig {
             block_size_tokens: BLOCK_SIZE_TOKENS,
@@ -342,8 +361,11 @@ impl Case {
             self.sharing().expect("checked when the case was read");
         setup.insert("workers_per_device".into(), workers_per_device.into());
         setup.insert("device_parallelism".into(), device_parallelism.into());
-        if let Some(ms) = serving_path_ms {
-            setup.insert("serving_path_ms".into(), ms.into());
+        if let Some(paths) = serving_paths {
+            setup.insert("serving_path_ms".into(), paths.busy_ms().into());
+            if let Some(ms) = paths.idle_ms() {
+                setup.insert("serving_path_idle_ms".into(), ms.into());
+            }
         }
         setup.insert("engine".into(), Value::Table(engine));
 
@@ -470,9 +492,9 @@ impl Case {
     pub fn derive_scenario(
         &self,
         dir: &Path,
-        serving_path_ms: Option<f64>,
+        serving_paths: Option<ServingPaths>,
     ) -> Result<(String, Scenario), CaseError> {
-        let text = self.scenario_toml(serving_path_ms);
+        let text = self.scenario_toml(serving_paths);
         let file = dir.join("scenario.toml");
         write(dir, &file, &text)?;
         let scenario = Scenario::parse(&text, &file.display().to_string(), dir.to_path_buf())

@@ -129,10 +129,13 @@ fn run(
         println!("== {} ({})", p.case.name, p.case.file);
         match run_case(p, &settings) {
             Ok(run) => {
+                let path = &run.serving_path;
                 println!(
-                    "serving path {:.3} ms (median of {} probes)",
-                    run.serving_path.median_ns as f64 / 1e6,
-                    run.serving_path.samples_ns.len()
+                    "serving path {:.3} ms busy, {:.3} ms idle (medians of {} and {} probes)",
+                    path.median_ns as f64 / 1e6,
+                    path.idle_median_ns as f64 / 1e6,
+                    path.samples_ns.len(),
+                    path.idle_samples_ns.len()
                 );
                 print!("{}", run.comparison.text_table());
                 print!("{}", validation::parts::table(&run.parts));
@@ -226,9 +229,13 @@ fn reprice(
         });
         match result {
             Ok(r) => {
+                let paths = r.measurement.serving_paths();
                 println!(
-                    "serving path {:.3} ms (measured)",
-                    r.measurement.serving_path_ns as f64 / 1e6
+                    "serving path {:.3} ms busy, {} idle (measured)",
+                    paths.busy_ms(),
+                    paths
+                        .idle_ms()
+                        .map_or("not measured".to_string(), |ms| format!("{ms:.3} ms"))
                 );
                 print!("{}", r.comparison.text_table());
                 print!("{}", validation::parts::table(&r.parts));

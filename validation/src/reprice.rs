@@ -3,7 +3,7 @@
 //! `comparison.csv`, `requests-measured.csv` and step traces), with no cluster and no GPU. So
 //! a change to the model can be judged on every machine's measurements without rerunning them.
 
-use crate::case::BLOCK_SIZE_TOKENS;
+use crate::case::{BLOCK_SIZE_TOKENS, ServingPaths};
 use crate::compare::{Comparison, Row, Unit};
 use crate::parts::{self, Part};
 use crate::run::{Prepared, RunError, cdf};
@@ -20,8 +20,11 @@ pub struct Measurement {
     /// When the workload started, ns since the UNIX epoch (the step traces' clock): the
     /// serving-path probes' steps come before.
     pub workload_start_ns: u64,
-    /// The serving path the probes measured.
+    /// The serving path the back-to-back probes measured.
     pub serving_path_ns: u64,
+    /// The serving path the idle probes measured (runs before them have none).
+    #[serde(default)]
+    pub serving_path_idle_ns: Option<u64>,
 }
 
 pub const MEASUREMENT_FILE: &str = "measurement.toml";
@@ -61,7 +64,15 @@ impl Measurement {
         Ok(Measurement {
             workload_start_ns: first_workload_step_ns(dir, block_size_tokens)?,
             serving_path_ns: (ms * 1e6).round() as u64,
+            serving_path_idle_ns: None,
         })
+    }
+
+    pub fn serving_paths(&self) -> ServingPaths {
+        ServingPaths {
+            busy_ns: self.serving_path_ns,
+            idle_ns: self.serving_path_idle_ns,
+        }
     }
 }
 
@@ -132,10 +143,9 @@ pub struct Repriced {
 /// the prepared directory.
 pub fn reprice_case(p: &Prepared, measured_dir: &Path) -> Result<Repriced, RunError> {
     let measurement = Measurement::read(measured_dir, BLOCK_SIZE_TOKENS)?;
-    let path_ms = measurement.serving_path_ns as f64 / 1e6;
     let (_, scenario) = p
         .case
-        .derive_scenario(&p.dir, Some((path_ms * 1e3).round() / 1e3))?;
+        .derive_scenario(&p.dir, Some(measurement.serving_paths()))?;
     let setup = &scenario.setups[0];
     let predicted = sim::engine::run(&scenario, setup, RunOptions::default())?;
     let then = read_comparison(&measured_dir.join("comparison.csv"))?;
@@ -199,9 +209,19 @@ mod tests {
         let m = Measurement {
             workload_start_ns: 1_700_000_000_000_000_000,
             serving_path_ns: 412_000,
+            serving_path_idle_ns: Some(1_034_000),
         };
         m.write(dir.path()).unwrap();
         assert_eq!(Measurement::read(dir.path(), 16).unwrap(), m);
+        // Written before the idle probes.
+        std::fs::write(
+            dir.path().join(MEASUREMENT_FILE),
+            "workload_start_ns = 5\nserving_path_ns = 412000\n",
+        )
+        .unwrap();
+        let before = Measurement::read(dir.path(), 16).unwrap();
+        assert_eq!(before.serving_path_idle_ns, None);
+        assert_eq!(before.serving_paths().idle_ms(), None);
 
         // No measurement.toml: the path from scenario.toml, the start at the first step that
         // is not a probe's (two 8-token probes, then a 200-token prefill).
@@ -220,7 +240,8 @@ mod tests {
             read,
             Measurement {
                 workload_start_ns: 900,
-                serving_path_ns: 291_000
+                serving_path_ns: 291_000,
+                serving_path_idle_ns: None,
             }
         );
         std::fs::write(

@@ -7,7 +7,7 @@ use crate::compare::{Comparison, format_error};
 use crate::parts::{self, Part};
 use crate::steps::{self, StepKind};
 use crate::svg::{Panel, cdf_svg};
-use hw::loadgen::probe::{PROBES, ServingPath};
+use hw::loadgen::probe::{IDLE_PAUSE, PROBES, ServingPath};
 use hw::loadgen::{BenchOptions, BenchOutput, LoadgenError};
 use sim::engine::{RunOptions, SimError};
 use sim::metrics::{RequestRecord, Summary};
@@ -189,15 +189,15 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
     let load_before = load_average();
     let (measured, serving_path, workload_start) = measure(p, settings)?;
     let load_before_after = (load_before, load_average());
-    crate::reprice::Measurement {
+    let measurement = crate::reprice::Measurement {
         workload_start_ns: workload_start,
         serving_path_ns: serving_path.median_ns,
-    }
-    .write(&p.dir)?;
-    let path_ms = serving_path.median_ns as f64 / 1e6;
+        serving_path_idle_ns: Some(serving_path.idle_median_ns),
+    };
+    measurement.write(&p.dir)?;
     let (_, scenario) = p
         .case
-        .derive_scenario(&p.dir, Some((path_ms * 1e3).round() / 1e3))?;
+        .derive_scenario(&p.dir, Some(measurement.serving_paths()))?;
     let setup = &scenario.setups[0];
     let predicted = sim::engine::run(&scenario, setup, RunOptions::default())?;
     let steps = steps::compare(&p.dir, setup.cost_model(&scenario).as_ref(), workload_start)
@@ -439,14 +439,23 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
     };
     out.push_str(&format!(
         "- serving path: {:.3} ms, the median of {} one-token probes (after {} warming the \
-         connections) sent one at a time to the idle cluster before the workload: each probe's \
-         TTFT less its prefill and KV transfer; the simulator adds it to every time the client \
-         sees (`serving_path_ms` in `scenario.toml`). Probes in ms: {}; their TTFTs: {}\n",
+         connections) sent back to back before the workload: each probe's TTFT less its \
+         prefill and KV transfer; the simulator adds it to every time the client sees \
+         (`serving_path_ms` in `scenario.toml`). Probes in ms: {}; their TTFTs: {}\n",
         path.median_ns as f64 / 1e6,
         path.samples_ns.len(),
         PROBES - path.samples_ns.len(),
         ms(&path.samples_ns),
         ms(&path.ttft_ns)
+    ));
+    out.push_str(&format!(
+        "- serving path of an idle cluster: {:.3} ms, the median of {} such probes sent {} ms \
+         after the one before; the simulator takes it for a request that finds nothing in \
+         flight (`serving_path_idle_ms`). Probes in ms: {}\n",
+        path.idle_median_ns as f64 / 1e6,
+        path.idle_samples_ns.len(),
+        IDLE_PAUSE.as_millis(),
+        ms(&path.idle_samples_ns)
     ));
     out.push_str("\n## Predicted against measured\n\n");
     out.push_str(&run.comparison.markdown_table());

@@ -315,6 +315,11 @@ impl Simulation<'_> {
             .extend_block_hashes(&mut hashes, req.prompt_tokens, bs);
         let prompt_blocks = req.prompt_tokens.div_ceil(bs) as u64;
         let mut seq = Seq::new(req, hashes, prompt_blocks, self.now);
+        seq.serving_path_ns = if self.seqs.is_empty() {
+            self.setup.serving_path_idle_ns
+        } else {
+            self.setup.serving_path_ns
+        };
         let total_tokens = seq.req.prompt_tokens as u64 + seq.req.output_tokens as u64;
         if total_tokens > self.max_model_len as u64 {
             return self.reject(seq, "prompt_too_long");
@@ -408,7 +413,7 @@ impl Simulation<'_> {
     fn complete(&mut self, slot: u32) {
         let mut seq = self.seqs.remove(slot);
         let w = seq.decode_worker;
-        seq.rec.end_ns = self.client_ns();
+        seq.rec.end_ns = self.now + seq.serving_path_ns;
         self.workers[w as usize].kv.free(&seq.blocks);
         self.release_load(w, seq.prompt_blocks);
         self.wake.push(w);
@@ -429,15 +434,10 @@ impl Simulation<'_> {
         }
     }
 
-    /// When the client sees what an engine hands on now.
-    fn client_ns(&self) -> Nanos {
-        self.now + self.setup.serving_path_ns
-    }
-
     /// The first token is out (locally after prefill, or with the KV on a decode worker).
     fn first_token(&mut self, slot: u32) {
-        let client_ns = self.client_ns();
         let seq = self.seqs.get_mut(slot);
+        let client_ns = self.now + seq.serving_path_ns;
         seq.generated = 1;
         seq.kv_len = seq.req.prompt_tokens;
         seq.rec.first_token_ns = client_ns;
@@ -588,5 +588,10 @@ impl<T> Slab<T> {
 
     fn get_mut(&mut self, slot: u32) -> &mut T {
         self.items[slot as usize].as_mut().expect("live slot")
+    }
+
+    /// No slot is live.
+    fn is_empty(&self) -> bool {
+        self.free.len() == self.items.len()
     }
 }

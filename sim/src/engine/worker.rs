@@ -59,6 +59,8 @@ pub struct Seq {
     pub transfer_latency_ns: Nanos,
     /// The decode worker's import of the transferred KV, once it landed.
     pub import_ns: Nanos,
+    /// The serving path this request takes (idle or not as the cluster was when it came).
+    pub serving_path_ns: Nanos,
     started: bool,
 }
 
@@ -93,6 +95,7 @@ impl Seq {
             last_token_ns: now,
             transfer_latency_ns: 0,
             import_ns: 0,
+            serving_path_ns: 0,
             started: false,
         }
     }
@@ -371,7 +374,7 @@ impl Simulation<'_> {
                     self.token_times.push(TokenTime {
                         request_id: seq.req.id,
                         token_index: seq.generated - 1,
-                        time_ns: now + self.setup.serving_path_ns,
+                        time_ns: now + seq.serving_path_ns,
                     });
                 }
                 if seq.kv_len.is_multiple_of(bs) {
