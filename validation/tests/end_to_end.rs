@@ -117,22 +117,30 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
     };
     assert_eq!(plan(&measured), plan(&predicted));
 
-    // The serving path, probed on the idle cluster, is what the prediction took.
+    // The serving paths, probed back to back and after pauses, are what the prediction took.
     let path = &run.serving_path;
     assert_eq!(
         path.samples_ns.len(),
         validation::hw::loadgen::probe::PROBES - 1
     );
+    assert_eq!(
+        path.idle_samples_ns.len(),
+        validation::hw::loadgen::probe::IDLE_PROBES
+    );
     assert!(path.median_ns > 0 && path.samples_ns.contains(&path.median_ns));
+    assert!(path.idle_median_ns > 0 && path.idle_samples_ns.contains(&path.idle_median_ns));
     let scenario = std::fs::read_to_string(case_dir.join("scenario.toml")).unwrap();
-    let path_ms = (path.median_ns as f64 / 1e3).round() / 1e3;
+    let ms = |ns: u64| (ns as f64 / 1e3).round() / 1e3;
+    let (busy_ms, idle_ms) = (ms(path.median_ns), ms(path.idle_median_ns));
     assert!(
-        scenario.contains(&format!("serving_path_ms = {path_ms}")),
+        scenario.contains(&format!("serving_path_ms = {busy_ms}"))
+            && scenario.contains(&format!("serving_path_idle_ms = {idle_ms}")),
         "{scenario}"
     );
+    let shortest_ns = (busy_ms.min(idle_ms) * 1e6) as u64;
     for r in predicted.iter().filter(|r| r.is_completed()) {
         let ready = r.prefill_end_ns.max(r.transfer_end_ns);
-        assert!(r.first_token_ns >= ready + (path_ms * 1e6) as u64 - 1);
+        assert!(r.first_token_ns >= ready + shortest_ns - 1);
     }
     let parts: Vec<&str> = run.parts.iter().map(|p| p.part).collect();
     assert_eq!(parts, ["wait", "prefill", "transfer", "delivery", "TTFT"]);
@@ -160,6 +168,10 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
     assert_eq!(repriced.parts, run.parts);
     assert_eq!(repriced.steps, run.steps);
     assert_eq!(repriced.measurement.serving_path_ns, path.median_ns);
+    assert_eq!(
+        repriced.measurement.serving_path_idle_ns,
+        Some(path.idle_median_ns)
+    );
     assert_eq!(
         std::fs::read(again.join("tiny/requests-predicted.csv")).unwrap(),
         std::fs::read(case_dir.join("requests-predicted.csv")).unwrap()
