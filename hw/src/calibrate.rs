@@ -127,6 +127,29 @@ impl Plan {
         }
     }
 
+    /// Leaves out what an engine whose steps hold at most `max` tokens (`max_batched_tokens`)
+    /// never runs: prefill lengths and context chunks past `max`, and mixed steps and checks
+    /// that hold more tokens. Refused where it leaves no prefill length or context chunk.
+    pub fn limit_step_tokens(&mut self, max: u32) -> Result<(), CalibrateError> {
+        for (name, grid) in [
+            ("prefill length", &self.prefill_tokens),
+            ("context chunk", &self.context_chunk_tokens),
+        ] {
+            if grid.first().is_none_or(|&t| t > max) {
+                return Err(CalibrateError::Plan(format!(
+                    "max_step_tokens {max} leaves no {name} (the shortest is {})",
+                    grid.first().copied().unwrap_or(0)
+                )));
+            }
+        }
+        self.prefill_tokens.retain(|&t| t <= max);
+        self.context_chunk_tokens.retain(|&t| t <= max);
+        let fits = |s: &StepShape| s.decode_seqs + s.prefill_seqs * s.prefill_tokens <= max;
+        self.mixed.retain(fits);
+        self.checks.retain(fits);
+        Ok(())
+    }
+
     /// The decode grid's steps, row by row (sequences x context).
     fn decode_shapes(&self) -> Vec<StepShape> {
         cells(
@@ -995,6 +1018,36 @@ mod tests {
             date: utc_date(),
             command: "test".into(),
         }
+    }
+
+    #[test]
+    fn a_step_token_limit_leaves_out_only_the_steps_past_it() {
+        let full = Plan::full();
+        let mut plan = Plan::full();
+        plan.limit_step_tokens(512).unwrap();
+        plan.check().unwrap();
+        assert_eq!(plan.prefill_tokens, [16, 32, 64, 128, 256, 384, 512]);
+        assert_eq!(plan.context_chunk_tokens, full.context_chunk_tokens);
+        assert_eq!(plan.decode_shapes(), full.decode_shapes());
+        let tokens = |s: &StepShape| s.decode_seqs + s.prefill_seqs * s.prefill_tokens;
+        assert!(
+            plan.mixed
+                .iter()
+                .chain(&plan.checks)
+                .all(|s| tokens(s) <= 512)
+        );
+        assert_eq!(plan.mixed.len(), full.mixed.len());
+        assert_eq!(plan.checks.len(), full.checks.len());
+        assert!(plan.samples() < full.samples());
+
+        plan.limit_step_tokens(128).unwrap();
+        assert_eq!(plan.context_chunk_tokens, [16, 64]);
+        assert!(plan.checks.len() < full.checks.len());
+        let err = Plan::full().limit_step_tokens(8).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "plan: max_step_tokens 8 leaves no prefill length (the shortest is 16)"
+        );
     }
 
     #[test]

@@ -100,6 +100,11 @@ enum Command {
         /// moves with its host's.
         #[arg(long)]
         passes: Option<usize>,
+        /// Leave out prefill lengths and context chunks past this many tokens, and mixed steps
+        /// and checks holding more: an engine whose steps hold at most this many
+        /// (`max_batched_tokens`) never runs them.
+        #[arg(long)]
+        max_step_tokens: Option<u32>,
         /// The machine in words, for the profile; default: the CPU's model and cores.
         #[arg(long)]
         machine: Option<String>,
@@ -263,6 +268,7 @@ fn main() -> ExitCode {
             out,
             quick,
             passes,
+            max_step_tokens,
             machine,
         } => calibrate_device(CalibrateArgs {
             device,
@@ -272,6 +278,7 @@ fn main() -> ExitCode {
             out,
             quick,
             passes,
+            max_step_tokens,
             machine,
         }),
         Command::CheckGpu {
@@ -547,6 +554,7 @@ struct CalibrateArgs {
     out: Option<PathBuf>,
     quick: bool,
     passes: Option<usize>,
+    max_step_tokens: Option<u32>,
     machine: Option<String>,
 }
 
@@ -604,6 +612,9 @@ fn calibrate_device(args: CalibrateArgs) -> Result<(), String> {
         plan.passes = passes;
     } else if device.is_cuda() && !args.quick {
         plan.passes = calibrate::GPU_PASSES;
+    }
+    if let Some(max) = args.max_step_tokens {
+        plan.limit_step_tokens(max).map_err(|e| e.to_string())?;
     }
     println!(
         "calibrating {} ({}) on {}: {}, {} threads",
