@@ -605,7 +605,9 @@ __device__ __forceinline__ uint4 load_streamed(const uint4 *p) {
 // through L1, where every warp of the SM finds it. Sums in f32; y is stored as O. k is a
 // multiple of 8, both inputs 16-byte aligned. On an H200, in CUDA graphs of TinyLlama's
 // shapes, this took 29.5 us a layer against 34.9 for one warp a row pair with cached loads;
-// four warps a row pair paid off on the longest rows (down: 7.5 us against 7.9).
+// four warps a row pair paid off on the longest rows (down: 7.5 us against 7.9). Blocks of
+// four warps, twice as many as of eight, took a batch-1 step from 1.005 ms to 0.998 in one
+// run; eight runs in flight instead of four took 80 registers against 48 and 1.089 ms.
 //
 // GATED: y (n) = SiLU(w_gate x) * (w_up x) for w (2n, k) = [w_gate | w_up]: the warps take
 // row j of each half and write act j, so a SwiGLU's gate and up projections and their product
@@ -623,7 +625,7 @@ __device__ __forceinline__ uint4 load_streamed(const uint4 *p) {
 // projections into them instead, the last block to finish normalising, saved nothing: 1.032
 // ms a step against 1.016, the batch-8 to 64 steps of the same run 0.5-0.8% slower too.)
 #define GEMV_ROWS 2
-#define GEMV_WARPS 8
+#define GEMV_WARPS 4
 #define GEMV_UNROLL 4
 enum GemvMode { PLAIN, GATED, ROPE };
 // Where ROPE writes (see rope_write_kv).
