@@ -623,7 +623,8 @@ __device__ __forceinline__ uint4 load_streamed(const uint4 *p) {
 // batch-1 step 15% slower on an H200: gate/up's 1408 blocks run in two waves, each paying the
 // norm's loads and reduction. Folding the residual add and norm after the o and down
 // projections into them instead, the last block to finish normalising, saved nothing: 1.032
-// ms a step against 1.016, the batch-8 to 64 steps of the same run 0.5-0.8% slower too.)
+// ms a step against 1.016 in an earlier run, whose batch-8 to 64 steps (which it does not
+// touch) were 0.5-0.8% faster.)
 #define GEMV_ROWS 2
 #define GEMV_WARPS 4
 #define GEMV_UNROLL 4
