@@ -144,9 +144,8 @@ impl Plan {
         }
         self.prefill_tokens.retain(|&t| t <= max);
         self.context_chunk_tokens.retain(|&t| t <= max);
-        let fits = |s: &StepShape| s.decode_seqs + s.prefill_seqs * s.prefill_tokens <= max;
-        self.mixed.retain(fits);
-        self.checks.retain(fits);
+        self.mixed.retain(|s| s.tokens() <= max);
+        self.checks.retain(|s| s.tokens() <= max);
         Ok(())
     }
 
@@ -570,7 +569,7 @@ impl Bench {
                 .chain(&plan.mixed)
         };
         let max_tokens = all()
-            .map(|s| (s.decode_seqs + s.prefill_seqs * s.prefill_tokens) as usize)
+            .map(|s| s.tokens() as usize)
             .chain([max_transfer as usize + 1])
             .max()
             .unwrap_or(1);
@@ -1029,12 +1028,11 @@ mod tests {
         assert_eq!(plan.prefill_tokens, [16, 32, 64, 128, 256, 384, 512]);
         assert_eq!(plan.context_chunk_tokens, full.context_chunk_tokens);
         assert_eq!(plan.decode_shapes(), full.decode_shapes());
-        let tokens = |s: &StepShape| s.decode_seqs + s.prefill_seqs * s.prefill_tokens;
         assert!(
             plan.mixed
                 .iter()
                 .chain(&plan.checks)
-                .all(|s| tokens(s) <= 512)
+                .all(|s| s.tokens() <= 512)
         );
         assert_eq!(plan.mixed.len(), full.mixed.len());
         assert_eq!(plan.checks.len(), full.checks.len());

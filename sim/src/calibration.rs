@@ -186,6 +186,11 @@ impl StepShape {
         }
     }
 
+    /// Tokens the step feeds the model: one per decode, and every prefill chunk's.
+    pub fn tokens(&self) -> u32 {
+        self.decode_seqs + self.prefill_seqs * self.prefill_tokens
+    }
+
     /// The step as the simulator's engine describes it.
     pub fn work(&self) -> StepWork {
         let mut w = StepWork::default();
