@@ -2,6 +2,7 @@
 //! Both sides of the comparison are derived from it, the cluster file that `disagg-hw serve`
 //! starts and the scenario the simulator runs, so they cannot drift apart.
 
+use crate::reprice::Measurement;
 use hw::cluster::Cluster;
 use hw::device::DeviceName;
 use hw::models::{DType, ModelSpec};
@@ -37,6 +38,67 @@ impl ServingPaths {
 
     pub fn idle_ms(&self) -> Option<f64> {
         self.idle_ns.map(|ns| (ns as f64 / 1e3).round() / 1e3)
+    }
+}
+
+/// The KV transfers of the probes on a real cluster that moves KV: the medians of the short
+/// probes' and of the long ones' (see `hw::loadgen::probe`), ns.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkProbe {
+    pub short_bytes: u64,
+    /// A short probe's transfer, its KV sent to the receiver's ack.
+    pub short_transfer_ns: u64,
+    pub long_bytes: u64,
+    pub long_transfer_ns: u64,
+    /// A long probe's serving path (its time to first token less its prefill and transfer),
+    /// against the short probes' `serving_path_ns`: the difference is the larger import.
+    pub long_serving_path_ns: u64,
+}
+
+impl LinkProbe {
+    /// `base` (the link the case names) with the figures the probes measure put in: the
+    /// per-transfer overhead and the wire's rate from the two transfers (host copies and
+    /// latency as in `base`), and the receiving engine's import rate from the two serving
+    /// paths. A part the probes cannot resolve (no longer for more bytes, as noise can make a
+    /// CPU's import) keeps `base`'s figure. `short_path_ns` is the short probes' serving path.
+    pub fn fit(&self, base: &LinkSpec, short_path_ns: u64) -> Result<LinkSpec, String> {
+        if self.long_bytes <= self.short_bytes {
+            return Err(format!(
+                "the long probes moved {} bytes of KV, the short ones {}: no rate to fit",
+                self.long_bytes, self.short_bytes
+            ));
+        }
+        let extra_bytes = (self.long_bytes - self.short_bytes) as f64;
+        let mut link = LinkSpec {
+            name: format!("{}-probed", base.name),
+            ..base.clone()
+        };
+        let path_ns_per_byte =
+            (self.long_serving_path_ns as f64 - short_path_ns as f64) / extra_bytes;
+        if path_ns_per_byte > 0.0 {
+            link.import_bytes_per_s = Some(1e9 / path_ns_per_byte);
+        }
+        // The sender's copies per byte, as the link with this import rate counts them.
+        let copy_ns_per_byte = (link.endpoint_ns(self.long_bytes) as f64
+            - link.endpoint_ns(self.short_bytes) as f64)
+            / extra_bytes;
+        let transfer_ns_per_byte =
+            (self.long_transfer_ns as f64 - self.short_transfer_ns as f64) / extra_bytes;
+        let wire_ns_per_byte = transfer_ns_per_byte - copy_ns_per_byte;
+        let wire_ns_per_byte = if wire_ns_per_byte > 0.0 {
+            link.bandwidth_gbit_per_s = 8.0 / wire_ns_per_byte;
+            link.efficiency = 1.0;
+            wire_ns_per_byte
+        } else {
+            1e9 / link.bytes_per_s()
+        };
+        let per_byte_ns = self.short_bytes as f64 * (copy_ns_per_byte + wire_ns_per_byte);
+        let overhead_ns = self.short_transfer_ns as f64 - link.latency_ns as f64 - per_byte_ns;
+        link.per_transfer_overhead_ns = overhead_ns.max(0.0).round() as u64;
+        link.validate()
+            .map_err(|e| format!("the link fitted to the probes: {e}"))?;
+        Ok(link)
     }
 }
 
@@ -219,6 +281,9 @@ pub enum CaseError {
         what: &'static str,
         source: ConfigError,
     },
+    /// The KV transfers the probes timed fit no link.
+    #[error("{case}: the probes' KV transfers: {message}")]
+    Probes { case: String, message: String },
 }
 
 impl Case {
@@ -316,7 +381,11 @@ impl Case {
     /// The scenario for the simulator: one setup of the same mode, worker counts, router,
     /// engine limits and KV pool, priced by the profile (or the case's roofline), with the
     /// serving paths measured on the real cluster once they are known.
-    pub fn scenario_toml(&self, serving_paths: Option<ServingPaths>) -> String {
+    pub fn scenario_toml(
+        &self,
+        serving_paths: Option<ServingPaths>,
+        probed: Option<&LinkSpec>,
+    ) -> String {
         let c = &self.cluster;
         let engine = to_table(&EngineConfig {
             block_size_tokens: BLOCK_SIZE_TOKENS,
@@ -341,7 +410,8 @@ impl Case {
                 hardware.push(to_value(&self.roofline_holding_the_pool(spec)));
             }
         }
-        setup.insert("link".into(), self.link.clone().into());
+        let link = probed.map_or(&self.link, |l| &l.name);
+        setup.insert("link".into(), link.clone().into());
         let mode = match c.mode {
             Mode::Aggregated => "aggregated",
             Mode::Disaggregated => "disaggregated",
@@ -382,8 +452,8 @@ impl Case {
         if !hardware.is_empty() {
             doc.insert("hardware".into(), Value::Array(hardware));
         }
-        if !self.link_specs.is_empty() {
-            let links = self.link_specs.iter().map(to_value).collect();
+        let links: Vec<Value> = self.link_specs.iter().chain(probed).map(to_value).collect();
+        if !links.is_empty() {
             doc.insert("link".into(), Value::Array(links));
         }
         doc.insert("setup".into(), Value::Array(vec![Value::Table(setup)]));
@@ -488,17 +558,45 @@ impl Case {
         })
     }
 
-    /// The simulator's side alone, written into `dir` as `scenario.toml` and parsed.
+    /// The simulator's side alone, written into `dir` as `scenario.toml` and parsed. With a
+    /// real cluster's probes: their serving paths, and where they timed KV transfers of two
+    /// sizes, the case's link refitted to them (`LINK-probed`); its import of the short
+    /// probes' KV then leaves their serving paths, as the simulator adds it on its own.
     pub fn derive_scenario(
         &self,
         dir: &Path,
-        serving_paths: Option<ServingPaths>,
+        probes: Option<&Measurement>,
     ) -> Result<(String, Scenario), CaseError> {
-        let text = self.scenario_toml(serving_paths);
         let file = dir.join("scenario.toml");
-        write(dir, &file, &text)?;
-        let scenario = Scenario::parse(&text, &file.display().to_string(), dir.to_path_buf())
-            .map_err(|e| self.derived_error("scenario", e))?;
+        let parse = |text: &str| {
+            write(dir, &file, text)?;
+            Scenario::parse(text, &file.display().to_string(), dir.to_path_buf())
+                .map_err(|e| self.derived_error("scenario", e))
+        };
+        let paths = probes.map(Measurement::serving_paths);
+        let text = self.scenario_toml(paths, None);
+        let scenario = parse(&text)?;
+        let Some((m, link)) = probes.and_then(|m| Some((m, m.link?))) else {
+            return Ok((text, scenario));
+        };
+        if self.cluster.mode != Mode::Disaggregated {
+            return Ok((text, scenario));
+        }
+        let probed = link
+            .fit(&scenario.setups[0].link, m.serving_path_ns)
+            .map_err(|message| CaseError::Probes {
+                case: self.file.clone(),
+                message,
+            })?;
+        let import_ns = probed.import_ns(link.short_bytes);
+        let paths = ServingPaths {
+            busy_ns: m.serving_path_ns.saturating_sub(import_ns),
+            idle_ns: m
+                .serving_path_idle_ns
+                .map(|ns| ns.saturating_sub(import_ns)),
+        };
+        let text = self.scenario_toml(Some(paths), Some(&probed));
+        let scenario = parse(&text)?;
         Ok((text, scenario))
     }
 
@@ -1119,13 +1217,75 @@ tpot_ms = 50.0
         let case = Case::parse(&text, "case.toml", dir.path()).unwrap();
         let profile = std::fs::canonicalize(dir.path().join("profile.toml")).unwrap();
         assert_eq!(case.predictor, Predictor::Profile(profile.clone()));
-        let doc: Table = case.scenario_toml(None).parse().unwrap();
+        let doc: Table = case.scenario_toml(None, None).parse().unwrap();
         let setup = &doc["setup"].as_array().unwrap()[0];
         assert_eq!(setup["profile"].as_str(), Some(profile.to_str().unwrap()));
         assert!(setup.get("hardware").is_none());
         assert!(doc.get("hardware").is_none());
         assert_eq!(setup["engine"]["kv_blocks"].as_integer(), Some(64));
         assert_eq!(setup["link"].as_str(), Some("tcp-10g"));
+    }
+
+    /// Probes timed on a link of known figures give those figures back; what they cannot
+    /// resolve keeps the named link's, and probes of one size are refused.
+    #[test]
+    fn a_link_fitted_to_two_probe_sizes_recovers_its_figures() {
+        let base = LinkSpec {
+            name: "tcp-loopback".into(),
+            kind: sim::network::LinkKind::Tcp,
+            bandwidth_gbit_per_s: 19.0,
+            efficiency: 1.0,
+            latency_ns: 10_000,
+            per_transfer_overhead_ns: 230_000,
+            host_copy_bytes_per_s: Some(50e9),
+            serialize_bytes_per_s: None,
+            import_bytes_per_s: Some(4.4e9),
+        };
+        let truth = LinkSpec {
+            bandwidth_gbit_per_s: 8.0 * 2.6,
+            per_transfer_overhead_ns: 700_000,
+            import_bytes_per_s: Some(2.8e9),
+            ..base.clone()
+        };
+        let (short, long) = (180_224, 5_767_168);
+        let transfer = |b: u64| truth.endpoint_ns(b) + truth.latency_ns + b * 10 / 26;
+        let path_ns = 1_000_000;
+        let probe = LinkProbe {
+            short_bytes: short,
+            short_transfer_ns: transfer(short),
+            long_bytes: long,
+            long_transfer_ns: transfer(long),
+            long_serving_path_ns: path_ns + truth.import_ns(long) - truth.import_ns(short),
+        };
+        let fit = probe.fit(&base, path_ns).unwrap();
+        assert_eq!(fit.name, "tcp-loopback-probed");
+        let near = |a: f64, b: f64| (a - b).abs() <= 1e-3 * b;
+        assert!(near(fit.bytes_per_s(), 2.6e9), "{fit:?}");
+        assert!(near(fit.import_bytes_per_s.unwrap(), 2.8e9), "{fit:?}");
+        assert!(
+            fit.per_transfer_overhead_ns.abs_diff(700_000) <= 2,
+            "{fit:?}"
+        );
+        assert_eq!(
+            (fit.latency_ns, fit.host_copy_bytes_per_s),
+            (base.latency_ns, base.host_copy_bytes_per_s)
+        );
+
+        // The long probes' serving path no longer than the short ones': the import stays.
+        let flat = LinkProbe {
+            long_serving_path_ns: path_ns - 1,
+            ..probe
+        };
+        assert_eq!(
+            flat.fit(&base, path_ns).unwrap().import_bytes_per_s,
+            base.import_bytes_per_s
+        );
+        let same = LinkProbe {
+            long_bytes: short,
+            ..probe
+        };
+        let e = same.fit(&base, path_ns).unwrap_err();
+        assert!(e.contains("no rate to fit"), "{e}");
     }
 
     #[test]
@@ -1140,7 +1300,7 @@ tpot_ms = 50.0
             };
             let mut case = parse(&text).unwrap();
             case.cores = cores;
-            let doc: Table = case.scenario_toml(None).parse().unwrap();
+            let doc: Table = case.scenario_toml(None, None).parse().unwrap();
             let setup = &doc["setup"].as_array().unwrap()[0];
             let cluster: Table = case.cluster_toml().parse().unwrap();
             let threads = cluster["worker"].as_array().unwrap()[0]

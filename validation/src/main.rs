@@ -137,6 +137,9 @@ fn run(
                     path.samples_ns.len(),
                     path.idle_samples_ns.len()
                 );
+                if let Some(link) = &run.link {
+                    println!("{}", validation::run::describe_link(link));
+                }
                 print!("{}", run.comparison.text_table());
                 print!("{}", validation::parts::table(&run.parts));
                 print!("{}", validation::steps::table(&run.steps));
@@ -237,6 +240,9 @@ fn reprice(
                         .idle_ms()
                         .map_or("not measured".to_string(), |ms| format!("{ms:.3} ms"))
                 );
+                if let Some(link) = &r.link {
+                    println!("{}", validation::run::describe_link(link));
+                }
                 print!("{}", r.comparison.text_table());
                 print!("{}", validation::parts::table(&r.parts));
                 print!("{}", validation::steps::table(&r.steps));

@@ -3,7 +3,7 @@
 //! `comparison.csv`, `requests-measured.csv` and step traces), with no cluster and no GPU. So
 //! a change to the model can be judged on every machine's measurements without rerunning them.
 
-use crate::case::{BLOCK_SIZE_TOKENS, ServingPaths};
+use crate::case::{BLOCK_SIZE_TOKENS, LinkProbe, ServingPaths};
 use crate::compare::{Comparison, Row, Unit};
 use crate::parts::{self, Part};
 use crate::run::{Prepared, RunError, cdf};
@@ -25,6 +25,10 @@ pub struct Measurement {
     /// The serving path the idle probes measured (runs before them have none).
     #[serde(default)]
     pub serving_path_idle_ns: Option<u64>,
+    /// The KV transfers of the probes, on a cluster that moves KV (runs before the long probes
+    /// have none).
+    #[serde(default)]
+    pub link: Option<LinkProbe>,
 }
 
 pub const MEASUREMENT_FILE: &str = "measurement.toml";
@@ -65,6 +69,7 @@ impl Measurement {
             workload_start_ns: first_workload_step_ns(dir, block_size_tokens)?,
             serving_path_ns: (ms * 1e6).round() as u64,
             serving_path_idle_ns: None,
+            link: None,
         })
     }
 
@@ -136,6 +141,8 @@ pub struct Repriced {
     pub comparison: Comparison,
     pub parts: Vec<Part>,
     pub steps: Vec<StepKind>,
+    /// The link the prediction moved KV on (a disaggregated case's).
+    pub link: Option<sim::network::LinkSpec>,
 }
 
 /// Prices the run measured in `measured_dir` with the prepared case's model, writing the
@@ -143,9 +150,7 @@ pub struct Repriced {
 /// the prepared directory.
 pub fn reprice_case(p: &Prepared, measured_dir: &Path) -> Result<Repriced, RunError> {
     let measurement = Measurement::read(measured_dir, BLOCK_SIZE_TOKENS)?;
-    let (_, scenario) = p
-        .case
-        .derive_scenario(&p.dir, Some(measurement.serving_paths()))?;
+    let (_, scenario) = p.case.derive_scenario(&p.dir, Some(&measurement))?;
     let setup = &scenario.setups[0];
     let predicted = sim::engine::run(&scenario, setup, RunOptions::default())?;
     let then = read_comparison(&measured_dir.join("comparison.csv"))?;
@@ -190,6 +195,7 @@ pub fn reprice_case(p: &Prepared, measured_dir: &Path) -> Result<Repriced, RunEr
         name: p.case.name.clone(),
         measured_dir: measured_dir.to_path_buf(),
         dir: p.dir.clone(),
+        link: (p.case.cluster.mode == crate::case::Mode::Disaggregated).then(|| setup.link.clone()),
         measurement,
         comparison,
         parts,
@@ -210,6 +216,13 @@ mod tests {
             workload_start_ns: 1_700_000_000_000_000_000,
             serving_path_ns: 412_000,
             serving_path_idle_ns: Some(1_034_000),
+            link: Some(LinkProbe {
+                short_bytes: 180_224,
+                short_transfer_ns: 310_000,
+                long_bytes: 5_767_168,
+                long_transfer_ns: 2_900_000,
+                long_serving_path_ns: 2_500_000,
+            }),
         };
         m.write(dir.path()).unwrap();
         assert_eq!(Measurement::read(dir.path(), 16).unwrap(), m);
@@ -220,7 +233,7 @@ mod tests {
         )
         .unwrap();
         let before = Measurement::read(dir.path(), 16).unwrap();
-        assert_eq!(before.serving_path_idle_ns, None);
+        assert_eq!((before.serving_path_idle_ns, before.link), (None, None));
         assert_eq!(before.serving_paths().idle_ms(), None);
 
         // No measurement.toml: the path from scenario.toml, the start at the first step that
@@ -242,6 +255,7 @@ mod tests {
                 workload_start_ns: 900,
                 serving_path_ns: 291_000,
                 serving_path_idle_ns: None,
+                link: None,
             }
         );
         std::fs::write(

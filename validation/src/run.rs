@@ -2,15 +2,16 @@
 //! with `disagg-hw serve`) driven by the load generator with the same scenario and seed, and
 //! the outputs of the comparison.
 
-use crate::case::{Case, CaseError, Derived, Mode, Predictor};
+use crate::case::{Case, CaseError, Derived, LinkProbe, Mode, Predictor};
 use crate::compare::{Comparison, format_error};
 use crate::parts::{self, Part};
 use crate::steps::{self, StepKind};
 use crate::svg::{Panel, cdf_svg};
-use hw::loadgen::probe::{IDLE_PAUSE, PROBES, ServingPath};
+use hw::loadgen::probe::{IDLE_PAUSE, PROBES, ServingPath, median};
 use hw::loadgen::{BenchOptions, BenchOutput, LoadgenError};
 use sim::engine::{RunOptions, SimError};
 use sim::metrics::{RequestRecord, Summary};
+use sim::network::LinkSpec;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter};
 use std::path::{Path, PathBuf};
@@ -164,6 +165,22 @@ pub struct CaseRun {
     pub serving_path: ServingPath,
     /// Each part of the TTFT, predicted and measured.
     pub parts: Vec<Part>,
+    /// The link the prediction moved KV on (a disaggregated case's).
+    pub link: Option<LinkSpec>,
+}
+
+/// A link's figures as a transfer pays them, for a report's line.
+pub fn describe_link(link: &LinkSpec) -> String {
+    let gb = |rate: Option<f64>| rate.map_or("-".to_string(), |r| format!("{:.2} GB/s", r / 1e9));
+    format!(
+        "KV link `{}`: {:.3} ms a transfer, {:.2} GB/s on the wire, host copies {}, \
+         the receiving engine's import {}",
+        link.name,
+        (link.per_transfer_overhead_ns + link.latency_ns) as f64 / 1e6,
+        link.bytes_per_s() / 1e9,
+        gb(link.host_copy_bytes_per_s),
+        gb(link.import_bytes_per_s)
+    )
 }
 
 /// The 1-minute load average (Linux); `None` where /proc/loadavg cannot be read.
@@ -193,11 +210,16 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         workload_start_ns: workload_start,
         serving_path_ns: serving_path.median_ns,
         serving_path_idle_ns: Some(serving_path.idle_median_ns),
+        link: serving_path.link.as_ref().map(|long| LinkProbe {
+            short_bytes: serving_path.transfer_bytes,
+            short_transfer_ns: median(&serving_path.transfer_samples_ns),
+            long_bytes: long.transfer_bytes,
+            long_transfer_ns: median(&long.transfer_samples_ns),
+            long_serving_path_ns: median(&long.samples_ns),
+        }),
     };
     measurement.write(&p.dir)?;
-    let (_, scenario) = p
-        .case
-        .derive_scenario(&p.dir, Some(measurement.serving_paths()))?;
+    let (_, scenario) = p.case.derive_scenario(&p.dir, Some(&measurement))?;
     let setup = &scenario.setups[0];
     let predicted = sim::engine::run(&scenario, setup, RunOptions::default())?;
     let steps = steps::compare(&p.dir, setup.cost_model(&scenario).as_ref(), workload_start)
@@ -230,6 +252,7 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         steps,
         serving_path,
         parts,
+        link: (p.case.cluster.mode == Mode::Disaggregated).then(|| setup.link.clone()),
     };
     let path = p.dir.join("report.md");
     let text = report(p, &run, settings, measured.delayed_sends);
@@ -457,6 +480,27 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
         IDLE_PAUSE.as_millis(),
         ms(&path.idle_samples_ns)
     ));
+    if let Some(long) = &path.link {
+        out.push_str(&format!(
+            "- KV transfers: {:.3} ms for the short probes' {} bytes (medians; in ms: {}), \
+             {:.3} ms for the {} bytes of {} probes of {} tokens sent back to back after them \
+             (in ms: {}), whose serving paths took {:.3} ms (in ms: {}); the link is refitted \
+             to them\n",
+            median(&path.transfer_samples_ns) as f64 / 1e6,
+            path.transfer_bytes,
+            ms(&path.transfer_samples_ns),
+            median(&long.transfer_samples_ns) as f64 / 1e6,
+            long.transfer_bytes,
+            long.samples_ns.len(),
+            long.prompt_tokens,
+            ms(&long.transfer_samples_ns),
+            median(&long.samples_ns) as f64 / 1e6,
+            ms(&long.samples_ns)
+        ));
+    }
+    if let Some(link) = &run.link {
+        out.push_str(&format!("- {}\n", describe_link(link)));
+    }
     out.push_str("\n## Predicted against measured\n\n");
     out.push_str(&run.comparison.markdown_table());
     out.push_str("\nError is (predicted - measured) / measured.\n\n");

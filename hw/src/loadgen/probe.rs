@@ -7,6 +7,12 @@
 //! so that nothing they leave enters a prefix cache or the router's index: first back to back
 //! (the path of a busy cluster), then each after a pause (the path of an idle one, whose
 //! threads and cores went to sleep: on a GPU machine it took twice as long or more).
+//!
+//! On a cluster that moves KV, probes of a longer prompt follow, back to back: against the
+//! short ones they give the KV transfer and the decode worker's import as this cluster runs
+//! them, a fixed part and a part per byte. (On an H200, the lone transfers of calibration took
+//! 0.5-0.7 ms less per transfer than the cluster's, and its imports ran at 4.4 GB/s against
+//! the cluster's 2.5-3.0.)
 
 use super::client;
 use super::{BenchOptions, LoadgenError, connect, model, streamed_completion, vocab_size};
@@ -26,6 +32,27 @@ pub const IDLE_PROBES: usize = 15;
 /// than the gaps of a light workload.
 pub const IDLE_PAUSE: Duration = Duration::from_millis(200);
 
+/// Probes of [`LINK_PROBE_TOKENS`] sent back to back on a cluster that moves KV.
+pub const LINK_PROBES: usize = 12;
+
+/// The long probes' prompt: the size of a typical request's KV, and one prefill step on every
+/// engine the validation cases run (fewer where the engine's token budget or pool is smaller).
+pub const LINK_PROBE_TOKENS: u32 = 256;
+
+/// What the long probes measured, in ns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinkProbes {
+    /// Their prompt's tokens.
+    pub prompt_tokens: u32,
+    /// The KV bytes each moved.
+    pub transfer_bytes: u64,
+    /// Each probe's transfer: its KV sent, to the receiver's ack.
+    pub transfer_samples_ns: Vec<u64>,
+    /// Each probe's time to first token less its prefill and KV transfer (which holds the
+    /// decode worker's import).
+    pub samples_ns: Vec<u64>,
+}
+
 /// What the probes measured, in ns.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServingPath {
@@ -39,10 +66,26 @@ pub struct ServingPath {
     pub idle_median_ns: u64,
     /// Each idle probe's time to first token less its prefill and KV transfer.
     pub idle_samples_ns: Vec<u64>,
+    /// The KV bytes each short probe moved (0 where the cluster moves none).
+    pub transfer_bytes: u64,
+    /// Each counted back-to-back probe's transfer: its KV sent, to the receiver's ack.
+    pub transfer_samples_ns: Vec<u64>,
+    /// The long probes, where the cluster moves KV.
+    pub link: Option<LinkProbes>,
+}
+
+/// One probe's answer, in ns.
+struct Sample {
+    ttft_ns: u64,
+    /// The time to first token less the prefill and the KV transfer.
+    path_ns: u64,
+    transfer_ns: u64,
+    transfer_bytes: u64,
 }
 
 /// Sends [`PROBES`] probes to the target one after another, then [`IDLE_PROBES`] after
-/// [`IDLE_PAUSE`] each.
+/// [`IDLE_PAUSE`] each, then, where the short ones moved KV, [`LINK_PROBES`] long ones one after
+/// another.
 pub async fn serving_path(
     scenario: &Scenario,
     options: &BenchOptions,
@@ -56,14 +99,23 @@ pub async fn serving_path(
         .map_or(sim::kv::DEFAULT_BLOCK_SIZE_TOKENS, |s| {
             s.engine.block_size_tokens
         });
-    let prompt_tokens = block.saturating_sub(1).clamp(1, 8);
+    let short_tokens = block.saturating_sub(1).clamp(1, 8);
+    let long_tokens = scenario.setups.first().map_or(LINK_PROBE_TOKENS, |s| {
+        let e = &s.engine;
+        let pool_tokens = e
+            .kv_blocks
+            .map_or(u32::MAX, |b| b.saturating_mul(block) / 4);
+        LINK_PROBE_TOKENS
+            .min(e.max_batched_tokens)
+            .min(pool_tokens)
+            .min(e.max_model_len.map_or(u32::MAX, |l| l.saturating_sub(1)))
+    });
     let url = format!("{target}/v1/completions");
     let failed = |i: usize, message: String| LoadgenError::Target {
         url: url.clone(),
         message: format!("serving-path probe {i}: {message}"),
     };
-    // One probe's TTFT, and that less its prefill and KV transfer.
-    let probe = async |i: usize| -> Result<(u64, u64), LoadgenError> {
+    let probe = async |i: usize, prompt_tokens: u32| -> Result<Sample, LoadgenError> {
         // Distinct prompts: no probe finds another's KV.
         let prompt = (0..prompt_tokens)
             .map(|k| ((i as u64 * 7919 + u64::from(k) * 104_729 + 17) % u64::from(vocab)) as u32)
@@ -84,21 +136,49 @@ pub async fn serving_path(
             .prefill_end_ns
             .max(trace.transfer_end_ns)
             .saturating_sub(trace.prefill_start_ns);
-        Ok((ttft, ttft.saturating_sub(engine_ns)))
+        Ok(Sample {
+            ttft_ns: ttft,
+            path_ns: ttft.saturating_sub(engine_ns),
+            transfer_ns: trace
+                .transfer_end_ns
+                .saturating_sub(trace.transfer_start_ns),
+            transfer_bytes: trace.transfer_bytes,
+        })
     };
     let mut samples_ns = Vec::with_capacity(PROBES);
     let mut ttft_ns = Vec::with_capacity(PROBES);
+    let mut transfer_samples_ns = Vec::with_capacity(PROBES);
+    let mut transfer_bytes = 0;
     for i in 0..PROBES {
-        let (ttft, path) = probe(i).await?;
+        let s = probe(i, short_tokens).await?;
         if i > 0 {
-            samples_ns.push(path);
-            ttft_ns.push(ttft);
+            samples_ns.push(s.path_ns);
+            ttft_ns.push(s.ttft_ns);
+            transfer_samples_ns.push(s.transfer_ns);
+            transfer_bytes = s.transfer_bytes;
         }
     }
     let mut idle_samples_ns = Vec::with_capacity(IDLE_PROBES);
     for i in PROBES..PROBES + IDLE_PROBES {
         tokio::time::sleep(IDLE_PAUSE).await;
-        idle_samples_ns.push(probe(i).await?.1);
+        idle_samples_ns.push(probe(i, short_tokens).await?.path_ns);
+    }
+    let mut link = None;
+    if transfer_bytes > 0 && long_tokens > short_tokens {
+        let mut long = LinkProbes {
+            prompt_tokens: long_tokens,
+            transfer_bytes: 0,
+            transfer_samples_ns: Vec::with_capacity(LINK_PROBES),
+            samples_ns: Vec::with_capacity(LINK_PROBES),
+        };
+        let first = PROBES + IDLE_PROBES;
+        for i in first..first + LINK_PROBES {
+            let s = probe(i, long_tokens).await?;
+            long.transfer_bytes = s.transfer_bytes;
+            long.transfer_samples_ns.push(s.transfer_ns);
+            long.samples_ns.push(s.path_ns);
+        }
+        link = Some(long);
     }
     Ok(ServingPath {
         median_ns: median(&samples_ns),
@@ -106,10 +186,14 @@ pub async fn serving_path(
         ttft_ns,
         idle_median_ns: median(&idle_samples_ns),
         idle_samples_ns,
+        transfer_bytes,
+        transfer_samples_ns,
+        link,
     })
 }
 
-fn median(ns: &[u64]) -> u64 {
+/// The middle sample (the upper one of an even count).
+pub fn median(ns: &[u64]) -> u64 {
     let mut sorted = ns.to_vec();
     sorted.sort_unstable();
     sorted[sorted.len() / 2]
