@@ -3,7 +3,7 @@
 //! the line and the field.
 
 use crate::calibration::Profile;
-use crate::cost::{CostModel, Measured, Roofline};
+use crate::cost::{CostModel, Measured, Roofline, Scaled};
 use crate::hardware::HardwareSpec;
 use crate::kv::DEFAULT_BLOCK_SIZE_TOKENS;
 use crate::metrics::Slo;
@@ -135,8 +135,20 @@ pub struct SetupConfig {
     /// threads and cores have gone to sleep (default: `serving_path_ms`).
     #[serde(default)]
     pub serving_path_idle_ms: Option<f64>,
+    /// How long this setup's steps take against the cost model's price: the first for a step
+    /// that prefills, the second for one that only decodes (the speed of the machine as it
+    /// runs, where that differs from when it was measured; `disagg-validate` measures both with
+    /// probes on the cluster it runs). Default 1.
+    #[serde(default = "unit_scale")]
+    pub prefill_step_scale: f64,
+    #[serde(default = "unit_scale")]
+    pub decode_step_scale: f64,
     #[serde(default)]
     pub engine: EngineConfig,
+}
+
+fn unit_scale() -> f64 {
+    1.0
 }
 
 fn one() -> u32 {
@@ -241,6 +253,9 @@ pub struct Setup {
     pub serving_path_ns: Nanos,
     /// `SetupConfig::serving_path_idle_ms`.
     pub serving_path_idle_ns: Nanos,
+    /// `SetupConfig::prefill_step_scale` and `decode_step_scale`.
+    pub prefill_step_scale: f64,
+    pub decode_step_scale: f64,
     pub engine: EngineConfig,
 }
 
@@ -251,7 +266,7 @@ impl Setup {
 
     /// The cost model that prices this setup's steps for `scenario`'s model.
     pub fn cost_model(&self, scenario: &Scenario) -> Box<dyn CostModel> {
-        match &self.step_times {
+        let model: Box<dyn CostModel> = match &self.step_times {
             StepTimes::Roofline(hw) => Box::new(Roofline::new(
                 hw,
                 &scenario.model,
@@ -259,7 +274,15 @@ impl Setup {
                 scenario.kv_dtype,
             )),
             StepTimes::Measured(cost) => Box::new(cost.clone()),
+        };
+        if self.prefill_step_scale == 1.0 && self.decode_step_scale == 1.0 {
+            return model;
         }
+        Box::new(Scaled {
+            model,
+            prefill: self.prefill_step_scale,
+            decode: self.decode_step_scale,
+        })
     }
 }
 
@@ -577,6 +600,14 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
         if !(serving_path_idle_ms >= 0.0 && serving_path_idle_ms.is_finite()) {
             return Err(err(&at("serving_path_idle_ms"), "must be >= 0".to_string()));
         }
+        for (field, scale) in [
+            ("prefill_step_scale", s.prefill_step_scale),
+            ("decode_step_scale", s.decode_step_scale),
+        ] {
+            if !(scale > 0.0 && scale.is_finite()) {
+                return Err(err(&at(field), format!("must be positive, got {scale}")));
+            }
+        }
         let e = &s.engine;
         let engine_checks = [
             (
@@ -658,6 +689,8 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             registry_delay_ns: secs_to_ns(s.registry_delay_ms / 1e3),
             serving_path_ns: secs_to_ns(s.serving_path_ms / 1e3),
             serving_path_idle_ns: secs_to_ns(serving_path_idle_ms / 1e3),
+            prefill_step_scale: s.prefill_step_scale,
+            decode_step_scale: s.decode_step_scale,
             engine: s.engine.clone(),
         });
     }
@@ -890,6 +923,42 @@ aggregated_workers = 1
         )
         .unwrap();
         assert_eq!(s.setups[0].link.name, "tcp-10g");
+    }
+
+    /// The step scales multiply the profile's prices, prefill and decode apart; a scale of
+    /// zero is refused by name.
+    #[test]
+    fn step_scales_multiply_the_prices_of_their_steps() {
+        let setup = "profile = \"cal/p.toml\"\nlink = \"tcp-test\"\n\
+                     prefill_step_scale = 1.5\ndecode_step_scale = 0.5\n\
+                     [setup.engine]\nkv_blocks = 256\n";
+        let s = with_profile("scaled", setup).unwrap();
+        let plain = with_profile(
+            "unscaled",
+            "profile = \"cal/p.toml\"\nlink = \"tcp-test\"\n[setup.engine]\nkv_blocks = 256\n",
+        )
+        .unwrap();
+        let (scaled, plain) = (
+            s.setups[0].cost_model(&s),
+            plain.setups[0].cost_model(&plain),
+        );
+        let mut decode = crate::cost::StepWork::default();
+        decode.add_decode(256);
+        let mut mixed = decode;
+        mixed.add_prefill(64, 0);
+        let ratio = |w| scaled.step_ns(w) as f64 / plain.step_ns(w) as f64;
+        assert!((ratio(&decode) - 0.5).abs() < 1e-6);
+        assert!((ratio(&mixed) - 1.5).abs() < 1e-6);
+        let e = with_profile(
+            "zero",
+            &setup.replace("decode_step_scale = 0.5", "decode_step_scale = 0.0"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("setup[0].decode_step_scale: must be positive"),
+            "{e}"
+        );
     }
 
     #[test]

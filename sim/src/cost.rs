@@ -106,6 +106,25 @@ impl CostModel for Roofline {
     }
 }
 
+/// Another model's prices times a factor: `prefill` for a step that prefills, `decode` for one
+/// that only decodes.
+pub struct Scaled {
+    pub model: Box<dyn CostModel>,
+    pub prefill: f64,
+    pub decode: f64,
+}
+
+impl CostModel for Scaled {
+    fn step_ns(&self, w: &StepWork) -> Nanos {
+        let scale = if w.prefill_seqs > 0 {
+            self.prefill
+        } else {
+            self.decode
+        };
+        (self.model.step_ns(w) as f64 * scale).round() as Nanos
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,6 +102,17 @@ impl LinkProbe {
     }
 }
 
+/// What a real cluster's probes measured that its scenario takes (see
+/// [`Case::derive_scenario`]); nothing by default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InSitu {
+    pub serving_paths: Option<ServingPaths>,
+    /// The case's link refitted to the probes' KV transfers.
+    pub link: Option<LinkSpec>,
+    pub prefill_step_scale: Option<f64>,
+    pub decode_step_scale: Option<f64>,
+}
+
 /// The case file as written.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -381,11 +392,7 @@ impl Case {
     /// The scenario for the simulator: one setup of the same mode, worker counts, router,
     /// engine limits and KV pool, priced by the profile (or the case's roofline), with the
     /// serving paths measured on the real cluster once they are known.
-    pub fn scenario_toml(
-        &self,
-        serving_paths: Option<ServingPaths>,
-        probed: Option<&LinkSpec>,
-    ) -> String {
+    pub fn scenario_toml(&self, in_situ: &InSitu) -> String {
         let c = &self.cluster;
         let engine = to_table(&EngineConfig {
             block_size_tokens: BLOCK_SIZE_TOKENS,
@@ -410,7 +417,7 @@ impl Case {
                 hardware.push(to_value(&self.roofline_holding_the_pool(spec)));
             }
         }
-        let link = probed.map_or(&self.link, |l| &l.name);
+        let link = in_situ.link.as_ref().map_or(&self.link, |l| &l.name);
         setup.insert("link".into(), link.clone().into());
         let mode = match c.mode {
             Mode::Aggregated => "aggregated",
@@ -431,10 +438,19 @@ impl Case {
             self.sharing().expect("checked when the case was read");
         setup.insert("workers_per_device".into(), workers_per_device.into());
         setup.insert("device_parallelism".into(), device_parallelism.into());
-        if let Some(paths) = serving_paths {
+        if let Some(paths) = in_situ.serving_paths {
             setup.insert("serving_path_ms".into(), paths.busy_ms().into());
             if let Some(ms) = paths.idle_ms() {
                 setup.insert("serving_path_idle_ms".into(), ms.into());
+            }
+        }
+        for (field, scale) in [
+            ("prefill_step_scale", in_situ.prefill_step_scale),
+            ("decode_step_scale", in_situ.decode_step_scale),
+        ] {
+            if let Some(scale) = scale {
+                // To a part in 10^4: the probes' medians are not steadier.
+                setup.insert(field.into(), ((scale * 1e4).round() / 1e4).into());
             }
         }
         setup.insert("engine".into(), Value::Table(engine));
@@ -452,7 +468,12 @@ impl Case {
         if !hardware.is_empty() {
             doc.insert("hardware".into(), Value::Array(hardware));
         }
-        let links: Vec<Value> = self.link_specs.iter().chain(probed).map(to_value).collect();
+        let links: Vec<Value> = self
+            .link_specs
+            .iter()
+            .chain(&in_situ.link)
+            .map(to_value)
+            .collect();
         if !links.is_empty() {
             doc.insert("link".into(), Value::Array(links));
         }
@@ -559,13 +580,15 @@ impl Case {
     }
 
     /// The simulator's side alone, written into `dir` as `scenario.toml` and parsed. With a
-    /// real cluster's probes: their serving paths, and where they timed KV transfers of two
-    /// sizes, the case's link refitted to them (`LINK-probed`); its import of the short
-    /// probes' KV then leaves their serving paths, as the simulator adds it on its own.
+    /// real run's probes (its measurement, and the directory of its step traces): their
+    /// serving paths; the scales of the probes' steps against the prices of the case's cost
+    /// model; and where they timed KV transfers of two sizes, the case's link refitted to them
+    /// (`LINK-probed`), whose import of the short probes' KV then leaves their serving paths,
+    /// as the simulator adds it on its own.
     pub fn derive_scenario(
         &self,
         dir: &Path,
-        probes: Option<&Measurement>,
+        probes: Option<(&Measurement, &Path)>,
     ) -> Result<(String, Scenario), CaseError> {
         let file = dir.join("scenario.toml");
         let parse = |text: &str| {
@@ -573,29 +596,38 @@ impl Case {
             Scenario::parse(text, &file.display().to_string(), dir.to_path_buf())
                 .map_err(|e| self.derived_error("scenario", e))
         };
-        let paths = probes.map(Measurement::serving_paths);
-        let text = self.scenario_toml(paths, None);
+        let mut in_situ = InSitu::default();
+        let text = self.scenario_toml(&in_situ);
         let scenario = parse(&text)?;
-        let Some((m, link)) = probes.and_then(|m| Some((m, m.link?))) else {
+        let Some((m, steps_dir)) = probes else {
             return Ok((text, scenario));
         };
-        if self.cluster.mode != Mode::Disaggregated {
-            return Ok((text, scenario));
+        let failed = |message: String| CaseError::Probes {
+            case: self.file.clone(),
+            message,
+        };
+        let setup = &scenario.setups[0];
+        let (prefill, decode) = crate::steps::probe_scales(
+            steps_dir,
+            setup.cost_model(&scenario).as_ref(),
+            m.workload_start_ns,
+            u64::from(BLOCK_SIZE_TOKENS),
+        )
+        .map_err(failed)?;
+        in_situ.prefill_step_scale = prefill;
+        in_situ.decode_step_scale = decode;
+        let mut paths = m.serving_paths();
+        if let Some(link) = m.link.filter(|_| self.cluster.mode == Mode::Disaggregated) {
+            let probed = link.fit(&setup.link, m.serving_path_ns).map_err(failed)?;
+            let import_ns = probed.import_ns(link.short_bytes);
+            paths = ServingPaths {
+                busy_ns: paths.busy_ns.saturating_sub(import_ns),
+                idle_ns: paths.idle_ns.map(|ns| ns.saturating_sub(import_ns)),
+            };
+            in_situ.link = Some(probed);
         }
-        let probed = link
-            .fit(&scenario.setups[0].link, m.serving_path_ns)
-            .map_err(|message| CaseError::Probes {
-                case: self.file.clone(),
-                message,
-            })?;
-        let import_ns = probed.import_ns(link.short_bytes);
-        let paths = ServingPaths {
-            busy_ns: m.serving_path_ns.saturating_sub(import_ns),
-            idle_ns: m
-                .serving_path_idle_ns
-                .map(|ns| ns.saturating_sub(import_ns)),
-        };
-        let text = self.scenario_toml(Some(paths), Some(&probed));
+        in_situ.serving_paths = Some(paths);
+        let text = self.scenario_toml(&in_situ);
         let scenario = parse(&text)?;
         Ok((text, scenario))
     }
@@ -1217,7 +1249,7 @@ tpot_ms = 50.0
         let case = Case::parse(&text, "case.toml", dir.path()).unwrap();
         let profile = std::fs::canonicalize(dir.path().join("profile.toml")).unwrap();
         assert_eq!(case.predictor, Predictor::Profile(profile.clone()));
-        let doc: Table = case.scenario_toml(None, None).parse().unwrap();
+        let doc: Table = case.scenario_toml(&InSitu::default()).parse().unwrap();
         let setup = &doc["setup"].as_array().unwrap()[0];
         assert_eq!(setup["profile"].as_str(), Some(profile.to_str().unwrap()));
         assert!(setup.get("hardware").is_none());
@@ -1300,7 +1332,7 @@ tpot_ms = 50.0
             };
             let mut case = parse(&text).unwrap();
             case.cores = cores;
-            let doc: Table = case.scenario_toml(None, None).parse().unwrap();
+            let doc: Table = case.scenario_toml(&InSitu::default()).parse().unwrap();
             let setup = &doc["setup"].as_array().unwrap()[0];
             let cluster: Table = case.cluster_toml().parse().unwrap();
             let threads = cluster["worker"].as_array().unwrap()[0]

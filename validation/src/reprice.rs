@@ -143,6 +143,8 @@ pub struct Repriced {
     pub steps: Vec<StepKind>,
     /// The link the prediction moved KV on (a disaggregated case's).
     pub link: Option<sim::network::LinkSpec>,
+    /// The scales of the prediction's step prices (see `run::CaseRun`).
+    pub step_scales: (f64, f64),
 }
 
 /// Prices the run measured in `measured_dir` with the prepared case's model, writing the
@@ -150,7 +152,9 @@ pub struct Repriced {
 /// the prepared directory.
 pub fn reprice_case(p: &Prepared, measured_dir: &Path) -> Result<Repriced, RunError> {
     let measurement = Measurement::read(measured_dir, BLOCK_SIZE_TOKENS)?;
-    let (_, scenario) = p.case.derive_scenario(&p.dir, Some(&measurement))?;
+    let (_, scenario) = p
+        .case
+        .derive_scenario(&p.dir, Some((&measurement, measured_dir)))?;
     let setup = &scenario.setups[0];
     let predicted = sim::engine::run(&scenario, setup, RunOptions::default())?;
     let then = read_comparison(&measured_dir.join("comparison.csv"))?;
@@ -196,6 +200,7 @@ pub fn reprice_case(p: &Prepared, measured_dir: &Path) -> Result<Repriced, RunEr
         measured_dir: measured_dir.to_path_buf(),
         dir: p.dir.clone(),
         link: (p.case.cluster.mode == crate::case::Mode::Disaggregated).then(|| setup.link.clone()),
+        step_scales: (setup.prefill_step_scale, setup.decode_step_scale),
         measurement,
         comparison,
         parts,

@@ -167,6 +167,17 @@ pub struct CaseRun {
     pub parts: Vec<Part>,
     /// The link the prediction moved KV on (a disaggregated case's).
     pub link: Option<LinkSpec>,
+    /// The scales of the prediction's step prices, for steps that prefill and steps that only
+    /// decode, from the probes' steps.
+    pub step_scales: (f64, f64),
+}
+
+/// The step scales of a setup, for a report's line.
+pub fn describe_step_scales((prefill, decode): (f64, f64)) -> String {
+    format!(
+        "step prices scaled by {prefill:.3} for steps that prefill, {decode:.3} for steps that \
+         only decode (the long probes' steps against the profile)"
+    )
 }
 
 /// A link's figures as a transfer pays them, for a report's line.
@@ -210,16 +221,21 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         workload_start_ns: workload_start,
         serving_path_ns: serving_path.median_ns,
         serving_path_idle_ns: Some(serving_path.idle_median_ns),
-        link: serving_path.link.as_ref().map(|long| LinkProbe {
-            short_bytes: serving_path.transfer_bytes,
-            short_transfer_ns: median(&serving_path.transfer_samples_ns),
-            long_bytes: long.transfer_bytes,
-            long_transfer_ns: median(&long.transfer_samples_ns),
-            long_serving_path_ns: median(&long.samples_ns),
+        link: (serving_path.transfer_bytes > 0).then(|| {
+            let long = &serving_path.long;
+            LinkProbe {
+                short_bytes: serving_path.transfer_bytes,
+                short_transfer_ns: median(&serving_path.transfer_samples_ns),
+                long_bytes: long.transfer_bytes,
+                long_transfer_ns: median(&long.transfer_samples_ns),
+                long_serving_path_ns: median(&long.samples_ns),
+            }
         }),
     };
     measurement.write(&p.dir)?;
-    let (_, scenario) = p.case.derive_scenario(&p.dir, Some(&measurement))?;
+    let (_, scenario) = p
+        .case
+        .derive_scenario(&p.dir, Some((&measurement, &p.dir)))?;
     let setup = &scenario.setups[0];
     let predicted = sim::engine::run(&scenario, setup, RunOptions::default())?;
     let steps = steps::compare(&p.dir, setup.cost_model(&scenario).as_ref(), workload_start)
@@ -253,6 +269,7 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         serving_path,
         parts,
         link: (p.case.cluster.mode == Mode::Disaggregated).then(|| setup.link.clone()),
+        step_scales: (setup.prefill_step_scale, setup.decode_step_scale),
     };
     let path = p.dir.join("report.md");
     let text = report(p, &run, settings, measured.delayed_sends);
@@ -480,7 +497,8 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
         IDLE_PAUSE.as_millis(),
         ms(&path.idle_samples_ns)
     ));
-    if let Some(long) = &path.link {
+    let long = &path.long;
+    if path.transfer_bytes > 0 {
         out.push_str(&format!(
             "- KV transfers: {:.3} ms for the short probes' {} bytes (medians; in ms: {}), \
              {:.3} ms for the {} bytes of {} probes of {} tokens sent back to back after them \
@@ -501,6 +519,7 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
     if let Some(link) = &run.link {
         out.push_str(&format!("- {}\n", describe_link(link)));
     }
+    out.push_str(&format!("- {}\n", describe_step_scales(run.step_scales)));
     out.push_str("\n## Predicted against measured\n\n");
     out.push_str(&run.comparison.markdown_table());
     out.push_str("\nError is (predicted - measured) / measured.\n\n");

@@ -155,6 +155,35 @@ pub fn compare(
         .collect())
 }
 
+/// How the probes' steps (those that started before `before_epoch_ns`, the workload's start)
+/// took against `cost`'s price: the medians of measured over predicted for the steps that
+/// prefill at least `min_prefill_tokens` (the short probes' are left out: they are mostly
+/// fixed costs) and for the steps that only decode; `None` where the probes ran none.
+pub fn probe_scales(
+    dir: &Path,
+    cost: &dyn CostModel,
+    before_epoch_ns: u64,
+    min_prefill_tokens: u64,
+) -> Result<(Option<f64>, Option<f64>), String> {
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for path in &trace_paths(dir)? {
+        for r in steps::read(path)?
+            .iter()
+            .filter(|r| r.start_ns < before_epoch_ns)
+        {
+            let ratio =
+                r.end_ns.saturating_sub(r.start_ns) as f64 / cost.step_ns(&r.work()).max(1) as f64;
+            match kind(r) {
+                "decode" => decode.push(ratio),
+                _ if r.prefill_tokens >= min_prefill_tokens => prefill.push(ratio),
+                _ => {}
+            }
+        }
+    }
+    let m = |v: Vec<f64>| crate::compare::median(&v);
+    Ok((m(prefill), m(decode)))
+}
+
 /// The markdown table of `kinds`.
 pub fn table(kinds: &[StepKind]) -> String {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2} ms"));
@@ -221,6 +250,26 @@ mod tests {
                 .unwrap_err()
                 .contains("steps-bad.csv")
         );
+    }
+
+    /// Only the probes' steps count (before the workload), the short probes' prefills left out.
+    #[test]
+    fn the_probes_steps_scale_the_prices_by_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = "start_ns,forward_ns,end_ns,decode_seqs,decode_context_tokens,prefill_seqs,prefill_tokens,prefill_attention_pairs,prefill_kv_read_tokens\n";
+        // Before 100 ms: an 8-token prefill of 30 ms, 256-token ones of 12 and 14 ms, decode
+        // steps of 20 and 25 ms; after it, the workload's 50 ms steps.
+        let rows = format!(
+            "{header}0,1,30000000,0,0,1,8,36,8\n30000000,1,42000000,0,0,1,256,32896,256\n\
+             42000000,1,56000000,0,0,1,256,32896,256\n56000000,1,76000000,1,256,0,0,0,0\n\
+             76000000,1,101000000,1,257,0,0,0,0\n\
+             100000000,1,150000000,0,0,1,256,32896,256\n150000000,1,200000000,1,300,0,0,0,0\n"
+        );
+        std::fs::write(dir.path().join("steps-aggregated-0.csv"), rows).unwrap();
+        let (prefill, decode) = probe_scales(dir.path(), &Flat, 100_000_000, 16).unwrap();
+        assert!((prefill.unwrap() - 1.3).abs() < 1e-9, "{prefill:?}");
+        assert_eq!(decode, Some(2.25));
+        assert_eq!(probe_scales(dir.path(), &Flat, 0, 16).unwrap(), (None, None));
     }
 
     #[test]

@@ -131,19 +131,26 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
     assert!(path.idle_median_ns > 0 && path.idle_samples_ns.contains(&path.idle_median_ns));
     // The long probes timed bigger transfers, and the prediction moved KV on the case's link
     // refitted to them; its import of the short probes' KV leaves their serving paths.
-    let long = path
-        .link
-        .as_ref()
-        .expect("a disaggregated cluster gets link probes");
+    let long = &path.long;
     assert_eq!(
         long.transfer_samples_ns.len(),
-        validation::hw::loadgen::probe::LINK_PROBES
+        validation::hw::loadgen::probe::LONG_PROBES
     );
     assert!(long.transfer_bytes > path.transfer_bytes && path.transfer_bytes > 0);
     let link = run.link.as_ref().unwrap();
     assert_eq!(link.name, "tcp-10g-probed");
     let scenario = std::fs::read_to_string(case_dir.join("scenario.toml")).unwrap();
     assert!(scenario.contains("link = \"tcp-10g-probed\""), "{scenario}");
+    // Their steps set the scales of the step prices: both kinds ran.
+    let (prefill, decode) = run.step_scales;
+    assert!(prefill > 0.0 && decode > 0.0 && prefill != 1.0 && decode != 1.0);
+    assert!(
+        scenario.contains(&format!(
+            "prefill_step_scale = {}",
+            (prefill * 1e4).round() / 1e4
+        )),
+        "{scenario}"
+    );
     let import_ns = link.import_ns(path.transfer_bytes);
     let ms = |ns: u64| ((ns - import_ns) as f64 / 1e3).round() / 1e3;
     let (busy_ms, idle_ms) = (ms(path.median_ns), ms(path.idle_median_ns));
@@ -184,6 +191,7 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
     assert_eq!(repriced.steps, run.steps);
     assert_eq!(repriced.measurement.serving_path_ns, path.median_ns);
     assert_eq!(repriced.link.as_ref(), Some(link));
+    assert_eq!(repriced.step_scales, run.step_scales);
     assert_eq!(
         repriced.measurement.serving_path_idle_ns,
         Some(path.idle_median_ns)

@@ -8,11 +8,14 @@
 //! (the path of a busy cluster), then each after a pause (the path of an idle one, whose
 //! threads and cores went to sleep: on a GPU machine it took twice as long or more).
 //!
-//! On a cluster that moves KV, probes of a longer prompt follow, back to back: against the
-//! short ones they give the KV transfer and the decode worker's import as this cluster runs
-//! them, a fixed part and a part per byte. (On an H200, the lone transfers of calibration took
-//! 0.5-0.7 ms less per transfer than the cluster's, and its imports ran at 4.4 GB/s against
-//! the cluster's 2.5-3.0.)
+//! Probes of a longer prompt follow, back to back, each generating a few tokens (their KV
+//! stays in the prefix caches, but their prompts are their own: no request finds it). Their
+//! steps (in the workers' step traces, before the workload's) show how fast the machine runs as
+//! the workload starts, against the profile that prices it. On a cluster that moves KV, against
+//! the short probes they give the KV transfer and the decode worker's import as this cluster
+//! runs them, a fixed part and a part per byte. (On an H200, the lone transfers of calibration
+//! took 0.5-0.7 ms less per transfer than the cluster's, and its imports ran at 4.4 GB/s
+//! against the cluster's 2.5-3.0.)
 
 use super::client;
 use super::{BenchOptions, LoadgenError, connect, model, streamed_completion, vocab_size};
@@ -32,19 +35,22 @@ pub const IDLE_PROBES: usize = 15;
 /// than the gaps of a light workload.
 pub const IDLE_PAUSE: Duration = Duration::from_millis(200);
 
-/// Probes of [`LINK_PROBE_TOKENS`] sent back to back on a cluster that moves KV.
-pub const LINK_PROBES: usize = 12;
+/// Probes of [`LONG_PROBE_TOKENS`] sent back to back.
+pub const LONG_PROBES: usize = 12;
 
 /// The long probes' prompt: the size of a typical request's KV, and one prefill step on every
 /// engine the validation cases run (fewer where the engine's token budget or pool is smaller).
-pub const LINK_PROBE_TOKENS: u32 = 256;
+pub const LONG_PROBE_TOKENS: u32 = 256;
+
+/// Tokens each long probe generates: a few decode steps of one sequence each.
+pub const LONG_PROBE_OUTPUT_TOKENS: u32 = 8;
 
 /// What the long probes measured, in ns.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LinkProbes {
+pub struct LongProbes {
     /// Their prompt's tokens.
     pub prompt_tokens: u32,
-    /// The KV bytes each moved.
+    /// The KV bytes each moved (0 where the cluster moves none).
     pub transfer_bytes: u64,
     /// Each probe's transfer: its KV sent, to the receiver's ack.
     pub transfer_samples_ns: Vec<u64>,
@@ -70,8 +76,8 @@ pub struct ServingPath {
     pub transfer_bytes: u64,
     /// Each counted back-to-back probe's transfer: its KV sent, to the receiver's ack.
     pub transfer_samples_ns: Vec<u64>,
-    /// The long probes, where the cluster moves KV.
-    pub link: Option<LinkProbes>,
+    /// The long probes.
+    pub long: LongProbes,
 }
 
 /// One probe's answer, in ns.
@@ -84,8 +90,7 @@ struct Sample {
 }
 
 /// Sends [`PROBES`] probes to the target one after another, then [`IDLE_PROBES`] after
-/// [`IDLE_PAUSE`] each, then, where the short ones moved KV, [`LINK_PROBES`] long ones one after
-/// another.
+/// [`IDLE_PAUSE`] each, then [`LONG_PROBES`] long ones one after another.
 pub async fn serving_path(
     scenario: &Scenario,
     options: &BenchOptions,
@@ -100,27 +105,34 @@ pub async fn serving_path(
             s.engine.block_size_tokens
         });
     let short_tokens = block.saturating_sub(1).clamp(1, 8);
-    let long_tokens = scenario.setups.first().map_or(LINK_PROBE_TOKENS, |s| {
+    let long_tokens = scenario.setups.first().map_or(LONG_PROBE_TOKENS, |s| {
         let e = &s.engine;
         let pool_tokens = e
             .kv_blocks
             .map_or(u32::MAX, |b| b.saturating_mul(block) / 4);
-        LINK_PROBE_TOKENS
+        let longest = e
+            .max_model_len
+            .map_or(u32::MAX, |l| l.saturating_sub(LONG_PROBE_OUTPUT_TOKENS));
+        LONG_PROBE_TOKENS
             .min(e.max_batched_tokens)
             .min(pool_tokens)
-            .min(e.max_model_len.map_or(u32::MAX, |l| l.saturating_sub(1)))
+            .min(longest)
+            .max(short_tokens)
     });
     let url = format!("{target}/v1/completions");
     let failed = |i: usize, message: String| LoadgenError::Target {
         url: url.clone(),
         message: format!("serving-path probe {i}: {message}"),
     };
-    let probe = async |i: usize, prompt_tokens: u32| -> Result<Sample, LoadgenError> {
+    let probe = async |i: usize,
+                       prompt_tokens: u32,
+                       max_tokens: u32|
+           -> Result<Sample, LoadgenError> {
         // Distinct prompts: no probe finds another's KV.
         let prompt = (0..prompt_tokens)
             .map(|k| ((i as u64 * 7919 + u64::from(k) * 104_729 + 17) % u64::from(vocab)) as u32)
             .collect();
-        let body = streamed_completion(&model, prompt, 1);
+        let body = streamed_completion(&model, prompt, max_tokens);
         let start = Instant::now();
         let answer = client::complete(&http, &url, &body, start, options.request_timeout)
             .await
@@ -150,7 +162,7 @@ pub async fn serving_path(
     let mut transfer_samples_ns = Vec::with_capacity(PROBES);
     let mut transfer_bytes = 0;
     for i in 0..PROBES {
-        let s = probe(i, short_tokens).await?;
+        let s = probe(i, short_tokens, 1).await?;
         if i > 0 {
             samples_ns.push(s.path_ns);
             ttft_ns.push(s.ttft_ns);
@@ -161,24 +173,20 @@ pub async fn serving_path(
     let mut idle_samples_ns = Vec::with_capacity(IDLE_PROBES);
     for i in PROBES..PROBES + IDLE_PROBES {
         tokio::time::sleep(IDLE_PAUSE).await;
-        idle_samples_ns.push(probe(i, short_tokens).await?.path_ns);
+        idle_samples_ns.push(probe(i, short_tokens, 1).await?.path_ns);
     }
-    let mut link = None;
-    if transfer_bytes > 0 && long_tokens > short_tokens {
-        let mut long = LinkProbes {
-            prompt_tokens: long_tokens,
-            transfer_bytes: 0,
-            transfer_samples_ns: Vec::with_capacity(LINK_PROBES),
-            samples_ns: Vec::with_capacity(LINK_PROBES),
-        };
-        let first = PROBES + IDLE_PROBES;
-        for i in first..first + LINK_PROBES {
-            let s = probe(i, long_tokens).await?;
-            long.transfer_bytes = s.transfer_bytes;
-            long.transfer_samples_ns.push(s.transfer_ns);
-            long.samples_ns.push(s.path_ns);
-        }
-        link = Some(long);
+    let mut long = LongProbes {
+        prompt_tokens: long_tokens,
+        transfer_bytes: 0,
+        transfer_samples_ns: Vec::with_capacity(LONG_PROBES),
+        samples_ns: Vec::with_capacity(LONG_PROBES),
+    };
+    let first = PROBES + IDLE_PROBES;
+    for i in first..first + LONG_PROBES {
+        let s = probe(i, long_tokens, LONG_PROBE_OUTPUT_TOKENS).await?;
+        long.transfer_bytes = s.transfer_bytes;
+        long.transfer_samples_ns.push(s.transfer_ns);
+        long.samples_ns.push(s.path_ns);
     }
     Ok(ServingPath {
         median_ns: median(&samples_ns),
@@ -188,7 +196,7 @@ pub async fn serving_path(
         idle_samples_ns,
         transfer_bytes,
         transfer_samples_ns,
-        link,
+        long,
     })
 }
 
