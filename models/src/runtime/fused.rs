@@ -10,11 +10,17 @@
 //! is not built for the shapes, the softmax is one pass over the scores.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, result, sys,
+};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Error, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::sync::OnceLock;
 
 use super::linear::linear;
 
@@ -83,6 +89,166 @@ pub(crate) fn address(t: &Tensor) -> Result<u64> {
     Ok(base + (start * t.dtype().size_in_bytes()) as u64)
 }
 
+/// The arguments of a [`launch_dependent`] launch: each the address of its value, which
+/// outlives the launch.
+struct Args<'a> {
+    ptrs: Vec<*mut c_void>,
+    values: PhantomData<&'a ()>,
+}
+
+impl<'a> Args<'a> {
+    fn new() -> Args<'a> {
+        Args {
+            ptrs: Vec::new(),
+            values: PhantomData,
+        }
+    }
+
+    fn arg<T: DeviceRepr>(&mut self, value: &'a T) -> &mut Self {
+        self.ptrs.push(value as *const T as *mut c_void);
+        self
+    }
+}
+
+/// Whether kernels may start before the one before them ends (programmatic dependent launch):
+/// on compute capability 9.0 and later, unless `DISAGG_PDL=0`.
+fn dependent_launches(dev: &CudaDevice) -> Result<bool> {
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    if !*ALLOWED.get_or_init(|| std::env::var_os("DISAGG_PDL").is_none_or(|v| v != "0")) {
+        return Ok(false);
+    }
+    let major = dev
+        .cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .map_err(failed)?;
+    Ok(major >= 9)
+}
+
+/// Launches `func` on `dev`'s stream, where the GPU has them as a programmatic dependent launch:
+/// the kernel may start while the kernel before it runs, and must call `pdl_wait` (kernels.cu)
+/// before it reads what earlier work wrote or writes anything. In a recorded step this is a
+/// programmatic edge between the two kernels, so no node may come between them (see
+/// [`Scratch`]).
+///
+/// # Safety
+///
+/// The arguments match the kernel's signature and it keeps to `pdl_wait`'s rule.
+unsafe fn launch_dependent(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &mut Args,
+) -> Result<()> {
+    let stream = dev.cuda_stream();
+    stream.context().bind_to_thread().map_err(failed)?;
+    let (grid, block) = (cfg.grid_dim, cfg.block_dim);
+    if !dependent_launches(dev)? {
+        // SAFETY: as the caller promises; the stream is the device's, its context bound.
+        return unsafe {
+            result::launch_kernel(
+                func.cu_function(),
+                grid,
+                block,
+                cfg.shared_mem_bytes,
+                stream.cu_stream(),
+                &mut args.ptrs,
+            )
+        }
+        .map_err(failed);
+    }
+    // SAFETY: all zeros is a valid value of the union (its `pad` bytes).
+    let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+    value.programmaticStreamSerializationAllowed = 1;
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value,
+    };
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block.0,
+        blockDimY: block.1,
+        blockDimZ: block.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: as the caller promises; config and the attribute live through the call.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            func.cu_function(),
+            args.ptrs.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .map_err(failed)
+}
+
+/// Where a step's fused kernels put their outputs. In a recorded step every allocation and
+/// free is a graph node, and a node between two kernels keeps the second from starting early
+/// (see [`launch_dependent`]); so a one-token step carves its outputs from a few allocations
+/// made before its first kernel and freed after its last. Nothing carved is reused within the
+/// step. Without an arena ([`Scratch::none`]), each output is an allocation of its own.
+pub struct Scratch {
+    arenas: Option<RefCell<Vec<Arena>>>,
+}
+
+/// One allocation of a dtype and how much of it is carved.
+struct Arena {
+    buf: Tensor,
+    used: usize,
+}
+
+/// Bytes an arena takes at least, and where each carved tensor starts a multiple of.
+const ARENA_BYTES: usize = 2 << 20;
+const ARENA_ALIGN: usize = 128;
+
+impl Scratch {
+    pub fn none() -> Scratch {
+        Scratch { arenas: None }
+    }
+
+    /// Outputs carved from arenas, allocated as needed.
+    pub fn arena() -> Scratch {
+        Scratch {
+            arenas: Some(RefCell::new(Vec::new())),
+        }
+    }
+
+    /// An uninitialised tensor, for a kernel to fill.
+    fn empty(&self, dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        let Some(arenas) = &self.arenas else {
+            return empty(dev, dtype, shape);
+        };
+        let n = shape.elem_count();
+        let align = ARENA_ALIGN / dtype.size_in_bytes();
+        let mut arenas = arenas.borrow_mut();
+        let fits = |a: &Arena| a.buf.dtype() == dtype && a.used + n <= a.buf.elem_count();
+        let i = match arenas.iter().position(fits) {
+            Some(i) => i,
+            None => {
+                let len = n.max(ARENA_BYTES / dtype.size_in_bytes());
+                arenas.push(Arena {
+                    buf: empty(dev, dtype, len)?,
+                    used: 0,
+                });
+                arenas.len() - 1
+            }
+        };
+        let a = &mut arenas[i];
+        let t = a.buf.narrow(0, a.used, n)?.reshape(shape)?;
+        a.used = (a.used + n).next_multiple_of(align);
+        Ok(t)
+    }
+}
+
 /// An uninitialised tensor, for a kernel to fill.
 fn empty(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<Tensor> {
     let shape = shape.into();
@@ -116,13 +282,14 @@ pub fn add_rms_norm(
     y: Option<&Tensor>,
     w: &Tensor,
     eps: f32,
+    scratch: &Scratch,
 ) -> Result<(Tensor, Tensor)> {
     let dev = cuda(x.device())?;
     let (rows, cols) = x.dims2()?;
     let h_rows = matmul_rows(rows);
-    let h = empty(dev, x.dtype(), (h_rows, cols))?;
+    let h = scratch.empty(dev, x.dtype(), (h_rows, cols))?;
     let x_out = match y {
-        Some(_) => empty(dev, x.dtype(), (rows, cols))?,
+        Some(_) => scratch.empty(dev, x.dtype(), (rows, cols))?,
         None => x.clone(),
     };
     let func = kernel!(dev, "add_rms_norm", x.dtype())?;
@@ -133,7 +300,7 @@ pub fn add_rms_norm(
     };
     let (rows_i, cols_i) = (rows as i32, cols as i32);
     let vec = i32::from(cols % 8 == 0 && [px, py, pw, pout, ph].iter().all(|p| p % 16 == 0));
-    let mut b = func.builder();
+    let mut b = Args::new();
     b.arg(&px)
         .arg(&py)
         .arg(&pw)
@@ -149,8 +316,8 @@ pub fn add_rms_norm(
         shared_mem_bytes: 0,
     };
     // SAFETY: the arguments match the kernel's signature; x, y and x_out hold at least rows x
-    // cols, h h_rows x cols.
-    unsafe { b.launch(cfg) }.map_err(failed)?;
+    // cols, h h_rows x cols; the kernel waits before its loads.
+    unsafe { launch_dependent(dev, &func, cfg, &mut b) }?;
     Ok((x_out, h))
 }
 
@@ -171,7 +338,7 @@ pub struct RopeKv<'a> {
 
 /// The fused QKV projection of x (tokens, hidden) by w ((n_heads + 2 n_kv_heads) head_dim,
 /// hidden), then [`rope_write_kv`]: in one GEMV launch for one token of f16 or bf16.
-pub fn qkv_rope(x: &Tensor, w: &Tensor, a: &RopeKv) -> Result<Tensor> {
+pub fn qkv_rope(x: &Tensor, w: &Tensor, a: &RopeKv, scratch: &Scratch) -> Result<Tensor> {
     let (kvh, n_slots, hd) = a.k_pool.dims3()?;
     let fits = gemv_fits(x, w, Product::Plain)?
         && a.positions.dim(0)? == 1
@@ -182,7 +349,7 @@ pub fn qkv_rope(x: &Tensor, w: &Tensor, a: &RopeKv) -> Result<Tensor> {
     }
     let dev = cuda(x.device())?;
     let k = x.dim(1)?;
-    let q = empty(dev, x.dtype(), (1, a.n_heads, hd))?;
+    let q = scratch.empty(dev, x.dtype(), (1, a.n_heads, hd))?;
     let func = kernel!(dev, "gemv_rope", x.dtype())?;
     let pairs = w.dim(0)? / 2;
     let ksplit = gemv_ksplit(k);
@@ -199,7 +366,7 @@ pub fn qkv_rope(x: &Tensor, w: &Tensor, a: &RopeKv) -> Result<Tensor> {
     let (pairs_i, k_i, ksplit_i) = (pairs as i32, k as i32, ksplit as i32);
     let (nh, kvh_i, hd_i) = (a.n_heads as i32, kvh as i32, hd as i32);
     let interleaved = i32::from(a.interleaved);
-    let mut b = func.builder();
+    let mut b = Args::new();
     b.arg(&px).arg(&pw).arg(&pairs_i).arg(&k_i).arg(&ksplit_i);
     for p in &ptrs {
         b.arg(p);
@@ -216,8 +383,9 @@ pub fn qkv_rope(x: &Tensor, w: &Tensor, a: &RopeKv) -> Result<Tensor> {
     };
     // SAFETY: the arguments match the kernel's signature; x holds k elements and w 2 x pairs
     // rows of k, 16-byte aligned, k a multiple of 8 (gemv_fits); one token's position and
-    // slot, checked in range by the caller or NO_SLOT, which the kernel skips.
-    unsafe { b.launch(cfg) }.map_err(failed)?;
+    // slot, checked in range by the caller or NO_SLOT, which the kernel skips. Before its
+    // wait the kernel reads only w and the step's inputs and tables.
+    unsafe { launch_dependent(dev, &func, cfg, &mut b) }?;
     Ok(q)
 }
 
@@ -360,6 +528,7 @@ pub fn attention_fits(head_dim: usize, max_context: usize, block_size: usize) ->
 /// n_heads * head_dim) at the row; other rows of `out` are left as they are. A context split
 /// over several blocks (see [`attention_splits`]) is merged by the last of them to finish,
 /// counting in `counters` ([`ATTENTION_COUNTERS`] u32 zeros, left zero).
+#[allow(clippy::too_many_arguments)]
 pub fn paged_decode_attention(
     q: &Tensor,
     k_pool: &Tensor,
@@ -368,6 +537,7 @@ pub fn paged_decode_attention(
     block_size: usize,
     counters: &Tensor,
     out: &Tensor,
+    scratch: &Scratch,
 ) -> Result<()> {
     let dev = cuda(q.device())?;
     let (_, nh, hd) = q.dims3()?;
@@ -382,7 +552,7 @@ pub fn paged_decode_attention(
     let (splits, split_keys) = attention_splits(decode.n, nh, decode.max_context);
     let partial = match splits {
         1 => None,
-        _ => Some(empty(dev, DType::F32, decode.n * nh * splits * (hd + 2))?),
+        _ => Some(scratch.empty(dev, DType::F32, decode.n * nh * splits * (hd + 2))?),
     };
     if splits > 1 && (decode.n * nh > counters.elem_count() || counters.dtype() != DType::U32) {
         return Err(Error::Msg(format!(
@@ -410,7 +580,7 @@ pub fn paged_decode_attention(
     ];
     let (nh_i, kvh_i, hd_i, bs) = (nh as i32, kvh as i32, hd as i32, block_size as i32);
     let (split_keys_i, scale) = (split_keys as i32, 1.0 / (hd as f32).sqrt());
-    let mut b = func.builder();
+    let mut b = Args::new();
     for p in &ptrs {
         b.arg(p);
     }
@@ -429,8 +599,9 @@ pub fn paged_decode_attention(
     // SAFETY: the arguments match the kernel's signature; the tables hold checked block ids
     // covering each row's context, the pools are aligned for 8-element loads, the shared
     // memory fits (checked above), partial holds every split's head_dim + 2 floats and
-    // counters one u32 per (row, head) where the context is split.
-    unsafe { b.launch(cfg) }.map_err(failed)?;
+    // counters one u32 per (row, head) where the context is split. Before its wait the
+    // kernel reads only the step's tables (inputs, which no kernel writes).
+    unsafe { launch_dependent(dev, &func, cfg, &mut b) }?;
     Ok(())
 }
 
@@ -651,7 +822,7 @@ fn gemv_fits(x: &Tensor, w: &Tensor, product: Product) -> Result<bool> {
 }
 
 /// The GEMV kernel over x and w that fit it: (1, n) for w (n, k), gated (1, n / 2).
-fn gemv(x: &Tensor, w: &Tensor, product: Product) -> Result<Tensor> {
+fn gemv(x: &Tensor, w: &Tensor, product: Product, scratch: &Scratch) -> Result<Tensor> {
     let dev = cuda(x.device())?;
     let (n, k) = w.dims2()?;
     let ksplit = gemv_ksplit(k);
@@ -661,11 +832,11 @@ fn gemv(x: &Tensor, w: &Tensor, product: Product) -> Result<Tensor> {
         Product::F32 => ("gemv_f32_out", n, DType::F32, groups * GEMV_GROUP_ROWS),
         Product::Silu => ("gemv_silu", n / 2, x.dtype(), groups),
     };
-    let y = empty(dev, dtype, (1, outputs))?;
+    let y = scratch.empty(dev, dtype, (1, outputs))?;
     let func = kernel!(dev, name, x.dtype())?;
     let (px, pw, py) = (address(x)?, address(w)?, address(&y)?);
     let (n_i, k_i, ksplit_i) = (outputs as i32, k as i32, ksplit as i32);
-    let mut b = func.builder();
+    let mut b = Args::new();
     b.arg(&px)
         .arg(&pw)
         .arg(&py)
@@ -679,17 +850,18 @@ fn gemv(x: &Tensor, w: &Tensor, product: Product) -> Result<Tensor> {
     };
     // SAFETY: the arguments match the kernel's signature; x holds k elements, w n x k rows
     // (gated: 2 x outputs), y `outputs` of its dtype; k is a multiple of 8 and both inputs
-    // are 16-byte aligned; ksplit divides the block's warps.
-    unsafe { b.launch(cfg) }.map_err(failed)?;
+    // are 16-byte aligned; ksplit divides the block's warps. Before its wait the kernel reads
+    // only w.
+    unsafe { launch_dependent(dev, &func, cfg, &mut b) }?;
     Ok(y)
 }
 
 /// The `product` of x (m, k) and w (n, k): one row of f16 or bf16 in the GEMV kernel, which
 /// reads w once at close to the copy bandwidth; more rows, or other dtypes, through cuBLAS
-/// (gated, then [`silu_mul`]).
-pub fn product(x: &Tensor, w: &Tensor, product: Product) -> Result<Tensor> {
+/// (gated, then [`silu_mul`]). The GEMV's output comes from `scratch`.
+pub fn product(x: &Tensor, w: &Tensor, product: Product, scratch: &Scratch) -> Result<Tensor> {
     if gemv_fits(x, w, product)? {
-        return gemv(x, w, product);
+        return gemv(x, w, product, scratch);
     }
     match product {
         Product::Plain => linear(x, w),
@@ -700,7 +872,7 @@ pub fn product(x: &Tensor, w: &Tensor, product: Product) -> Result<Tensor> {
 
 /// `x · wᵀ`: [`product`]'s plain one.
 pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    product(x, w, Product::Plain)
+    product(x, w, Product::Plain, &Scratch::none())
 }
 
 /// The rows of an export (see `KvCache::export_blocks_tensor`) in one launch: row i holds block
@@ -791,6 +963,12 @@ fn move_blocks(
 }
 
 /// An uninitialised (tokens, width) tensor, for kernels and copies that fill every row.
-pub fn rows(device: &Device, dtype: DType, tokens: usize, width: usize) -> Result<Tensor> {
-    empty(cuda(device)?, dtype, (tokens, width))
+pub fn rows(
+    device: &Device,
+    dtype: DType,
+    tokens: usize,
+    width: usize,
+    scratch: &Scratch,
+) -> Result<Tensor> {
+    scratch.empty(cuda(device)?, dtype, (tokens, width))
 }

@@ -71,6 +71,26 @@ __device__ float block_reduce(float x, float *scratch) {
     return MAX ? warp_max(x) : warp_sum(x);
 }
 
+// Programmatic dependent launch (sm_90 on; fused.rs launches add_rms_norm, the GEMVs and decode
+// attention so): such a kernel may start while the kernel before it in the stream runs. Before
+// pdl_wait it reads only what no kernel writes (weights, the step's inputs), and it writes
+// nothing; pdl_wait returns once the kernel before it has finished and its writes are visible
+// (at once when there is no such dependency). pdl_launch, right after the wait, lets the next
+// kernel start: one kernel runs ahead at most, its weights loaded while this one ends. On an
+// H200 this took a batch-1 TinyLlama step from 1.001 ms to 0.915 in one run. Prefetching the
+// rows into L2 before the wait instead of loading them (48 registers against 56) made it
+// slower: 1.048 ms, and 1.026 with pdl_launch at each kernel's start.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // x_out = x + y (rounded to T, as the residual stream is kept) and h = RMSNorm(x_out) * w.
 // Without y, x is only normalised. One block per row of h; rows of h past x's `rows` (padding
 // for the matmuls) are zeroed; with `vec` (cols % 8 == 0 and every
@@ -82,6 +102,8 @@ __device__ void add_rms_norm(const T *__restrict__ x, const T *__restrict__ y,
                              const float *__restrict__ w, T *__restrict__ x_out, T *__restrict__ h,
                              int rows, int cols, float eps, int vec) {
     __shared__ float scratch[32];
+    pdl_wait();
+    pdl_launch();
     const size_t row = (size_t)blockIdx.x * cols;
     if ((int)blockIdx.x >= rows) {
         for (int c = threadIdx.x; c < cols; c += blockDim.x) h[row + c] = from_f32<T>(0.0f);
@@ -214,9 +236,12 @@ __device__ void paged_decode_attention(const T *__restrict__ q, const T *__restr
     const T *k_head = k_pool + (size_t)kh * n_slots * head_dim + 8 * c;
     const T *v_head = v_pool + (size_t)kh * n_slots * head_dim + 8 * c;
 
+    // The tables are the step's inputs: staged before the wait.
     for (int b = threadIdx.x; b < n_blocks; b += blockDim.x) {
         table[b] = tables[table_start[i] + first_block + b];
     }
+    pdl_wait();
+    pdl_launch();
     float qv[8];
     load8(q + (row * n_heads + head) * head_dim + 8 * c, qv);
 #pragma unroll
@@ -662,8 +687,8 @@ __device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, O *__rest
         else row = head * rope.head_dim + (r == 0 ? a : b);
         rows[r] = reinterpret_cast<const uint4 *>(w + (size_t)row * k);
     }
-    for (int base = slice * 32 + lane; base < chunks; base += stride * GEMV_UNROLL) {
-        uint4 wv[GEMV_UNROLL][GEMV_ROWS];
+    uint4 wv[GEMV_UNROLL][GEMV_ROWS];
+    auto load_w = [&](int base) {
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
             const int c = base + stride * u;
@@ -672,6 +697,21 @@ __device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, O *__rest
                 wv[u][r] = c < chunks ? load_streamed(rows[r] + c) : make_uint4(0, 0, 0, 0);
             }
         }
+    };
+    // The first runs of weights are loaded before the wait: at k = 2048 they are all of the
+    // block's, read while the kernel before ends (the step's inputs for ROPE too).
+    int base = slice * 32 + lane;
+    load_w(base);
+    uint32_t slot_id = 0;
+    float cj = 0.0f, sj = 0.0f;
+    if (MODE == ROPE && slice == 0 && lane == 0 && col0 < n) {
+        slot_id = rope.slots[0];
+        const size_t at = (size_t)rope.positions[0] * half + j;
+        cj = to_f32(rope.cos[at]), sj = to_f32(rope.sin[at]);
+    }
+    pdl_wait();
+    pdl_launch();
+    for (;;) {
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
             const int c = base + stride * u;
@@ -686,6 +726,9 @@ __device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, O *__rest
                 for (int e = 0; e < 8; ++e) acc[r] += xv[e] * wf[e];
             }
         }
+        base += stride * GEMV_UNROLL;
+        if (base >= chunks) break;
+        load_w(base);
     }
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; ++r) {
@@ -704,7 +747,6 @@ __device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, O *__rest
     } else if (MODE == ROPE) {
         if (col0 >= n) return;
         const float x0 = to_f32(from_f32<T>(acc[0])), x1 = to_f32(from_f32<T>(acc[1]));
-        const uint32_t slot_id = rope.slots[0];
         const int nh = rope.n_heads, kvh = rope.n_kv_heads, hd = rope.head_dim;
         if (head >= nh + kvh) {
             if (slot_id == NO_SLOT) return;
@@ -713,8 +755,6 @@ __device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, O *__rest
             return;
         }
         if (head >= nh && slot_id == NO_SLOT) return;
-        const size_t at = (size_t)rope.positions[0] * half + j;
-        const float cj = to_f32(rope.cos[at]), sj = to_f32(rope.sin[at]);
         T *o = head < nh ? rope.q_out + (size_t)head * hd
                          : rope.k_pool + ((size_t)(head - nh) * rope.n_slots + slot_id) * hd;
         o[a] = from_f32<T>(x0 * cj - x1 * sj);

@@ -425,9 +425,18 @@ impl Model {
         let nh = self.spec.n_heads as usize;
         let eps = self.spec.rms_norm_eps as f32;
         let (cos, sin) = self.rope.tables();
+        // A one-token step's kernels run back to back, each starting as the one before ends
+        // (see `fused::Scratch`); with more tokens, cuBLAS's allocations come between them.
+        let scratch = match t {
+            1 => fused::Scratch::arena(),
+            _ => fused::Scratch::none(),
+        };
+        let s = &scratch;
 
-        let x = self.embed.index_select(&inputs.tokens, 0)?;
-        let (mut x, mut h) = fused::add_rms_norm(&x, None, &self.layers[0].attn_norm, eps)?;
+        // Kept to the end, so that its free comes after the step's kernels.
+        let embedded = self.embed.index_select(&inputs.tokens, 0)?;
+        let (mut x, mut h) =
+            fused::add_rms_norm(&embedded, None, &self.layers[0].attn_norm, eps, s)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let (k_pool, v_pool) = cache.pools(li);
             let rope = fused::RopeKv {
@@ -440,7 +449,7 @@ impl Model {
                 n_heads: nh,
                 interleaved: self.rope.interleaved(),
             };
-            let q = fused::qkv_rope(&h, &layer.wqkv, &rope)?;
+            let q = fused::qkv_rope(&h, &layer.wqkv, &rope, s)?;
             if let Some(f) = on_layer.as_mut() {
                 f(li, cache)?;
             }
@@ -451,7 +460,7 @@ impl Model {
             // row's arithmetic is its own, and they write no KV.
             let attn = match fused::matmul_rows(t) {
                 rows if rows > t => Tensor::zeros((rows, nh * hd), self.dtype, dev)?,
-                _ => fused::rows(dev, self.dtype, t, nh * hd)?,
+                _ => fused::rows(dev, self.dtype, t, nh * hd, s)?,
             };
             if let Some(d) = &inputs.decode {
                 let counters = cache.attention_counters.as_ref().ok_or_else(|| {
@@ -465,6 +474,7 @@ impl Model {
                     cache.block_size_tokens(),
                     counters,
                     &attn,
+                    s,
                 )?;
             }
             // Longer queries: the flash-attention kernel where it is built for the shapes.
@@ -491,19 +501,19 @@ impl Model {
                     attn.slice_set(&self.seq_attention(cache, li, &q, s, &blocks)?, 0, s.offset)?;
                 }
             }
-            let o = fused::matmul(&attn, &layer.wo)?;
-            let (x1, h1) = fused::add_rms_norm(&x, Some(&o), &layer.ffn_norm, eps)?;
-            let act = fused::product(&h1, &layer.w_gate_up, Product::Silu)?;
-            let down = fused::matmul(&act, &layer.w_down)?;
+            let o = fused::product(&attn, &layer.wo, Product::Plain, s)?;
+            let (x1, h1) = fused::add_rms_norm(&x, Some(&o), &layer.ffn_norm, eps, s)?;
+            let act = fused::product(&h1, &layer.w_gate_up, Product::Silu, s)?;
+            let down = fused::product(&act, &layer.w_down, Product::Plain, s)?;
             let next_norm = self.layers.get(li + 1).map_or(&self.norm, |l| &l.attn_norm);
-            (x, h) = fused::add_rms_norm(&x1, Some(&down), next_norm, eps)?;
+            (x, h) = fused::add_rms_norm(&x1, Some(&down), next_norm, eps, s)?;
         }
         // A one-token step's last row is its only one.
         let last = match t {
             1 => h,
             _ => h.index_select(&inputs.last, 0)?,
         };
-        Ok(fused::product(&last, &self.lm_head, Product::F32)?)
+        Ok(fused::product(&last, &self.lm_head, Product::F32, s)?)
     }
 
     /// Attention of one sequence's new tokens (rows of `q`, viewed as (T, kv_heads, group,
