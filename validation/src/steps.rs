@@ -269,7 +269,10 @@ mod tests {
         let (prefill, decode) = probe_scales(dir.path(), &Flat, 100_000_000, 16).unwrap();
         assert!((prefill.unwrap() - 1.3).abs() < 1e-9, "{prefill:?}");
         assert_eq!(decode, Some(2.25));
-        assert_eq!(probe_scales(dir.path(), &Flat, 0, 16).unwrap(), (None, None));
+        assert_eq!(
+            probe_scales(dir.path(), &Flat, 0, 16).unwrap(),
+            (None, None)
+        );
     }
 
     #[test]
