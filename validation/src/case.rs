@@ -390,8 +390,8 @@ impl Case {
     }
 
     /// The scenario for the simulator: one setup of the same mode, worker counts, router,
-    /// engine limits and KV pool, priced by the profile (or the case's roofline), with the
-    /// serving paths measured on the real cluster once they are known.
+    /// engine limits and KV pool, priced by the profile (or the case's roofline), with what
+    /// the probes measured on the real cluster once it is known.
     pub fn scenario_toml(&self, in_situ: &InSitu) -> String {
         let c = &self.cluster;
         let engine = to_table(&EngineConfig {
