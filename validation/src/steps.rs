@@ -212,6 +212,8 @@ mod tests {
     use super::*;
     use sim::cost::StepWork;
 
+    const HEADER: &str = "start_ns,forward_ns,end_ns,decode_seqs,decode_context_tokens,prefill_seqs,prefill_tokens,prefill_attention_pairs,prefill_kv_read_tokens\n";
+
     /// 10 ms per step, whatever the work.
     struct Flat;
     impl CostModel for Flat {
@@ -223,10 +225,11 @@ mod tests {
     #[test]
     fn steps_are_grouped_by_kind_and_compared_with_the_cost_model() {
         let dir = tempfile::tempdir().unwrap();
-        let text = "start_ns,forward_ns,end_ns,decode_seqs,decode_context_tokens,prefill_seqs,prefill_tokens,prefill_attention_pairs,prefill_kv_read_tokens\n\
-                    0,7000000,8000000,1,100,0,0,0,0\n\
-                    9000000,11000000,21500000,2,200,0,0,0,0\n\
-                    30000000,19000000,50000000,0,0,1,64,2080,64\n";
+        let text = format!(
+            "{HEADER}0,7000000,8000000,1,100,0,0,0,0\n\
+             9000000,11000000,21500000,2,200,0,0,0,0\n\
+             30000000,19000000,50000000,0,0,1,64,2080,64\n"
+        );
         std::fs::write(dir.path().join("steps-decode-1.csv"), text).unwrap();
         std::fs::write(dir.path().join("other.csv"), "not a trace").unwrap();
         // Steps before the workload (the probes') are left out.
@@ -256,11 +259,10 @@ mod tests {
     #[test]
     fn the_probes_steps_scale_the_prices_by_kind() {
         let dir = tempfile::tempdir().unwrap();
-        let header = "start_ns,forward_ns,end_ns,decode_seqs,decode_context_tokens,prefill_seqs,prefill_tokens,prefill_attention_pairs,prefill_kv_read_tokens\n";
         // Before 100 ms: an 8-token prefill of 30 ms, 256-token ones of 12 and 14 ms, decode
         // steps of 20 and 25 ms; after it, the workload's 50 ms steps.
         let rows = format!(
-            "{header}0,1,30000000,0,0,1,8,36,8\n30000000,1,42000000,0,0,1,256,32896,256\n\
+            "{HEADER}0,1,30000000,0,0,1,8,36,8\n30000000,1,42000000,0,0,1,256,32896,256\n\
              42000000,1,56000000,0,0,1,256,32896,256\n56000000,1,76000000,1,256,0,0,0,0\n\
              76000000,1,101000000,1,257,0,0,0,0\n\
              100000000,1,150000000,0,0,1,256,32896,256\n150000000,1,200000000,1,300,0,0,0,0\n"
@@ -278,15 +280,14 @@ mod tests {
     #[test]
     fn steps_are_split_by_whether_another_worker_stepped_meanwhile() {
         let dir = tempfile::tempdir().unwrap();
-        let header = "start_ns,forward_ns,end_ns,decode_seqs,decode_context_tokens,prefill_seqs,prefill_tokens,prefill_attention_pairs,prefill_kv_read_tokens\n";
         // Worker 1: a 2 ms step alone, then a 4 ms one inside worker 2's long step, then a
         // 3 ms one half overlapped (neither alone nor overlapped).
         let one = format!(
-            "{header}0,1,2000000,1,10,0,0,0,0\n10000000,1,14000000,1,10,0,0,0,0\n\
+            "{HEADER}0,1,2000000,1,10,0,0,0,0\n10000000,1,14000000,1,10,0,0,0,0\n\
              19000000,1,22000000,1,10,0,0,0,0\n"
         );
         let two =
-            format!("{header}9000000,1,15000000,1,10,0,0,0,0\n20500000,1,30000000,1,10,0,0,0,0\n");
+            format!("{HEADER}9000000,1,15000000,1,10,0,0,0,0\n20500000,1,30000000,1,10,0,0,0,0\n");
         std::fs::write(dir.path().join("steps-decode-1.csv"), one).unwrap();
         std::fs::write(dir.path().join("steps-decode-2.csv"), &two).unwrap();
         let kinds = compare(dir.path(), &Flat, 0).unwrap();
