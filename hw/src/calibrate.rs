@@ -127,25 +127,46 @@ impl Plan {
         }
     }
 
-    /// Leaves out what an engine whose steps hold at most `max` tokens (`max_batched_tokens`)
-    /// never runs: prefill lengths and context chunks past `max`, and mixed steps and checks
-    /// that hold more tokens. Refused where it leaves no prefill length or context chunk.
-    pub fn limit_step_tokens(&mut self, max: u32) -> Result<(), CalibrateError> {
-        for (name, grid) in [
-            ("prefill length", &self.prefill_tokens),
-            ("context chunk", &self.context_chunk_tokens),
-        ] {
-            if grid.first().is_none_or(|&t| t > max) {
-                return Err(CalibrateError::Plan(format!(
-                    "max_step_tokens {max} leaves no {name} (the shortest is {})",
-                    grid.first().copied().unwrap_or(0)
-                )));
+    /// Leaves out what an engine within `limits` never runs, so that a sweep measures only
+    /// the steps its cases can take. Step tokens cut exactly: prefill lengths and context
+    /// chunks past the limit go, as do mixed steps and checks holding more. Contexts and
+    /// decode batches keep the first grid point at or past their limit, so that every step
+    /// within it is interpolated, not extended; mixed steps and checks past that point go.
+    /// Refused where a grid would be left empty.
+    pub fn limit(&mut self, limits: &Limits) -> Result<(), CalibrateError> {
+        if let Some(max) = limits.step_tokens {
+            for (name, grid) in [
+                ("prefill length", &self.prefill_tokens),
+                ("context chunk", &self.context_chunk_tokens),
+            ] {
+                if grid.first().is_none_or(|&t| t > max) {
+                    return Err(CalibrateError::Plan(format!(
+                        "max_step_tokens {max} leaves no {name} (the shortest is {})",
+                        grid.first().copied().unwrap_or(0)
+                    )));
+                }
             }
+            self.prefill_tokens.retain(|&t| t <= max);
+            self.context_chunk_tokens.retain(|&t| t <= max);
+            self.mixed.retain(|s| s.tokens() <= max);
+            self.checks.retain(|s| s.tokens() <= max);
         }
-        self.prefill_tokens.retain(|&t| t <= max);
-        self.context_chunk_tokens.retain(|&t| t <= max);
-        self.mixed.retain(|s| s.tokens() <= max);
-        self.checks.retain(|s| s.tokens() <= max);
+        if let Some(max) = limits.context_tokens {
+            let decode = cover(&mut self.decode_context_tokens, max);
+            let cached = cover(&mut self.context_tokens, max);
+            let within = |s: &StepShape| {
+                s.decode_context_tokens <= decode && s.prefill_context_tokens <= cached
+            };
+            self.mixed.retain(within);
+            self.checks.retain(within);
+        }
+        if let Some(max) = limits.num_seqs {
+            let decode = cover(&mut self.decode_seqs, max);
+            let prefill = cover(&mut self.prefill_seqs, max);
+            let within = |s: &StepShape| s.decode_seqs <= decode && s.prefill_seqs <= prefill;
+            self.mixed.retain(within);
+            self.checks.retain(within);
+        }
         Ok(())
     }
 
@@ -229,6 +250,25 @@ impl Plan {
         }
         Ok(())
     }
+}
+
+/// What the engines a profile is for can run: the cluster's `max_batched_tokens`, the longest
+/// context its workloads reach, and its `max_num_seqs`. `None` is no limit.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    pub step_tokens: Option<u32>,
+    pub context_tokens: Option<u32>,
+    pub num_seqs: Option<u32>,
+}
+
+/// Cuts an increasing grid after its first point at or past `max` (keeping it whole where
+/// none is) and returns how far steps still reach: that point, or `max` where the grid
+/// stops short of it.
+fn cover(grid: &mut Vec<u32>, max: u32) -> u32 {
+    if let Some(i) = grid.iter().position(|&x| x >= max) {
+        grid.truncate(i + 1);
+    }
+    grid.last().map_or(max, |&last| last.max(max))
 }
 
 /// `decode_seqs` decodes after `decode_context` each and one chunk of `prefill_tokens` after
@@ -1019,11 +1059,18 @@ mod tests {
         }
     }
 
+    fn step_limit(max: u32) -> Limits {
+        Limits {
+            step_tokens: Some(max),
+            ..Limits::default()
+        }
+    }
+
     #[test]
     fn a_step_token_limit_leaves_out_only_the_steps_past_it() {
         let full = Plan::full();
         let mut plan = Plan::full();
-        plan.limit_step_tokens(512).unwrap();
+        plan.limit(&step_limit(512)).unwrap();
         plan.check().unwrap();
         assert_eq!(plan.prefill_tokens, [16, 32, 64, 128, 256, 384, 512]);
         assert_eq!(plan.context_chunk_tokens, full.context_chunk_tokens);
@@ -1038,14 +1085,52 @@ mod tests {
         assert_eq!(plan.checks.len(), full.checks.len());
         assert!(plan.samples() < full.samples());
 
-        plan.limit_step_tokens(128).unwrap();
+        plan.limit(&step_limit(128)).unwrap();
         assert_eq!(plan.context_chunk_tokens, [16, 64]);
         assert!(plan.checks.len() < full.checks.len());
-        let err = Plan::full().limit_step_tokens(8).unwrap_err().to_string();
+        let err = Plan::full().limit(&step_limit(8)).unwrap_err().to_string();
         assert_eq!(
             err,
             "plan: max_step_tokens 8 leaves no prefill length (the shortest is 16)"
         );
+    }
+
+    #[test]
+    fn context_and_batch_limits_keep_the_grid_point_that_covers_them() {
+        let full = Plan::full();
+        let mut plan = Plan::full();
+        plan.limit(&Limits {
+            step_tokens: Some(512),
+            context_tokens: Some(400),
+            num_seqs: Some(16),
+        })
+        .unwrap();
+        plan.check().unwrap();
+        assert_eq!(plan.decode_context_tokens, [16, 128, 512]);
+        assert_eq!(plan.context_tokens, [128, 256, 512]);
+        assert_eq!(plan.decode_seqs, [1, 2, 4, 8, 16]);
+        assert_eq!(plan.prefill_seqs, full.prefill_seqs);
+        assert_eq!(plan.prefill_tokens, [16, 32, 64, 128, 256, 384, 512]);
+        let within = |s: &StepShape| {
+            s.decode_seqs <= 16 && s.decode_context_tokens <= 512 && s.prefill_context_tokens <= 512
+        };
+        assert!(plan.mixed.iter().chain(&plan.checks).all(within));
+        // What is left out is exactly what lies past the covering points.
+        let kept = |steps: &[StepShape]| steps.iter().filter(|s| within(s)).count();
+        assert_eq!(plan.mixed.len(), kept(&full.mixed));
+        assert_eq!(plan.checks.len(), kept(&full.checks));
+        assert!(plan.mixed.len() >= 4 && plan.checks.len() >= 5);
+        assert!(plan.samples() * 10 < full.samples() * 7);
+
+        // A limit past every grid point keeps the whole grid.
+        let mut wide = Plan::full();
+        wide.limit(&Limits {
+            context_tokens: Some(100_000),
+            num_seqs: Some(1000),
+            ..Limits::default()
+        })
+        .unwrap();
+        assert_eq!(wide.samples(), full.samples());
     }
 
     #[test]

@@ -105,6 +105,14 @@ enum Command {
         /// (`max_batched_tokens`) never runs them.
         #[arg(long)]
         max_step_tokens: Option<u32>,
+        /// Measure contexts (decode, and cached before a prefill chunk) up to the first grid
+        /// point at or past this many tokens: the longest context the engines will hold.
+        #[arg(long)]
+        max_context_tokens: Option<u32>,
+        /// Measure decode batches up to the first grid point at or past this many sequences
+        /// (`max_num_seqs`).
+        #[arg(long)]
+        max_num_seqs: Option<u32>,
         /// The machine in words, for the profile; default: the CPU's model and cores.
         #[arg(long)]
         machine: Option<String>,
@@ -269,6 +277,8 @@ fn main() -> ExitCode {
             quick,
             passes,
             max_step_tokens,
+            max_context_tokens,
+            max_num_seqs,
             machine,
         } => calibrate_device(CalibrateArgs {
             device,
@@ -278,7 +288,11 @@ fn main() -> ExitCode {
             out,
             quick,
             passes,
-            max_step_tokens,
+            limits: calibrate::Limits {
+                step_tokens: max_step_tokens,
+                context_tokens: max_context_tokens,
+                num_seqs: max_num_seqs,
+            },
             machine,
         }),
         Command::CheckGpu {
@@ -554,7 +568,7 @@ struct CalibrateArgs {
     out: Option<PathBuf>,
     quick: bool,
     passes: Option<usize>,
-    max_step_tokens: Option<u32>,
+    limits: calibrate::Limits,
     machine: Option<String>,
 }
 
@@ -613,9 +627,7 @@ fn calibrate_device(args: CalibrateArgs) -> Result<(), String> {
     } else if device.is_cuda() && !args.quick {
         plan.passes = calibrate::GPU_PASSES;
     }
-    if let Some(max) = args.max_step_tokens {
-        plan.limit_step_tokens(max).map_err(|e| e.to_string())?;
-    }
+    plan.limit(&args.limits).map_err(|e| e.to_string())?;
     println!(
         "calibrating {} ({}) on {}: {}, {} threads",
         args.model, args.dtype, args.device, meta.machine, meta.threads
