@@ -628,6 +628,7 @@ pub fn fit_link(name: &str, kind: LinkKind, t: &TransferTable) -> Result<LinkSpe
         host_copy_bytes_per_s: rate(k_export),
         serialize_bytes_per_s: None,
         import_bytes_per_s: rate(k_import),
+        time_spread: Vec::new(),
     })
 }
 
@@ -655,6 +656,7 @@ pub(crate) mod tests {
             host_copy_bytes_per_s: Some(4e9),
             serialize_bytes_per_s: None,
             import_bytes_per_s: None,
+            time_spread: Vec::new(),
         };
         let sizes = vec![1_000_000u64, 4_000_000, 16_000_000];
         Profile {

@@ -14,6 +14,7 @@ pub enum Stream {
     Lengths = 2,
     Routing = 3,
     Conversations = 4,
+    Transfers = 5,
 }
 
 /// SplitMix64 finalizer: a bijective mix with good avalanche, used to derive seeds and keys.

@@ -728,3 +728,74 @@ decode_workers = 1
     assert!(engine.summary.itl_ms.p99 > inside.summary.itl_ms.p99);
     assert_eq!(engine.summary.completed, 30);
 }
+
+#[test]
+fn a_link_spread_scales_each_transfer_by_one_of_its_factors() {
+    let text = |spread: &str| {
+        format!(
+            r#"
+name = "spread"
+seed = 5
+[model]
+preset = "smollm2-135m"
+[workload]
+arrival = {{ process = "poisson", rate_per_s = 0.2 }}
+sessions = 30
+turns = {{ dist = "constant", value = 1 }}
+user_tokens = {{ dist = "uniform", min = 100, max = 600 }}
+output_tokens = {{ dist = "uniform", min = 5, max = 40 }}
+[[link]]
+name = "tcp-spread"
+kind = "tcp"
+bandwidth_gbit_per_s = 10.0
+efficiency = 1.0
+latency_ns = 0
+per_transfer_overhead_ns = 200_000
+host_copy_bytes_per_s = 5e9
+{spread}
+[[setup]]
+name = "d"
+hardware = "h100-sxm"
+link = "tcp-spread"
+mode = "disaggregated"
+prefill_workers = 1
+decode_workers = 1
+"#
+        )
+    };
+    let run = |spread: &str| {
+        let scenario = parse(&text(spread));
+        engine::run(&scenario, &scenario.setups[0], RunOptions::default()).unwrap()
+    };
+    let plain = run("");
+    assert_eq!(
+        requests_csv(&run("time_spread = [1.0]")),
+        requests_csv(&plain),
+        "a factor of 1 changes nothing"
+    );
+    let spread = "time_spread = [0.5, 2.0, 4.0]";
+    let (a, b) = (run(spread), run(spread));
+    assert_eq!(requests_csv(&a), requests_csv(&b), "the draws are seeded");
+    let mut seen = [false; 3];
+    for (p, s) in plain.records.iter().zip(&a.records) {
+        // Lone transfers on an idle link: each takes a factor of its plain time.
+        assert_eq!(p.arrival_ns, s.arrival_ns);
+        let ratio = (s.transfer_end_ns - s.transfer_start_ns) as f64
+            / (p.transfer_end_ns - p.transfer_start_ns) as f64;
+        let i = [0.5, 2.0, 4.0]
+            .iter()
+            .position(|f| (ratio - f).abs() < 1e-4)
+            .unwrap_or_else(|| panic!("a transfer took {ratio} times its plain time"));
+        seen[i] = true;
+    }
+    assert_eq!(seen, [true; 3], "every factor is drawn");
+    assert!(a.summary.ttft_ms.p90 > plain.summary.ttft_ms.p90);
+
+    let bad = Scenario::parse(
+        &text("time_spread = [1.0, -2.0]"),
+        "test.toml",
+        PathBuf::from("."),
+    )
+    .unwrap_err();
+    assert!(bad.to_string().contains("time_spread[1]"), "{bad}");
+}

@@ -42,8 +42,8 @@ impl ServingPaths {
 }
 
 /// The KV transfers of the probes on a real cluster that moves KV: the medians of the short
-/// probes' and of the long ones' (see `hw::loadgen::probe`), ns.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, Deserialize)]
+/// probes' and of the long ones' (see `hw::loadgen::probe`), and every long one, ns.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkProbe {
     pub short_bytes: u64,
@@ -54,9 +54,32 @@ pub struct LinkProbe {
     /// A long probe's serving path (its time to first token less its prefill and transfer),
     /// against the short probes' `serving_path_ns`: the difference is the larger import.
     pub long_serving_path_ns: u64,
+    /// Every long probe's transfer, back to back and after a pause: their spread about
+    /// `long_transfer_ns` becomes the link's `time_spread` (none where empty, as in files
+    /// written before the probes kept them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub long_transfer_samples_ns: Vec<u64>,
 }
 
 impl LinkProbe {
+    /// The long probes' transfers over their median, sorted (to 4 digits, as the scenario
+    /// holds them).
+    fn spread(&self) -> Result<Vec<f64>, String> {
+        if self.long_transfer_samples_ns.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.long_transfer_ns == 0 || self.long_transfer_samples_ns.contains(&0) {
+            return Err("link.long_transfer_samples_ns: a transfer of 0 ns".into());
+        }
+        let mut spread: Vec<f64> = self
+            .long_transfer_samples_ns
+            .iter()
+            .map(|&ns| (ns as f64 / self.long_transfer_ns as f64 * 1e4).round() / 1e4)
+            .collect();
+        spread.sort_by(f64::total_cmp);
+        Ok(spread)
+    }
+
     /// `base` (the link the case names) with the figures the probes measure put in: the
     /// per-transfer overhead and the wire's rate from the two transfers (host copies and
     /// latency as in `base`), and the receiving engine's import rate from the two serving
@@ -96,6 +119,7 @@ impl LinkProbe {
         let per_byte_ns = self.short_bytes as f64 * (copy_ns_per_byte + wire_ns_per_byte);
         let overhead_ns = self.short_transfer_ns as f64 - link.latency_ns as f64 - per_byte_ns;
         link.per_transfer_overhead_ns = overhead_ns.max(0.0).round() as u64;
+        link.time_spread = self.spread()?;
         link.validate()
             .map_err(|e| format!("the link fitted to the probes: {e}"))?;
         Ok(link)
@@ -617,7 +641,11 @@ impl Case {
         in_situ.prefill_step_scale = prefill;
         in_situ.decode_step_scale = decode;
         let mut paths = m.serving_paths();
-        if let Some(link) = m.link.filter(|_| self.cluster.mode == Mode::Disaggregated) {
+        if let Some(link) = m
+            .link
+            .as_ref()
+            .filter(|_| self.cluster.mode == Mode::Disaggregated)
+        {
             let probed = link.fit(&setup.link, m.serving_path_ns).map_err(failed)?;
             let import_ns = probed.import_ns(link.short_bytes);
             paths = ServingPaths {
@@ -1272,11 +1300,13 @@ tpot_ms = 50.0
             host_copy_bytes_per_s: Some(50e9),
             serialize_bytes_per_s: None,
             import_bytes_per_s: Some(4.4e9),
+            time_spread: Vec::new(),
         };
         let truth = LinkSpec {
             bandwidth_gbit_per_s: 8.0 * 2.6,
             per_transfer_overhead_ns: 700_000,
             import_bytes_per_s: Some(2.8e9),
+            time_spread: Vec::new(),
             ..base.clone()
         };
         let (short, long) = (180_224, 5_767_168);
@@ -1288,8 +1318,10 @@ tpot_ms = 50.0
             long_bytes: long,
             long_transfer_ns: transfer(long),
             long_serving_path_ns: path_ns + truth.import_ns(long) - truth.import_ns(short),
+            long_transfer_samples_ns: vec![transfer(long) * 3, transfer(long), transfer(long) / 2],
         };
         let fit = probe.fit(&base, path_ns).unwrap();
+        assert_eq!(fit.time_spread, [0.5, 1.0, 3.0]);
         assert_eq!(fit.name, "tcp-loopback-probed");
         let near = |a: f64, b: f64| (a - b).abs() <= 1e-3 * b;
         assert!(near(fit.bytes_per_s(), 2.6e9), "{fit:?}");
@@ -1306,12 +1338,18 @@ tpot_ms = 50.0
         // The long probes' serving path no longer than the short ones': the import stays.
         let flat = LinkProbe {
             long_serving_path_ns: path_ns - 1,
-            ..probe
+            long_transfer_samples_ns: Vec::new(),
+            ..probe.clone()
         };
-        assert_eq!(
-            flat.fit(&base, path_ns).unwrap().import_bytes_per_s,
-            base.import_bytes_per_s
-        );
+        let flat = flat.fit(&base, path_ns).unwrap();
+        assert_eq!(flat.import_bytes_per_s, base.import_bytes_per_s);
+        assert!(flat.time_spread.is_empty());
+        let stalled = LinkProbe {
+            long_transfer_samples_ns: vec![transfer(long), 0],
+            ..probe.clone()
+        };
+        let e = stalled.fit(&base, path_ns).unwrap_err();
+        assert!(e.contains("link.long_transfer_samples_ns"), "{e}");
         let same = LinkProbe {
             long_bytes: short,
             ..probe

@@ -227,6 +227,7 @@ mod tests {
                 long_bytes: 5_767_168,
                 long_transfer_ns: 2_900_000,
                 long_serving_path_ns: 2_500_000,
+                long_transfer_samples_ns: vec![2_900_000, 3_100_000, 7_400_000],
             }),
         };
         m.write(dir.path()).unwrap();
@@ -238,7 +239,7 @@ mod tests {
         )
         .unwrap();
         let before = Measurement::read(dir.path(), 16).unwrap();
-        assert_eq!((before.serving_path_idle_ns, before.link), (None, None));
+        assert_eq!((before.serving_path_idle_ns, &before.link), (None, &None));
         assert_eq!(before.serving_paths().idle_ms(), None);
 
         // No measurement.toml: the path from scenario.toml, the start at the first step that

@@ -183,9 +183,19 @@ pub fn describe_step_scales((prefill, decode): (f64, f64)) -> String {
 /// A link's figures as a transfer pays them, for a report's line.
 pub fn describe_link(link: &LinkSpec) -> String {
     let gb = |rate: Option<f64>| rate.map_or("-".to_string(), |r| format!("{:.2} GB/s", r / 1e9));
+    let spread = match link.time_spread.as_slice() {
+        [] => String::new(),
+        s => format!(
+            ", a transfer's time spread by {} factors from {} to {} (median {})",
+            s.len(),
+            s[0],
+            s[s.len() - 1],
+            s[s.len() / 2]
+        ),
+    };
     format!(
         "KV link `{}`: {:.3} ms a transfer, {:.2} GB/s on the wire, host copies {}, \
-         the receiving engine's import {}",
+         the receiving engine's import {}{spread}",
         link.name,
         (link.per_transfer_overhead_ns + link.latency_ns) as f64 / 1e6,
         link.bytes_per_s() / 1e9,
@@ -229,6 +239,11 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
                 long_bytes: long.transfer_bytes,
                 long_transfer_ns: median(&long.transfer_samples_ns),
                 long_serving_path_ns: median(&long.samples_ns),
+                long_transfer_samples_ns: [
+                    &long.transfer_samples_ns[..],
+                    &long.idle_transfer_samples_ns,
+                ]
+                .concat(),
             }
         }),
     };
@@ -502,8 +517,8 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
         out.push_str(&format!(
             "- KV transfers: {:.3} ms for the short probes' {} bytes (medians; in ms: {}), \
              {:.3} ms for the {} bytes of {} probes of {} tokens sent back to back after them \
-             (in ms: {}), whose serving paths took {:.3} ms (in ms: {}); the link is refitted \
-             to them\n",
+             (in ms: {}), whose serving paths took {:.3} ms (in ms: {}), and {} of them after \
+             a pause of {} ms each (transfers in ms: {}); the link is refitted to them\n",
             median(&path.transfer_samples_ns) as f64 / 1e6,
             path.transfer_bytes,
             ms(&path.transfer_samples_ns),
@@ -513,7 +528,10 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
             long.prompt_tokens,
             ms(&long.transfer_samples_ns),
             median(&long.samples_ns) as f64 / 1e6,
-            ms(&long.samples_ns)
+            ms(&long.samples_ns),
+            long.idle_transfer_samples_ns.len(),
+            IDLE_PAUSE.as_millis(),
+            ms(&long.idle_transfer_samples_ns)
         ));
     }
     if let Some(link) = &run.link {

@@ -136,9 +136,19 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
         long.transfer_samples_ns.len(),
         validation::hw::loadgen::probe::LONG_PROBES
     );
+    assert_eq!(
+        long.idle_transfer_samples_ns.len(),
+        validation::hw::loadgen::probe::IDLE_LONG_PROBES
+    );
     assert!(long.transfer_bytes > path.transfer_bytes && path.transfer_bytes > 0);
     let link = run.link.as_ref().unwrap();
     assert_eq!(link.name, "tcp-10g-probed");
+    // Every long probe's transfer over their median spreads the simulated transfers.
+    assert_eq!(
+        link.time_spread.len(),
+        long.transfer_samples_ns.len() + long.idle_transfer_samples_ns.len()
+    );
+    assert!(link.time_spread.is_sorted() && link.time_spread.contains(&1.0));
     let scenario = std::fs::read_to_string(case_dir.join("scenario.toml")).unwrap();
     assert!(scenario.contains("link = \"tcp-10g-probed\""), "{scenario}");
     // Their steps set the scales of the step prices: both kinds ran.

@@ -15,7 +15,9 @@
 //! the short probes they give the KV transfer and the decode worker's import as this cluster
 //! runs them, a fixed part and a part per byte. (On an H200, the lone transfers of calibration
 //! took 0.5-0.7 ms less per transfer than the cluster's, and its imports ran at 4.4 GB/s
-//! against the cluster's 2.5-3.0.)
+//! against the cluster's 2.5-3.0.) More long probes follow, each after a pause, for the
+//! spread of a transfer's time: a workload's transfers come both ways, and on an H200 one in
+//! ten of them took 1.5-5 times the back-to-back median, most often with nothing else running.
 
 use super::client;
 use super::{BenchOptions, LoadgenError, connect, model, streamed_completion, vocab_size};
@@ -38,6 +40,9 @@ pub const IDLE_PAUSE: Duration = Duration::from_millis(200);
 /// Probes of [`LONG_PROBE_TOKENS`] sent back to back.
 pub const LONG_PROBES: usize = 12;
 
+/// Probes of [`LONG_PROBE_TOKENS`] sent after [`IDLE_PAUSE`] each.
+pub const IDLE_LONG_PROBES: usize = 12;
+
 /// The long probes' prompt: the size of a typical request's KV, and one prefill step on every
 /// engine the validation cases run (fewer where the engine's token budget or pool is smaller).
 pub const LONG_PROBE_TOKENS: u32 = 256;
@@ -52,11 +57,13 @@ pub struct LongProbes {
     pub prompt_tokens: u32,
     /// The KV bytes each moved (0 where the cluster moves none).
     pub transfer_bytes: u64,
-    /// Each probe's transfer: its KV sent, to the receiver's ack.
+    /// Each back-to-back probe's transfer: its KV sent, to the receiver's ack.
     pub transfer_samples_ns: Vec<u64>,
-    /// Each probe's time to first token less its prefill and KV transfer (which holds the
-    /// decode worker's import).
+    /// Each back-to-back probe's time to first token less its prefill and KV transfer (which
+    /// holds the decode worker's import).
     pub samples_ns: Vec<u64>,
+    /// Each paused probe's transfer.
+    pub idle_transfer_samples_ns: Vec<u64>,
 }
 
 /// What the probes measured, in ns.
@@ -90,7 +97,8 @@ struct Sample {
 }
 
 /// Sends [`PROBES`] probes to the target one after another, then [`IDLE_PROBES`] after
-/// [`IDLE_PAUSE`] each, then [`LONG_PROBES`] long ones one after another.
+/// [`IDLE_PAUSE`] each, then [`LONG_PROBES`] long ones one after another and
+/// [`IDLE_LONG_PROBES`] after the pause each.
 pub async fn serving_path(
     scenario: &Scenario,
     options: &BenchOptions,
@@ -180,6 +188,7 @@ pub async fn serving_path(
         transfer_bytes: 0,
         transfer_samples_ns: Vec::with_capacity(LONG_PROBES),
         samples_ns: Vec::with_capacity(LONG_PROBES),
+        idle_transfer_samples_ns: Vec::with_capacity(IDLE_LONG_PROBES),
     };
     let first = PROBES + IDLE_PROBES;
     for i in first..first + LONG_PROBES {
@@ -187,6 +196,12 @@ pub async fn serving_path(
         long.transfer_bytes = s.transfer_bytes;
         long.transfer_samples_ns.push(s.transfer_ns);
         long.samples_ns.push(s.path_ns);
+    }
+    let first = first + LONG_PROBES;
+    for i in first..first + IDLE_LONG_PROBES {
+        tokio::time::sleep(IDLE_PAUSE).await;
+        let s = probe(i, long_tokens, LONG_PROBE_OUTPUT_TOKENS).await?;
+        long.idle_transfer_samples_ns.push(s.transfer_ns);
     }
     Ok(ServingPath {
         median_ns: median(&samples_ns),

@@ -21,6 +21,7 @@ use crate::time::Nanos;
 use crate::workload::{Request, Workload, WorkloadError};
 use device::Device;
 use queue::{Event, EventQueue};
+use rand::RngExt;
 use std::collections::VecDeque;
 use worker::{Phase, Seq, Worker};
 
@@ -106,6 +107,8 @@ struct Simulation<'a> {
     follow_ups: Slab<Request>,
     router: Router,
     prefill_router: Router,
+    /// Draws each KV transfer's factor of its link's `time_spread`.
+    transfer_rng: rng::Rng,
     index: BlockIndex,
     /// Whether anything reads the block index (KV-aware routing, conditional placement).
     index_enabled: bool,
@@ -203,6 +206,7 @@ impl<'a> Simulation<'a> {
                 setup.prefill_router.clone(),
                 rng::substream(scenario.seed, Stream::Routing, 1),
             ),
+            transfer_rng: rng::stream(scenario.seed, Stream::Transfers),
             index: BlockIndex::new(),
             index_enabled,
             registry: VecDeque::new(),
@@ -467,9 +471,17 @@ impl Simulation<'_> {
         seq.rec.transfer_start_ns = self.now;
         seq.rec.transfer_bytes = bytes;
         seq.phase = Phase::Transferring;
-        let sender_done = self.now + path.link().endpoint_ns(bytes);
+        let link = path.link();
+        let factor = if link.time_spread.is_empty() {
+            1.0
+        } else {
+            link.time_spread[self.transfer_rng.random_range(0..link.time_spread.len())]
+        };
+        let scaled = |v: u64| (v as f64 * factor).round() as u64;
+        let sender_done = self.now + scaled(link.endpoint_ns(bytes));
+        seq.transfer_wire_bytes = scaled(bytes).max(1);
         seq.transfer_latency_ns = path.latency_ns();
-        seq.import_ns = path.link().import_ns(bytes);
+        seq.import_ns = link.import_ns(bytes);
         self.queue.push(sender_done, Event::TransferSent(slot));
     }
 
@@ -479,7 +491,7 @@ impl Simulation<'_> {
         let (src, dst, bytes) = (
             seq.prefill_worker,
             seq.decode_worker,
-            seq.rec.transfer_bytes,
+            seq.transfer_wire_bytes,
         );
         self.network
             .start_flow(self.now, src, dst, bytes, slot as u64)

@@ -57,6 +57,8 @@ pub struct Seq {
     pub generated: u32,
     pub last_token_ns: Nanos,
     pub transfer_latency_ns: Nanos,
+    /// The bytes its KV transfer puts on the wire: its KV's, scaled by the link's spread.
+    pub transfer_wire_bytes: u64,
     /// The decode worker's import of the transferred KV, once it landed.
     pub import_ns: Nanos,
     /// The serving path this request takes (idle or not as the cluster was when it came).
@@ -94,6 +96,7 @@ impl Seq {
             generated: 0,
             last_token_ns: now,
             transfer_latency_ns: 0,
+            transfer_wire_bytes: 0,
             import_ns: 0,
             serving_path_ns: 0,
             started: false,

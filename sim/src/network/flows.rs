@@ -385,6 +385,7 @@ mod tests {
             host_copy_bytes_per_s: None,
             serialize_bytes_per_s: None,
             import_bytes_per_s: None,
+            time_spread: Vec::new(),
         }
     }
 

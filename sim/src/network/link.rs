@@ -41,6 +41,12 @@ pub struct LinkSpec {
     /// and the decode worker, not the transfer, pays it (as `disagg-hw`'s engine does).
     #[serde(default)]
     pub import_bytes_per_s: Option<f64>,
+    /// The measured spread of a transfer's time about these figures, as factors (each
+    /// probe's transfer over the probes' median): each transfer draws one of them with equal
+    /// odds, which scales its endpoint time and the bytes it puts on the shared wire (a lone
+    /// transfer's time outside the import). Empty: every transfer takes the figures' time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub time_spread: Vec<f64>,
 }
 
 const PRESET_TOML: [(&str, &str); 5] = [
@@ -108,6 +114,9 @@ impl LinkSpec {
         }
         if let Some(rate) = self.import_bytes_per_s {
             positive_finite("import_bytes_per_s", rate)?;
+        }
+        for (i, &factor) in self.time_spread.iter().enumerate() {
+            positive_finite(&format!("time_spread[{i}]"), factor)?;
         }
         Ok(())
     }
@@ -202,6 +211,7 @@ mod tests {
             host_copy_bytes_per_s: Some(1e9),
             serialize_bytes_per_s: Some(2e9),
             import_bytes_per_s: None,
+            time_spread: Vec::new(),
         };
         assert_eq!(spec.bytes_per_s(), 0.5e9);
         // 1 MB: 2 x 1 ms of copies + 2 x 0.5 ms of (de)serialization + 500 ns of setup.
