@@ -669,13 +669,13 @@ aggregated_workers = 1
     assert!(bad.contains("serving_path_idle_ms: must be >= 0"), "{bad}");
 }
 
-#[test]
-fn a_decode_worker_imports_landed_kv_before_its_first_token() {
-    let text = |import: &str, rate: f64| {
-        format!(
-            r#"
-name = "import"
-seed = 3
+/// 30 single-turn requests at `rate` per second, seeded by `seed`, on one prefill and one
+/// decode worker of an H100 joined by a 10 Gbit/s TCP link whose remaining fields are `link`.
+fn over_tcp(seed: u64, rate: f64, link: &str) -> String {
+    format!(
+        r#"
+name = "tcp"
+seed = {seed}
 [model]
 preset = "smollm2-135m"
 [workload]
@@ -685,27 +685,34 @@ turns = {{ dist = "constant", value = 1 }}
 user_tokens = {{ dist = "uniform", min = 100, max = 600 }}
 output_tokens = {{ dist = "uniform", min = 5, max = 40 }}
 [[link]]
-name = "tcp-import"
+name = "tcp"
 kind = "tcp"
 bandwidth_gbit_per_s = 10.0
 efficiency = 1.0
 latency_ns = 0
-per_transfer_overhead_ns = 0
-host_copy_bytes_per_s = 0.5e9
-{import}
+{link}
 [[setup]]
 name = "d"
 hardware = "h100-sxm"
-link = "tcp-import"
+link = "tcp"
 mode = "disaggregated"
 prefill_workers = 1
 decode_workers = 1
 "#
-        )
-    };
+    )
+}
+
+/// The first setup of the scenario `text`, run.
+fn run_text(text: &str) -> RunOutput {
+    let scenario = parse(text);
+    engine::run(&scenario, &scenario.setups[0], RunOptions::default()).unwrap()
+}
+
+#[test]
+fn a_decode_worker_imports_landed_kv_before_its_first_token() {
     let run = |import: &str, rate: f64| {
-        let scenario = parse(&text(import, rate));
-        engine::run(&scenario, &scenario.setups[0], RunOptions::default()).unwrap()
+        let link = format!("per_transfer_overhead_ns = 0\nhost_copy_bytes_per_s = 0.5e9\n{import}");
+        run_text(&over_tcp(3, rate, &link))
     };
     // The receiver's copy at the host copy's rate: in the transfer, or left to the engine.
     let (inside, engine) = (run("", 0.2), run("import_bytes_per_s = 0.5e9", 0.2));
@@ -732,41 +739,11 @@ decode_workers = 1
 #[test]
 fn a_link_spread_scales_each_transfer_by_one_of_its_factors() {
     let text = |spread: &str| {
-        format!(
-            r#"
-name = "spread"
-seed = 5
-[model]
-preset = "smollm2-135m"
-[workload]
-arrival = {{ process = "poisson", rate_per_s = 0.2 }}
-sessions = 30
-turns = {{ dist = "constant", value = 1 }}
-user_tokens = {{ dist = "uniform", min = 100, max = 600 }}
-output_tokens = {{ dist = "uniform", min = 5, max = 40 }}
-[[link]]
-name = "tcp-spread"
-kind = "tcp"
-bandwidth_gbit_per_s = 10.0
-efficiency = 1.0
-latency_ns = 0
-per_transfer_overhead_ns = 200_000
-host_copy_bytes_per_s = 5e9
-{spread}
-[[setup]]
-name = "d"
-hardware = "h100-sxm"
-link = "tcp-spread"
-mode = "disaggregated"
-prefill_workers = 1
-decode_workers = 1
-"#
-        )
+        let link =
+            format!("per_transfer_overhead_ns = 200_000\nhost_copy_bytes_per_s = 5e9\n{spread}");
+        over_tcp(5, 0.2, &link)
     };
-    let run = |spread: &str| {
-        let scenario = parse(&text(spread));
-        engine::run(&scenario, &scenario.setups[0], RunOptions::default()).unwrap()
-    };
+    let run = |spread: &str| run_text(&text(spread));
     let plain = run("");
     assert_eq!(
         requests_csv(&run("time_spread = [1.0]")),

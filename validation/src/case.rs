@@ -1306,7 +1306,6 @@ tpot_ms = 50.0
             bandwidth_gbit_per_s: 8.0 * 2.6,
             per_transfer_overhead_ns: 700_000,
             import_bytes_per_s: Some(2.8e9),
-            time_spread: Vec::new(),
             ..base.clone()
         };
         let (short, long) = (180_224, 5_767_168);

@@ -190,7 +190,7 @@ pub fn describe_link(link: &LinkSpec) -> String {
             s.len(),
             s[0],
             s[s.len() - 1],
-            s[s.len() / 2]
+            crate::compare::median(s).expect("not empty")
         ),
     };
     format!(

@@ -17,7 +17,7 @@
 //! took 0.5-0.7 ms less per transfer than the cluster's, and its imports ran at 4.4 GB/s
 //! against the cluster's 2.5-3.0.) More long probes follow, each after a pause, for the
 //! spread of a transfer's time: a workload's transfers come both ways, and on an H200 one in
-//! ten of them took 1.5-5 times the back-to-back median, most often with nothing else running.
+//! ten of them took 1.5-5 times the back-to-back median.
 
 use super::client;
 use super::{BenchOptions, LoadgenError, connect, model, streamed_completion, vocab_size};
