@@ -150,6 +150,19 @@ impl Gpu {
     }
 }
 
+/// Transfers a worker stages at once without allocating: a prefill worker's sends (and a
+/// decode worker's receipts) overlap when prefills end close together, seldom more than two at
+/// a time in the validation runs. Each costs
+/// 2 x [`pinned::CHUNK_BYTES`] of page-locked host memory.
+pub const STAGING_PAIRS: usize = 4;
+
+/// Allocates the pinned buffers through which `device`'s KV crosses TCP until `pairs` transfers
+/// at once find theirs ready; returns how many the process holds.
+pub fn warm_staging(device: &Device, pairs: usize) -> Result<usize, CudaError> {
+    pinned::warm(Gpu::of(device)?.context(), pairs)?;
+    Ok(pinned::pooled())
+}
+
 fn unsupported_dtype(dtype: DType) -> CudaError {
     CudaError::Unsupported(format!(
         "{dtype:?} tensors cannot be moved (u8, f16, bf16 or f32)"

@@ -1,5 +1,7 @@
 //! Page-locked host buffers through which KV leaves and enters GPUs: allocating them takes
-//! milliseconds, so pairs are pooled and reused for the life of the process.
+//! milliseconds, and holds up the process's other CUDA calls meanwhile, so pairs are pooled
+//! and reused for the life of the process, and a worker that sends KV allocates its pairs
+//! before it serves ([`warm`]).
 
 use super::{CudaError, at};
 use candle_core::cuda_backend::cudarc::driver::{CudaContext, PinnedHostSlice, sys};
@@ -23,6 +25,10 @@ impl PinnedPair {
         if let Some(pair) = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Ok(pair);
         }
+        PinnedPair::alloc(ctx)
+    }
+
+    fn alloc(ctx: &Arc<CudaContext>) -> Result<PinnedPair, CudaError> {
         let alloc = || {
             // SAFETY: the bytes are uninitialised; every use writes a range before reading it.
             unsafe { ctx.alloc_pinned_with_flags::<u8>(CHUNK_BYTES, sys::CU_MEMHOSTALLOC_PORTABLE) }
@@ -51,6 +57,22 @@ impl PinnedPair {
             .as_mut_slice()
             .map_err(at("cuEventSynchronize"))?[..n])
     }
+}
+
+/// Allocates pairs through `ctx` until the pool holds `pairs`, so that as many transfers at
+/// once find theirs there. The first transfer to overlap another would otherwise allocate its
+/// pair in its path and stall the process's transfers and steps for milliseconds.
+pub(crate) fn warm(ctx: &Arc<CudaContext>, pairs: usize) -> Result<(), CudaError> {
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    while pool.len() < pairs {
+        pool.push(PinnedPair::alloc(ctx)?);
+    }
+    Ok(())
+}
+
+/// Pairs in the pool now (none of them in use).
+pub(crate) fn pooled() -> usize {
+    POOL.lock().unwrap_or_else(|e| e.into_inner()).len()
 }
 
 /// `len` bytes cut into pieces of at most [`CHUNK_BYTES`]: `(offset, bytes)` of piece `i`.
