@@ -104,9 +104,17 @@ pub struct SetupConfig {
     #[serde(default = "one")]
     pub workers_per_device: u32,
     /// How many of a device's workers step at full speed at once (a CPU's cores over each
-    /// worker's threads); when more are busy, they share it equally.
+    /// worker's threads); when more are busy, they share it.
     #[serde(default = "one")]
     pub device_parallelism: u32,
+    /// How much the busy steps of an oversubscribed device slow each other: with n busy on a
+    /// device of parallelism p < n, each runs at p / (p + c (n - p)) of full speed. 1 shares
+    /// the device equally (processor sharing); less where the steps overlap on it in part (two
+    /// processes on one GPU, each step's host work beside the other's kernels), more where
+    /// one's turn on it holds the other up longer than equal shares would. `disagg-validate`
+    /// measures it on the cluster it runs. Default 1.
+    #[serde(default = "unit_scale")]
+    pub device_contention: f64,
     pub mode: Mode,
     #[serde(default)]
     pub aggregated_workers: u32,
@@ -146,6 +154,10 @@ pub struct SetupConfig {
     #[serde(default)]
     pub engine: EngineConfig,
 }
+
+/// The largest `device_contention`: a step that shares its device with one other taking
+/// five times as long as alone.
+pub const MAX_DEVICE_CONTENTION: f64 = 4.0;
 
 fn unit_scale() -> f64 {
     1.0
@@ -240,8 +252,11 @@ pub struct Setup {
     pub gpus_per_host: u32,
     /// Workers i * n .. (i + 1) * n time-share device i (n = `workers_per_device`)...
     pub workers_per_device: u32,
-    /// ...and at most this many of them step at full speed at once.
+    /// ...and at most this many of them step at full speed at once...
     pub device_parallelism: u32,
+    /// ...and the busy steps beyond that slow each other by this much
+    /// (`SetupConfig::device_contention`, in millionths).
+    pub device_contention_ppm: u64,
     pub mode: Mode,
     /// Role of each worker, by worker id; worker i's KV leaves through GPU i's link.
     pub workers: Vec<Role>,
@@ -608,6 +623,15 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
                 return Err(err(&at(field), format!("must be positive, got {scale}")));
             }
         }
+        if !(0.0..=MAX_DEVICE_CONTENTION).contains(&s.device_contention) {
+            return Err(err(
+                &at("device_contention"),
+                format!(
+                    "must be in 0..={MAX_DEVICE_CONTENTION}, got {}",
+                    s.device_contention
+                ),
+            ));
+        }
         let e = &s.engine;
         let engine_checks = [
             (
@@ -681,6 +705,7 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             gpus_per_host: s.gpus_per_host,
             workers_per_device: s.workers_per_device,
             device_parallelism: s.device_parallelism,
+            device_contention_ppm: (s.device_contention * 1e6).round() as u64,
             mode: s.mode,
             workers,
             router: s.router.clone(),

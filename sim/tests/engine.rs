@@ -417,6 +417,15 @@ fn the_seed_table_orders_its_setups_as_the_physics_says() {
 }
 
 fn two_workers(rate_per_s: f64, workers_per_device: u32, device_parallelism: u32) -> Scenario {
+    two_workers_contending(rate_per_s, workers_per_device, device_parallelism, 1.0)
+}
+
+fn two_workers_contending(
+    rate_per_s: f64,
+    workers_per_device: u32,
+    device_parallelism: u32,
+    device_contention: f64,
+) -> Scenario {
     parse(&format!(
         r#"
 name = "sharing"
@@ -437,6 +446,7 @@ mode = "aggregated"
 aggregated_workers = 2
 workers_per_device = {workers_per_device}
 device_parallelism = {device_parallelism}
+device_contention = {device_contention:?}
 "#
     ))
 }
@@ -466,8 +476,23 @@ fn workers_sharing_a_device_slow_each_other_only_when_they_oversubscribe_it() {
             "one device, two busy workers: {ratio}"
         );
     }
+    // Contention below 1: each slows the other by that share of its own time.
+    for (c, want) in [(0.5, 1.5), (0.0, 1.0), (2.0, 3.0)] {
+        let contended = e2e(&two_workers_contending(1e6, 2, 1, c));
+        for (s, a) in contended.iter().zip(&apart) {
+            let ratio = *s as f64 / *a as f64;
+            assert!(
+                (want - 0.05..=want + 0.01).contains(&ratio),
+                "contention {c}: {ratio}, not {want}"
+            );
+        }
+    }
     // Arrivals 1000 s apart: never busy together, so sharing costs nothing.
     assert_eq!(e2e(&two_workers(1e-3, 1, 1)), e2e(&two_workers(1e-3, 2, 1)));
+    assert_eq!(
+        e2e(&two_workers(1e-3, 1, 1)),
+        e2e(&two_workers_contending(1e-3, 2, 1, 3.0))
+    );
     let bad = Scenario::parse(
         &sim::config::DEFAULT_SCENARIO.replacen(
             "mode = \"aggregated\"",
@@ -481,6 +506,21 @@ fn workers_sharing_a_device_slow_each_other_only_when_they_oversubscribe_it() {
     .to_string();
     assert!(
         bad.contains("device_parallelism: must be in 1..=2"),
+        "{bad}"
+    );
+    let bad = Scenario::parse(
+        &sim::config::DEFAULT_SCENARIO.replacen(
+            "mode = \"aggregated\"",
+            "device_contention = -0.5\nmode = \"aggregated\"",
+            1,
+        ),
+        "s.toml",
+        PathBuf::from("."),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("device_contention: must be in 0..=4, got -0.5"),
         "{bad}"
     );
 }

@@ -135,6 +135,8 @@ pub struct InSitu {
     pub link: Option<LinkSpec>,
     pub prefill_step_scale: Option<f64>,
     pub decode_step_scale: Option<f64>,
+    /// How much the probes' steps that shared their device slowed each other.
+    pub device_contention: Option<f64>,
 }
 
 /// The case file as written.
@@ -471,6 +473,7 @@ impl Case {
         for (field, scale) in [
             ("prefill_step_scale", in_situ.prefill_step_scale),
             ("decode_step_scale", in_situ.decode_step_scale),
+            ("device_contention", in_situ.device_contention),
         ] {
             if let Some(scale) = scale {
                 // To a part in 10^4: the probes' medians are not steadier.
@@ -631,15 +634,30 @@ impl Case {
             message,
         };
         let setup = &scenario.setups[0];
+        let cost = setup.cost_model(&scenario);
+        let sharing = (setup.workers_per_device, setup.device_parallelism);
         let (prefill, decode) = crate::steps::probe_scales(
             steps_dir,
-            setup.cost_model(&scenario).as_ref(),
+            cost.as_ref(),
             m.workload_start_ns,
             u64::from(BLOCK_SIZE_TOKENS),
+            sharing.0,
         )
         .map_err(failed)?;
         in_situ.prefill_step_scale = prefill;
         in_situ.decode_step_scale = decode;
+        if sharing.0 > sharing.1 {
+            let scales = (prefill.unwrap_or(1.0), decode.unwrap_or(1.0));
+            in_situ.device_contention = crate::steps::probe_contention(
+                steps_dir,
+                cost.as_ref(),
+                m.workload_start_ns,
+                sharing,
+                scales,
+            )
+            .map_err(failed)?
+            .map(|c| c.contention);
+        }
         let mut paths = m.serving_paths();
         if let Some(link) = m
             .link

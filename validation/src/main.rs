@@ -140,7 +140,7 @@ fn run(
                 if let Some(link) = &run.link {
                     println!("{}", validation::run::describe_link(link));
                 }
-                println!("{}", validation::run::describe_step_scales(run.step_scales));
+                println!("{}", run.step_prices.describe());
                 print!("{}", run.comparison.text_table());
                 print!("{}", validation::parts::table(&run.parts));
                 print!("{}", validation::steps::table(&run.steps));
@@ -244,7 +244,7 @@ fn reprice(
                 if let Some(link) = &r.link {
                     println!("{}", validation::run::describe_link(link));
                 }
-                println!("{}", validation::run::describe_step_scales(r.step_scales));
+                println!("{}", r.step_prices.describe());
                 print!("{}", r.comparison.text_table());
                 print!("{}", validation::parts::table(&r.parts));
                 print!("{}", validation::steps::table(&r.steps));

@@ -143,8 +143,8 @@ pub struct Repriced {
     pub steps: Vec<StepKind>,
     /// The link the prediction moved KV on (a disaggregated case's).
     pub link: Option<sim::network::LinkSpec>,
-    /// The scales of the prediction's step prices (see `run::CaseRun`).
-    pub step_scales: (f64, f64),
+    /// How the prediction priced steps (see `run::CaseRun`).
+    pub step_prices: crate::run::StepPrices,
 }
 
 /// Prices the run measured in `measured_dir` with the prepared case's model, writing the
@@ -200,7 +200,7 @@ pub fn reprice_case(p: &Prepared, measured_dir: &Path) -> Result<Repriced, RunEr
         measured_dir: measured_dir.to_path_buf(),
         dir: p.dir.clone(),
         link: (p.case.cluster.mode == crate::case::Mode::Disaggregated).then(|| setup.link.clone()),
-        step_scales: (setup.prefill_step_scale, setup.decode_step_scale),
+        step_prices: crate::run::StepPrices::of(setup),
         measurement,
         comparison,
         parts,

@@ -167,17 +167,44 @@ pub struct CaseRun {
     pub parts: Vec<Part>,
     /// The link the prediction moved KV on (a disaggregated case's).
     pub link: Option<LinkSpec>,
-    /// The scales of the prediction's step prices, for steps that prefill and steps that only
-    /// decode, from the probes' steps.
-    pub step_scales: (f64, f64),
+    /// How the prediction priced steps, from the probes' steps.
+    pub step_prices: StepPrices,
 }
 
-/// The step scales of a setup, for a report's line.
-pub fn describe_step_scales((prefill, decode): (f64, f64)) -> String {
-    format!(
-        "step prices scaled by {prefill:.3} for steps that prefill, {decode:.3} for steps that \
-         only decode (the long probes' steps against the profile)"
-    )
+/// How a setup prices steps beyond its cost model, as the probes' steps measured them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepPrices {
+    /// The scales for steps that prefill and steps that only decode.
+    pub scales: (f64, f64),
+    /// How much the busy steps of an oversubscribed device slow each other; `None` where its
+    /// workers never oversubscribe it.
+    pub device_contention: Option<f64>,
+}
+
+impl StepPrices {
+    pub fn of(setup: &sim::config::Setup) -> StepPrices {
+        StepPrices {
+            scales: (setup.prefill_step_scale, setup.decode_step_scale),
+            device_contention: (setup.workers_per_device > setup.device_parallelism)
+                .then(|| setup.device_contention_ppm as f64 / 1e6),
+        }
+    }
+
+    /// A report's line.
+    pub fn describe(&self) -> String {
+        let (prefill, decode) = self.scales;
+        let mut line = format!(
+            "step prices scaled by {prefill:.3} for steps that prefill, {decode:.3} for steps \
+             that only decode (the long probes' steps alone on their device against the profile)"
+        );
+        if let Some(c) = self.device_contention {
+            line.push_str(&format!(
+                "; steps beyond the device's parallelism slow each other by a contention of \
+                 {c:.3} (1 shares it equally; from the probe pairs' overlapped steps)"
+            ));
+        }
+        line
+    }
 }
 
 /// A link's figures as a transfer pays them, for a report's line.
@@ -284,7 +311,7 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         serving_path,
         parts,
         link: (p.case.cluster.mode == Mode::Disaggregated).then(|| setup.link.clone()),
-        step_scales: (setup.prefill_step_scale, setup.decode_step_scale),
+        step_prices: StepPrices::of(setup),
     };
     let path = p.dir.join("report.md");
     let text = report(p, &run, settings, measured.delayed_sends);
@@ -534,10 +561,18 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
             ms(&long.idle_transfer_samples_ns)
         ));
     }
+    if long.overlapped_pairs > 0 {
+        out.push_str(&format!(
+            "- {} pairs of long probes, the second sent {:.3} ms (the back-to-back long probes' \
+             median time to first token) after the first, overlapped steps on the shared device\n",
+            long.overlapped_pairs,
+            median(&path.long.ttft_ns) as f64 / 1e6,
+        ));
+    }
     if let Some(link) = &run.link {
         out.push_str(&format!("- {}\n", describe_link(link)));
     }
-    out.push_str(&format!("- {}\n", describe_step_scales(run.step_scales)));
+    out.push_str(&format!("- {}\n", run.step_prices.describe()));
     out.push_str("\n## Predicted against measured\n\n");
     out.push_str(&run.comparison.markdown_table());
     out.push_str("\nError is (predicted - measured) / measured.\n\n");

@@ -155,33 +155,210 @@ pub fn compare(
         .collect())
 }
 
+/// The probes' steps of one worker (those that started before the workload), and its device:
+/// the trace `steps-ROLE-INDEX.csv` is worker INDEX's, and workers i * n .. (i + 1) * n share
+/// device i (n workers per device), as in the simulator.
+struct ProbeTrace {
+    device: u64,
+    rows: Vec<StepRow>,
+}
+
+fn probe_traces(
+    dir: &Path,
+    before_epoch_ns: u64,
+    workers_per_device: u32,
+) -> Result<Vec<ProbeTrace>, String> {
+    let mut traces = Vec::new();
+    for path in &trace_paths(dir)? {
+        let index: u64 = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.rsplit('-').next())
+            .and_then(|i| i.parse().ok())
+            .ok_or_else(|| {
+                format!(
+                    "{}: a step trace's name ends in its worker's index",
+                    path.display()
+                )
+            })?;
+        let mut rows = steps::read(path)?;
+        rows.retain(|r| r.start_ns < before_epoch_ns);
+        traces.push(ProbeTrace {
+            device: index / u64::from(workers_per_device.max(1)),
+            rows,
+        });
+    }
+    Ok(traces)
+}
+
+/// `row`'s time cut into pieces by how many steps its device ran in each, its own among
+/// them: `(ns, busy)`, from the steps of the other workers of its device.
+fn busy_pieces(row: &StepRow, others: &[&StepRow]) -> Vec<(u64, u32)> {
+    let (start, end) = (row.start_ns, row.end_ns);
+    let mut edges: Vec<(u64, i32)> = others
+        .iter()
+        .filter(|o| o.start_ns < end && o.end_ns > start)
+        .flat_map(|o| [(o.start_ns.max(start), 1), (o.end_ns.min(end), -1)])
+        .collect();
+    edges.sort_unstable();
+    let (mut pieces, mut at, mut busy) = (Vec::new(), start, 1i32);
+    for (t, delta) in edges {
+        if t > at {
+            pieces.push((t - at, busy as u32));
+            at = t;
+        }
+        busy += delta;
+    }
+    if end > at {
+        pieces.push((end - at, busy as u32));
+    }
+    pieces
+}
+
+/// Each probe step with its busy pieces (see [`busy_pieces`]).
+fn probe_steps(traces: &[ProbeTrace]) -> Vec<(StepRow, Vec<(u64, u32)>)> {
+    let mut steps = Vec::new();
+    for (w, trace) in traces.iter().enumerate() {
+        let others: Vec<&StepRow> = traces
+            .iter()
+            .enumerate()
+            .filter(|&(v, t)| v != w && t.device == trace.device)
+            .flat_map(|(_, t)| &t.rows)
+            .collect();
+        steps.extend(trace.rows.iter().map(|r| (*r, busy_pieces(r, &others))));
+    }
+    steps
+}
+
+/// The share of a step's time that other steps of its device overlapped.
+fn overlapped_share(pieces: &[(u64, u32)]) -> f64 {
+    let total: u64 = pieces.iter().map(|&(ns, _)| ns).sum();
+    let shared: u64 = pieces
+        .iter()
+        .filter(|&&(_, b)| b > 1)
+        .map(|&(ns, _)| ns)
+        .sum();
+    shared as f64 / total.max(1) as f64
+}
+
 /// How the probes' steps (those that started before `before_epoch_ns`, the workload's start)
-/// took against `cost`'s price: the medians of measured over predicted for the steps that
-/// prefill at least `min_prefill_tokens` (the short probes' are left out: they are mostly
-/// fixed costs) and for the steps that only decode; `None` where the probes ran none.
+/// took against `cost`'s price, where no other step of their device overlapped them: the
+/// medians of measured over predicted for the steps that prefill at least
+/// `min_prefill_tokens` (the short probes' are left out: they are mostly fixed costs) and for
+/// the steps that only decode; `None` where the probes ran none.
 pub fn probe_scales(
     dir: &Path,
     cost: &dyn CostModel,
     before_epoch_ns: u64,
     min_prefill_tokens: u64,
+    workers_per_device: u32,
 ) -> Result<(Option<f64>, Option<f64>), String> {
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    for path in &trace_paths(dir)? {
-        for r in steps::read(path)?
-            .iter()
-            .filter(|r| r.start_ns < before_epoch_ns)
-        {
-            let ratio =
-                r.end_ns.saturating_sub(r.start_ns) as f64 / cost.step_ns(&r.work()).max(1) as f64;
-            match kind(r) {
-                "decode" => decode.push(ratio),
-                _ if r.prefill_tokens >= min_prefill_tokens => prefill.push(ratio),
-                _ => {}
-            }
+    let traces = probe_traces(dir, before_epoch_ns, workers_per_device)?;
+    for (r, pieces) in probe_steps(&traces) {
+        if overlapped_share(&pieces) >= OVERLAP_MARGIN {
+            continue;
+        }
+        let ratio =
+            r.end_ns.saturating_sub(r.start_ns) as f64 / cost.step_ns(&r.work()).max(1) as f64;
+        match kind(&r) {
+            "decode" => decode.push(ratio),
+            _ if r.prefill_tokens >= min_prefill_tokens => prefill.push(ratio),
+            _ => {}
         }
     }
     let m = |v: Vec<f64>| crate::compare::median(&v);
     Ok((m(prefill), m(decode)))
+}
+
+/// How much the probes' steps that shared their device slowed each other: the simulator's
+/// `device_contention`, and the steps it is the median over.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Contention {
+    pub contention: f64,
+    pub steps: usize,
+}
+
+/// Probe steps with more of their device busy than it runs at full speed for less than this
+/// share of their time say too little of the contention to count.
+const MIN_CONTENDED_SHARE: f64 = 0.5;
+
+/// Fewer such steps than this give no figure.
+const MIN_CONTENDED_STEPS: usize = 5;
+
+/// The contention `c` under which each probe step that shared its device (more of its
+/// device's workers busy than `parallelism`, for at least [`MIN_CONTENDED_SHARE`] of its
+/// time) does its price's work in its measured time, as the simulator runs a step: at full
+/// speed while at most `parallelism` steps run, at `p / (p + c (busy - p))` of it otherwise.
+/// Its price is `cost`'s, scaled as the simulator scales it (`scales`: steps that prefill,
+/// steps that only decode). The median over such steps, clamped to
+/// `0..=sim::config::MAX_DEVICE_CONTENTION` each; `None` for fewer than
+/// [`MIN_CONTENDED_STEPS`].
+pub fn probe_contention(
+    dir: &Path,
+    cost: &dyn CostModel,
+    before_epoch_ns: u64,
+    (workers_per_device, parallelism): (u32, u32),
+    (prefill_scale, decode_scale): (f64, f64),
+) -> Result<Option<Contention>, String> {
+    let p = f64::from(parallelism.max(1));
+    let traces = probe_traces(dir, before_epoch_ns, workers_per_device)?;
+    let mut estimates = Vec::new();
+    for (r, pieces) in probe_steps(&traces) {
+        let wall = r.end_ns.saturating_sub(r.start_ns) as f64;
+        let contended: u64 = pieces
+            .iter()
+            .filter(|&&(_, b)| f64::from(b) > p)
+            .map(|&(ns, _)| ns)
+            .sum();
+        if wall <= 0.0 || (contended as f64) < MIN_CONTENDED_SHARE * wall {
+            continue;
+        }
+        let scale = if r.prefill_seqs > 0 {
+            prefill_scale
+        } else {
+            decode_scale
+        };
+        let price = cost.step_ns(&r.work()) as f64 * scale;
+        // The full-speed work the step did in its pieces under contention c: falls as c rises.
+        let work = |c: f64| -> f64 {
+            pieces
+                .iter()
+                .map(|&(ns, b)| {
+                    let b = f64::from(b);
+                    let speed = if b > p { p / (p + c * (b - p)) } else { 1.0 };
+                    ns as f64 * speed
+                })
+                .sum()
+        };
+        let max = sim::config::MAX_DEVICE_CONTENTION;
+        let c = if work(0.0) <= price {
+            0.0
+        } else if work(max) >= price {
+            max
+        } else {
+            let (mut lo, mut hi) = (0.0, max);
+            for _ in 0..60 {
+                let mid = 0.5 * (lo + hi);
+                if work(mid) > price {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            0.5 * (lo + hi)
+        };
+        estimates.push(c);
+    }
+    if estimates.len() < MIN_CONTENDED_STEPS {
+        return Ok(None);
+    }
+    Ok(
+        crate::compare::median(&estimates).map(|contention| Contention {
+            contention,
+            steps: estimates.len(),
+        }),
+    )
 }
 
 /// The markdown table of `kinds`.
@@ -268,13 +445,64 @@ mod tests {
              100000000,1,150000000,0,0,1,256,32896,256\n150000000,1,200000000,1,300,0,0,0,0\n"
         );
         std::fs::write(dir.path().join("steps-aggregated-0.csv"), rows).unwrap();
-        let (prefill, decode) = probe_scales(dir.path(), &Flat, 100_000_000, 16).unwrap();
+        let (prefill, decode) = probe_scales(dir.path(), &Flat, 100_000_000, 16, 1).unwrap();
         assert!((prefill.unwrap() - 1.3).abs() < 1e-9, "{prefill:?}");
         assert_eq!(decode, Some(2.25));
         assert_eq!(
-            probe_scales(dir.path(), &Flat, 0, 16).unwrap(),
+            probe_scales(dir.path(), &Flat, 0, 16, 1).unwrap(),
             (None, None)
         );
+    }
+
+    /// Two workers of one device, 10 ms a step priced: three pairs of 15 ms decode steps
+    /// overlapping throughout (each did 10 ms of work in 15: c = 0.5), two 15 ms prefills with
+    /// their last 10 ms overlapped by the other's decodes (5 + 10 / (1 + c) = 10: c = 1),
+    /// alone steps of 12 ms, and the workload's steps after 1 s.
+    #[test]
+    fn overlapping_probe_steps_give_the_device_contention() {
+        let dir = tempfile::tempdir().unwrap();
+        let ms = |a: u64, b: u64, decode: bool| {
+            let (d, p) = if decode { (1, 0) } else { (0, 1) };
+            format!(
+                "{},1,{},{d},100,{p},{},0,0\n",
+                a * 1_000_000,
+                b * 1_000_000,
+                p * 64
+            )
+        };
+        let mut zero = format!("{HEADER}{}{}", ms(0, 12, true), ms(12, 24, false));
+        let mut one = format!("{HEADER}{}", ms(30, 42, true));
+        for start in [100, 200, 300] {
+            zero.push_str(&ms(start, start + 15, true));
+            one.push_str(&ms(start, start + 15, true));
+        }
+        for start in [400, 500] {
+            zero.push_str(&ms(start, start + 15, false));
+            one.push_str(&ms(start + 5, start + 15, true));
+        }
+        zero.push_str(&ms(1000, 1100, true));
+        one.push_str(&ms(1000, 1100, true));
+        std::fs::write(dir.path().join("steps-prefill-0.csv"), &zero).unwrap();
+        std::fs::write(dir.path().join("steps-decode-1.csv"), &one).unwrap();
+        let before = 900_000_000;
+        let contention =
+            |sharing, scales| probe_contention(dir.path(), &Flat, before, sharing, scales).unwrap();
+        // Six steps at 0.5, the two prefills at 1, and the two 10 ms decodes inside them at 0
+        // (10 ms for 10 priced): the median is 0.5.
+        let got = contention((2, 1), (1.0, 1.0)).unwrap();
+        assert_eq!(got.steps, 10);
+        assert!((got.contention - 0.5).abs() < 1e-6, "{got:?}");
+        // Priced at twice the time, every step ran faster than alone: no contention.
+        assert_eq!(contention((2, 1), (2.0, 2.0)).unwrap().contention, 0.0);
+        // Workers on devices of their own, or a device that runs both at once: nothing shared.
+        assert_eq!(contention((1, 1), (1.0, 1.0)), None);
+        assert_eq!(contention((2, 2), (1.0, 1.0)), None);
+        // The scales come from the steps alone: 12 ms for 10 priced.
+        let (prefill, decode) = probe_scales(dir.path(), &Flat, before, 16, 2).unwrap();
+        assert_eq!((prefill, decode), (Some(1.2), Some(1.2)));
+        // Counted as on devices of their own, the overlapped steps are alone too.
+        let (_, decode) = probe_scales(dir.path(), &Flat, before, 16, 1).unwrap();
+        assert_eq!(decode, Some(1.5));
     }
 
     #[test]

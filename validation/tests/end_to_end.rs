@@ -152,7 +152,7 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
     let scenario = std::fs::read_to_string(case_dir.join("scenario.toml")).unwrap();
     assert!(scenario.contains("link = \"tcp-10g-probed\""), "{scenario}");
     // Their steps set the scales of the step prices: both kinds ran.
-    let (prefill, decode) = run.step_scales;
+    let (prefill, decode) = run.step_prices.scales;
     assert!(prefill > 0.0 && decode > 0.0 && prefill != 1.0 && decode != 1.0);
     assert!(
         scenario.contains(&format!(
@@ -161,6 +161,21 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
         )),
         "{scenario}"
     );
+    // The two workers share the CPU one step at a time (each has every core): pairs of long
+    // probes overlapped their steps, and the contention those steps measured is the
+    // prediction's.
+    assert_eq!(
+        long.overlapped_pairs,
+        validation::hw::loadgen::probe::OVERLAPPED_PROBE_PAIRS
+    );
+    let contention = run
+        .step_prices
+        .device_contention
+        .expect("the probe pairs measured a contention");
+    let doc: toml::Table = scenario.parse().unwrap();
+    let written = doc["setup"][0]["device_contention"].as_float().unwrap();
+    assert_eq!(contention, written, "{scenario}");
+    assert!((0.0..=sim::config::MAX_DEVICE_CONTENTION).contains(&contention));
     let import_ns = link.import_ns(path.transfer_bytes);
     let ms = |ns: u64| ((ns - import_ns) as f64 / 1e3).round() / 1e3;
     let (busy_ms, idle_ms) = (ms(path.median_ns), ms(path.idle_median_ns));
@@ -201,7 +216,7 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
     assert_eq!(repriced.steps, run.steps);
     assert_eq!(repriced.measurement.serving_path_ns, path.median_ns);
     assert_eq!(repriced.link.as_ref(), Some(link));
-    assert_eq!(repriced.step_scales, run.step_scales);
+    assert_eq!(repriced.step_prices, run.step_prices);
     assert_eq!(
         repriced.measurement.serving_path_idle_ns,
         Some(path.idle_median_ns)

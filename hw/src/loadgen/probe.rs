@@ -18,6 +18,13 @@
 //! against the cluster's 2.5-3.0.) More long probes follow, each after a pause, for the
 //! spread of a transfer's time: a workload's transfers come both ways, and on an H200 one in
 //! ten of them took 1.5-5 times the back-to-back median.
+//!
+//! Where workers share a device that runs one step at a time (processes on one GPU), pairs of
+//! long probes follow, the second sent as the first's first token is due: the second's
+//! prefill overlaps the first's decode steps, and on a second decode worker their decode steps
+//! overlap each other. Their steps show how much steps sharing the device slow each other (on
+//! an H200 two overlapping decode steps took 1.67 times their time alone, not the 2 of equal
+//! shares).
 
 use super::client;
 use super::{BenchOptions, LoadgenError, connect, model, streamed_completion, vocab_size};
@@ -43,6 +50,10 @@ pub const LONG_PROBES: usize = 12;
 /// Probes of [`LONG_PROBE_TOKENS`] sent after [`IDLE_PAUSE`] each.
 pub const IDLE_LONG_PROBES: usize = 12;
 
+/// Pairs of long probes, the second sent the back-to-back long probes' median time to first
+/// token after the first.
+pub const OVERLAPPED_PROBE_PAIRS: usize = 12;
+
 /// The long probes' prompt: the size of a typical request's KV, and one prefill step on every
 /// engine the validation cases run (fewer where the engine's token budget or pool is smaller).
 pub const LONG_PROBE_TOKENS: u32 = 256;
@@ -62,8 +73,12 @@ pub struct LongProbes {
     /// Each back-to-back probe's time to first token less its prefill and KV transfer (which
     /// holds the decode worker's import).
     pub samples_ns: Vec<u64>,
+    /// Each back-to-back probe's time to first token.
+    pub ttft_ns: Vec<u64>,
     /// Each paused probe's transfer.
     pub idle_transfer_samples_ns: Vec<u64>,
+    /// The overlapping pairs sent (none where no device is shared one step at a time).
+    pub overlapped_pairs: usize,
 }
 
 /// What the probes measured, in ns.
@@ -97,8 +112,9 @@ struct Sample {
 }
 
 /// Sends [`PROBES`] probes to the target one after another, then [`IDLE_PROBES`] after
-/// [`IDLE_PAUSE`] each, then [`LONG_PROBES`] long ones one after another and
-/// [`IDLE_LONG_PROBES`] after the pause each.
+/// [`IDLE_PAUSE`] each, then [`LONG_PROBES`] long ones one after another,
+/// [`IDLE_LONG_PROBES`] after the pause each, and where the scenario's workers share a device
+/// of parallelism 1, [`OVERLAPPED_PROBE_PAIRS`] overlapping pairs.
 pub async fn serving_path(
     scenario: &Scenario,
     options: &BenchOptions,
@@ -188,7 +204,9 @@ pub async fn serving_path(
         transfer_bytes: 0,
         transfer_samples_ns: Vec::with_capacity(LONG_PROBES),
         samples_ns: Vec::with_capacity(LONG_PROBES),
+        ttft_ns: Vec::with_capacity(LONG_PROBES),
         idle_transfer_samples_ns: Vec::with_capacity(IDLE_LONG_PROBES),
+        overlapped_pairs: 0,
     };
     let first = PROBES + IDLE_PROBES;
     for i in first..first + LONG_PROBES {
@@ -196,12 +214,31 @@ pub async fn serving_path(
         long.transfer_bytes = s.transfer_bytes;
         long.transfer_samples_ns.push(s.transfer_ns);
         long.samples_ns.push(s.path_ns);
+        long.ttft_ns.push(s.ttft_ns);
     }
     let first = first + LONG_PROBES;
     for i in first..first + IDLE_LONG_PROBES {
         tokio::time::sleep(IDLE_PAUSE).await;
         let s = probe(i, long_tokens, LONG_PROBE_OUTPUT_TOKENS).await?;
         long.idle_transfer_samples_ns.push(s.transfer_ns);
+    }
+    let shares_one_step = scenario
+        .setups
+        .first()
+        .is_some_and(|s| s.workers_per_device > 1 && s.device_parallelism == 1);
+    if shares_one_step {
+        let first = first + IDLE_LONG_PROBES;
+        let stagger = Duration::from_nanos(median(&long.ttft_ns));
+        for pair in 0..OVERLAPPED_PROBE_PAIRS {
+            let i = first + 2 * pair;
+            let (a, b) = tokio::join!(probe(i, long_tokens, LONG_PROBE_OUTPUT_TOKENS), async {
+                tokio::time::sleep(stagger).await;
+                probe(i + 1, long_tokens, LONG_PROBE_OUTPUT_TOKENS).await
+            });
+            a?;
+            b?;
+        }
+        long.overlapped_pairs = OVERLAPPED_PROBE_PAIRS;
     }
     Ok(ServingPath {
         median_ns: median(&samples_ns),

@@ -1,7 +1,8 @@
 //! Workers time-sharing a device: two processes on one GPU, or single-threaded workers on the
 //! cores of one CPU. A device runs `parallelism` steps at full speed; with more busy, every
-//! busy step progresses at `parallelism / busy` of full speed (processor sharing), so each
-//! change in the number of busy workers moves the others' completion times.
+//! busy step progresses at `p / (p + c (busy - p))` of full speed (`c` the setup's
+//! contention; 1 is processor sharing), so each change in the number of busy workers moves
+//! the others' completion times.
 
 use super::Simulation;
 use super::queue::Event;
@@ -24,10 +25,13 @@ pub(super) struct StepProgress {
     pub generation: u32,
 }
 
-/// Speed of each busy step, as numerator / denominator of full speed.
-fn speed(busy: usize, parallelism: u32) -> (u128, u128) {
-    if busy as u64 > parallelism as u64 {
-        (parallelism as u128, busy as u128)
+/// Speed of each busy step, as numerator / denominator of full speed, with `contention_ppm`
+/// the setup's contention in millionths.
+fn speed(busy: usize, parallelism: u32, contention_ppm: u64) -> (u128, u128) {
+    let (busy, parallelism) = (busy as u128, u128::from(parallelism));
+    if busy > parallelism {
+        let p = parallelism * 1_000_000;
+        (p, p + u128::from(contention_ppm) * (busy - parallelism))
     } else {
         (1, 1)
     }
@@ -41,9 +45,12 @@ impl Simulation<'_> {
     /// Starts `w`'s step, `work_ns` long at full speed.
     pub(super) fn begin_step(&mut self, w: WorkerId, work_ns: Nanos) {
         let d = self.device_of(w);
-        let parallelism = self.setup.device_parallelism;
-        let before = speed(self.devices[d].busy.len(), parallelism);
-        let after = speed(self.devices[d].busy.len() + 1, parallelism);
+        let (parallelism, c) = (
+            self.setup.device_parallelism,
+            self.setup.device_contention_ppm,
+        );
+        let before = speed(self.devices[d].busy.len(), parallelism, c);
+        let after = speed(self.devices[d].busy.len() + 1, parallelism, c);
         if before != after {
             self.settle(d, before);
         }
@@ -62,9 +69,12 @@ impl Simulation<'_> {
     /// `w`'s step is over: the device's other steps speed up if it was oversubscribed.
     pub(super) fn end_step(&mut self, w: WorkerId) {
         let d = self.device_of(w);
-        let parallelism = self.setup.device_parallelism;
-        let before = speed(self.devices[d].busy.len(), parallelism);
-        let after = speed(self.devices[d].busy.len() - 1, parallelism);
+        let (parallelism, c) = (
+            self.setup.device_parallelism,
+            self.setup.device_contention_ppm,
+        );
+        let before = speed(self.devices[d].busy.len(), parallelism, c);
+        let after = speed(self.devices[d].busy.len() - 1, parallelism, c);
         if before != after {
             self.settle(d, before);
         }
