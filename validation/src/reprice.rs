@@ -178,6 +178,7 @@ pub fn reprice_case(p: &Prepared, measured_dir: &Path) -> Result<Repriced, RunEr
         measured_dir,
         setup.cost_model(&scenario).as_ref(),
         measurement.workload_start_ns,
+        setup.workers_per_device,
     )
     .map_err(RunError::Steps)?;
     let parts = parts::compare(&predicted.records, &measured);

@@ -280,8 +280,13 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         .derive_scenario(&p.dir, Some((&measurement, &p.dir)))?;
     let setup = &scenario.setups[0];
     let predicted = sim::engine::run(&scenario, setup, RunOptions::default())?;
-    let steps = steps::compare(&p.dir, setup.cost_model(&scenario).as_ref(), workload_start)
-        .map_err(RunError::Steps)?;
+    let steps = steps::compare(
+        &p.dir,
+        setup.cost_model(&scenario).as_ref(),
+        workload_start,
+        setup.workers_per_device,
+    )
+    .map_err(RunError::Steps)?;
     let parts = parts::compare(&predicted.records, &measured.records);
     let comparison = Comparison::new(&predicted.summary, &measured.summary);
     let csv = |name: &str, records: &[RequestRecord]| {

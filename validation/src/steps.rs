@@ -41,13 +41,15 @@ fn median(values: Vec<f64>) -> f64 {
 /// than one minus it as overlapped.
 const OVERLAP_MARGIN: f64 = 0.1;
 
-/// The union of the steps of every worker but one, as sorted disjoint intervals.
-fn busy_union(workers: &[Vec<StepRow>], but: usize) -> Vec<(u64, u64)> {
+/// The union of the steps of every worker of worker `but`'s device but its own, as sorted
+/// disjoint intervals (`workers`: each worker's device and steps).
+fn busy_union(workers: &[(u64, Vec<StepRow>)], but: usize) -> Vec<(u64, u64)> {
+    let device = workers[but].0;
     let mut spans: Vec<(u64, u64)> = workers
         .iter()
         .enumerate()
-        .filter(|&(w, _)| w != but)
-        .flat_map(|(_, rows)| rows.iter().map(|r| (r.start_ns, r.end_ns)))
+        .filter(|&(w, (d, _))| w != but && *d == device)
+        .flat_map(|(_, (_, rows))| rows.iter().map(|r| (r.start_ns, r.end_ns)))
         .collect();
     spans.sort_unstable();
     let mut union: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
@@ -91,28 +93,34 @@ pub fn trace_paths(dir: &Path) -> Result<Vec<PathBuf>, String> {
 
 /// Reads every `steps-*.csv` in `dir` and compares each kind of step that started at or after
 /// `from_epoch_ns` (the workload's start: the serving-path probes' steps are left out) with
-/// `cost`.
+/// `cost`; `workers_per_device` tells which workers' steps can overlap one another's.
 pub fn compare(
     dir: &Path,
     cost: &dyn CostModel,
     from_epoch_ns: u64,
+    workers_per_device: u32,
 ) -> Result<Vec<StepKind>, String> {
     let mut workers = Vec::new();
     for path in &trace_paths(dir)? {
         let mut rows = steps::read(path)?;
         rows.retain(|r| r.start_ns >= from_epoch_ns);
-        workers.push(rows);
+        workers.push((device_of(path, workers_per_device)?, rows));
     }
-    // Each step with the share of it that other workers' steps overlap.
+    // Each step with the share of it that other workers' steps on its device overlap.
     let mut rows: Vec<(StepRow, f64)> = Vec::new();
-    for (w, own) in workers.iter().enumerate() {
+    for (w, (_, own)) in workers.iter().enumerate() {
         let others = busy_union(&workers, w);
         rows.extend(
             own.iter()
                 .map(|r| (*r, covered(&others, r.start_ns, r.end_ns))),
         );
     }
-    let several = workers.len() > 1;
+    let several = workers.iter().enumerate().any(|(w, (d, _))| {
+        workers
+            .iter()
+            .enumerate()
+            .any(|(v, (e, _))| v != w && e == d)
+    });
     Ok(["decode", "prefill", "mixed"]
         .into_iter()
         .filter_map(|k| {
@@ -163,6 +171,22 @@ struct ProbeTrace {
     rows: Vec<StepRow>,
 }
 
+/// The device of the worker whose step trace is `path` (see [`ProbeTrace`]).
+fn device_of(path: &Path, workers_per_device: u32) -> Result<u64, String> {
+    let index: u64 = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.rsplit('-').next())
+        .and_then(|i| i.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "{}: a step trace's name ends in its worker's index",
+                path.display()
+            )
+        })?;
+    Ok(index / u64::from(workers_per_device.max(1)))
+}
+
 fn probe_traces(
     dir: &Path,
     before_epoch_ns: u64,
@@ -170,21 +194,10 @@ fn probe_traces(
 ) -> Result<Vec<ProbeTrace>, String> {
     let mut traces = Vec::new();
     for path in &trace_paths(dir)? {
-        let index: u64 = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.rsplit('-').next())
-            .and_then(|i| i.parse().ok())
-            .ok_or_else(|| {
-                format!(
-                    "{}: a step trace's name ends in its worker's index",
-                    path.display()
-                )
-            })?;
         let mut rows = steps::read(path)?;
         rows.retain(|r| r.start_ns < before_epoch_ns);
         traces.push(ProbeTrace {
-            device: index / u64::from(workers_per_device.max(1)),
+            device: device_of(path, workers_per_device)?,
             rows,
         });
     }
@@ -410,9 +423,9 @@ mod tests {
         std::fs::write(dir.path().join("steps-decode-1.csv"), text).unwrap();
         std::fs::write(dir.path().join("other.csv"), "not a trace").unwrap();
         // Steps before the workload (the probes') are left out.
-        let after_probes = compare(dir.path(), &Flat, 9_000_000).unwrap();
+        let after_probes = compare(dir.path(), &Flat, 9_000_000, 1).unwrap();
         assert_eq!(after_probes[0].steps, 1);
-        let kinds = compare(dir.path(), &Flat, 0).unwrap();
+        let kinds = compare(dir.path(), &Flat, 0, 2).unwrap();
         assert_eq!(kinds.len(), 2);
         let decode = &kinds[0];
         assert_eq!((decode.kind, decode.steps), ("decode", 2));
@@ -426,7 +439,7 @@ mod tests {
         assert!(table(&kinds).contains("| decode | 2 | 10.2 ms | 10.0 ms | +2.5% |"));
         std::fs::write(dir.path().join("steps-bad.csv"), "start_ns\nx\n").unwrap();
         assert!(
-            compare(dir.path(), &Flat, 0)
+            compare(dir.path(), &Flat, 0, 2)
                 .unwrap_err()
                 .contains("steps-bad.csv")
         );
@@ -518,7 +531,8 @@ mod tests {
             format!("{HEADER}9000000,1,15000000,1,10,0,0,0,0\n20500000,1,30000000,1,10,0,0,0,0\n");
         std::fs::write(dir.path().join("steps-decode-1.csv"), one).unwrap();
         std::fs::write(dir.path().join("steps-decode-2.csv"), &two).unwrap();
-        let kinds = compare(dir.path(), &Flat, 0).unwrap();
+        // Workers 1 and 2 share device 0 (three workers a device).
+        let kinds = compare(dir.path(), &Flat, 0, 3).unwrap();
         assert_eq!(kinds[0].steps, 5);
         // Alone: worker 1's first step; overlapped: its second, and worker 2's first (covered
         // from 10 to 14 of 9..15 ms: two thirds, so neither).
@@ -529,10 +543,16 @@ mod tests {
             "{}",
             table(&kinds)
         );
+        // Each on a device of its own: nothing to split by.
+        let apart = compare(dir.path(), &Flat, 0, 1).unwrap();
+        assert_eq!(
+            (apart[0].alone_ms_p50, apart[0].overlapped_ms_p50),
+            (None, None)
+        );
         // One worker: nothing to split by.
         let single = tempfile::tempdir().unwrap();
         std::fs::write(single.path().join("steps-decode-2.csv"), two).unwrap();
-        let kinds = compare(single.path(), &Flat, 0).unwrap();
+        let kinds = compare(single.path(), &Flat, 0, 2).unwrap();
         assert_eq!(
             (kinds[0].alone_ms_p50, kinds[0].overlapped_ms_p50),
             (None, None)
