@@ -10,8 +10,9 @@
 #      cases price steps with the profile of this GPU kind (just measured, with --calibrate).
 #
 # It writes under $OUT (the device tool's output folder; default ./gpu-out): calibration/
-# (profile, samples, log), gpu-TAG/ (reports, CSVs, figures, derived files, serve logs,
-# summary.csv), validate.log and nvidia-smi.txt.
+# (profile, samples, log), gpu-TAG.tar.gz (gpu-TAG/: reports, CSVs, figures, derived files,
+# serve logs, summary.csv; packed, as the device tool brings back only a few files),
+# validate.log and nvidia-smi.txt.
 #
 # Usage: validation/gpu/run-cases.sh [--calibrate] [--tag TAG] [CASE.toml ...]
 #   TAG (default h100) names the GPU kind: the profile's file and the results directory.
@@ -60,4 +61,6 @@ mkdir -p "$OUT/gpu-$tag"
 rm -rf "$results"
 ln -s "$OUT/gpu-$tag" "$results"
 "$BIN/disagg-validate" run "${cases[@]}" --hw-bin "$BIN/disagg-hw" --machine "gpu-$tag" \
-    --profile "$profile" --out "$results" 2>&1 | tee "$OUT/validate.log"
+    --profile "$profile" --out "$results" 2>&1 | tee "$OUT/validate.log" || status=$?
+tar -czf "$OUT/gpu-$tag.tar.gz" -C "$OUT" "gpu-$tag" && rm -rf "${OUT:?}/gpu-$tag"
+exit "${status:-0}"
