@@ -213,7 +213,7 @@ pub fn describe_link(link: &LinkSpec) -> String {
     let spread = match link.time_spread.as_slice() {
         [] => String::new(),
         s => format!(
-            ", a transfer's time spread by {} factors from {} to {} (median {})",
+            ", a transfer's time spread by {} factors from {:.4} to {:.4} (median {:.4})",
             s.len(),
             s[0],
             s[s.len() - 1],
