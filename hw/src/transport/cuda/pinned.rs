@@ -1,7 +1,7 @@
 //! Page-locked host buffers through which KV leaves and enters GPUs: allocating them takes
 //! milliseconds, and holds up the process's other CUDA calls meanwhile, so pairs are pooled
-//! and reused for the life of the process, and a worker that sends KV allocates its pairs
-//! before it serves ([`warm`]).
+//! and reused for the life of the process, and a worker that sends or receives KV allocates
+//! its pairs before it serves ([`warm`]).
 
 use super::{CudaError, at};
 use candle_core::cuda_backend::cudarc::driver::{CudaContext, PinnedHostSlice, sys};
