@@ -15,6 +15,9 @@ pub struct StepKind {
     pub predicted_ms_p50: f64,
     /// Median over steps of (predicted - measured) / measured, in percent.
     pub error_pct_p50: f64,
+    /// The 90th percentiles (nearest rank) of the same: the tail a token gap's p90 follows.
+    pub measured_ms_p90: f64,
+    pub predicted_ms_p90: f64,
     /// Median share of the step spent outside the forward pass (sampling, detokenization,
     /// hand-off), in percent.
     pub outside_forward_pct_p50: f64,
@@ -139,11 +142,18 @@ pub fn compare(
                 several.then(|| crate::compare::median(&ms)).flatten()
             };
             let of_kind: Vec<&StepRow> = of_kind.iter().map(|(r, _)| r).collect();
+            let p90_ms = |ns: &dyn Fn(&StepRow) -> f64| {
+                let mut sorted: Vec<u64> = of_kind.iter().map(|r| ns(r) as u64).collect();
+                sorted.sort_unstable();
+                sim::metrics::percentile(&sorted, 90.0) as f64 / 1e6
+            };
             Some(StepKind {
                 kind: k,
                 steps: of_kind.len(),
                 measured_ms_p50: median(of_kind.iter().map(|r| measured(r) / 1e6).collect()),
                 predicted_ms_p50: median(of_kind.iter().map(|r| predicted(r) / 1e6).collect()),
+                measured_ms_p90: p90_ms(&measured),
+                predicted_ms_p90: p90_ms(&predicted),
                 error_pct_p50: median(
                     of_kind
                         .iter()
@@ -378,17 +388,20 @@ pub fn probe_contention(
 pub fn table(kinds: &[StepKind]) -> String {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2} ms"));
     let mut out = String::from(
-        "| step | steps | measured p50 | predicted p50 | error p50 | outside the forward pass \
-         | alone p50 | overlapped p50 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| step | steps | measured p50 | predicted p50 | error p50 | measured p90 \
+         | predicted p90 | outside the forward pass | alone p50 | overlapped p50 |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for k in kinds {
         out.push_str(&format!(
-            "| {} | {} | {:.1} ms | {:.1} ms | {:+.1}% | {:.1}% | {} | {} |\n",
+            "| {} | {} | {:.1} ms | {:.1} ms | {:+.1}% | {:.1} ms | {:.1} ms | {:.1}% | {} | {} |\n",
             k.kind,
             k.steps,
             k.measured_ms_p50,
             k.predicted_ms_p50,
             k.error_pct_p50,
+            k.measured_ms_p90,
+            k.predicted_ms_p90,
             k.outside_forward_pct_p50,
             ms(k.alone_ms_p50),
             ms(k.overlapped_ms_p50)
@@ -436,7 +449,12 @@ mod tests {
         assert_eq!((prefill.kind, prefill.steps), ("prefill", 1));
         assert!((prefill.error_pct_p50 + 50.0).abs() < 1e-9);
         assert!((prefill.outside_forward_pct_p50 - 5.0).abs() < 1e-9);
-        assert!(table(&kinds).contains("| decode | 2 | 10.2 ms | 10.0 ms | +2.5% |"));
+        assert!(
+            table(&kinds)
+                .contains("| decode | 2 | 10.2 ms | 10.0 ms | +2.5% | 12.5 ms | 10.0 ms |"),
+            "{}",
+            table(&kinds)
+        );
         std::fs::write(dir.path().join("steps-bad.csv"), "start_ns\nx\n").unwrap();
         assert!(
             compare(dir.path(), &Flat, 0, 2)
