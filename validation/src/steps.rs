@@ -45,14 +45,14 @@ fn median(values: Vec<f64>) -> f64 {
 const OVERLAP_MARGIN: f64 = 0.1;
 
 /// The union of the steps of every worker of worker `but`'s device but its own, as sorted
-/// disjoint intervals (`workers`: each worker's device and steps).
-fn busy_union(workers: &[(u64, Vec<StepRow>)], but: usize) -> Vec<(u64, u64)> {
-    let device = workers[but].0;
-    let mut spans: Vec<(u64, u64)> = workers
+/// disjoint intervals.
+fn busy_union(traces: &[Trace], but: usize) -> Vec<(u64, u64)> {
+    let device = traces[but].device;
+    let mut spans: Vec<(u64, u64)> = traces
         .iter()
         .enumerate()
-        .filter(|&(w, (d, _))| w != but && *d == device)
-        .flat_map(|(_, (_, rows))| rows.iter().map(|r| (r.start_ns, r.end_ns)))
+        .filter(|&(w, t)| w != but && t.device == device)
+        .flat_map(|(_, t)| t.rows.iter().map(|r| (r.start_ns, r.end_ns)))
         .collect();
     spans.sort_unstable();
     let mut union: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
@@ -103,26 +103,13 @@ pub fn compare(
     from_epoch_ns: u64,
     workers_per_device: u32,
 ) -> Result<Vec<StepKind>, String> {
-    let mut workers = Vec::new();
-    for path in &trace_paths(dir)? {
-        let mut rows = steps::read(path)?;
-        rows.retain(|r| r.start_ns >= from_epoch_ns);
-        workers.push((device_of(path, workers_per_device)?, rows));
-    }
-    // Each step with the share of it that other workers' steps on its device overlap.
-    let mut rows: Vec<(StepRow, f64)> = Vec::new();
-    for (w, (_, own)) in workers.iter().enumerate() {
-        let others = busy_union(&workers, w);
-        rows.extend(
-            own.iter()
-                .map(|r| (*r, covered(&others, r.start_ns, r.end_ns))),
-        );
-    }
-    let several = workers.iter().enumerate().any(|(w, (d, _))| {
-        workers
+    let traces = read_traces(dir, workers_per_device, |r| r.start_ns >= from_epoch_ns)?;
+    let rows = with_overlap(&traces);
+    let several = traces.iter().enumerate().any(|(w, t)| {
+        traces
             .iter()
             .enumerate()
-            .any(|(v, (e, _))| v != w && e == d)
+            .any(|(v, u)| v != w && u.device == t.device)
     });
     Ok(["decode", "prefill", "mixed"]
         .into_iter()
@@ -173,15 +160,15 @@ pub fn compare(
         .collect())
 }
 
-/// The probes' steps of one worker (those that started before the workload), and its device:
-/// the trace `steps-ROLE-INDEX.csv` is worker INDEX's, and workers i * n .. (i + 1) * n share
-/// device i (n workers per device), as in the simulator.
-struct ProbeTrace {
+/// The steps of one worker that a comparison reads, and its device: the trace
+/// `steps-ROLE-INDEX.csv` is worker INDEX's, and workers i * n .. (i + 1) * n share device i
+/// (n workers per device), as in the simulator.
+struct Trace {
     device: u64,
     rows: Vec<StepRow>,
 }
 
-/// The device of the worker whose step trace is `path` (see [`ProbeTrace`]).
+/// The device of the worker whose step trace is `path` (see [`Trace`]).
 fn device_of(path: &Path, workers_per_device: u32) -> Result<u64, String> {
     let index: u64 = path
         .file_stem()
@@ -197,21 +184,37 @@ fn device_of(path: &Path, workers_per_device: u32) -> Result<u64, String> {
     Ok(index / u64::from(workers_per_device.max(1)))
 }
 
-fn probe_traces(
+/// Every step trace in `dir`, with the steps that `keep` keeps.
+fn read_traces(
     dir: &Path,
-    before_epoch_ns: u64,
     workers_per_device: u32,
-) -> Result<Vec<ProbeTrace>, String> {
+    keep: impl Fn(&StepRow) -> bool,
+) -> Result<Vec<Trace>, String> {
     let mut traces = Vec::new();
     for path in &trace_paths(dir)? {
         let mut rows = steps::read(path)?;
-        rows.retain(|r| r.start_ns < before_epoch_ns);
-        traces.push(ProbeTrace {
+        rows.retain(&keep);
+        traces.push(Trace {
             device: device_of(path, workers_per_device)?,
             rows,
         });
     }
     Ok(traces)
+}
+
+/// Each step with the share of it that other workers' steps on its device overlap.
+fn with_overlap(traces: &[Trace]) -> Vec<(StepRow, f64)> {
+    let mut rows = Vec::new();
+    for (w, trace) in traces.iter().enumerate() {
+        let others = busy_union(traces, w);
+        rows.extend(
+            trace
+                .rows
+                .iter()
+                .map(|r| (*r, covered(&others, r.start_ns, r.end_ns))),
+        );
+    }
+    rows
 }
 
 /// `row`'s time cut into pieces by how many steps its device ran in each, its own among
@@ -239,7 +242,7 @@ fn busy_pieces(row: &StepRow, others: &[&StepRow]) -> Vec<(u64, u32)> {
 }
 
 /// Each probe step with its busy pieces (see [`busy_pieces`]).
-fn probe_steps(traces: &[ProbeTrace]) -> Vec<(StepRow, Vec<(u64, u32)>)> {
+fn probe_steps(traces: &[Trace]) -> Vec<(StepRow, Vec<(u64, u32)>)> {
     let mut steps = Vec::new();
     for (w, trace) in traces.iter().enumerate() {
         let others: Vec<&StepRow> = traces
@@ -251,17 +254,6 @@ fn probe_steps(traces: &[ProbeTrace]) -> Vec<(StepRow, Vec<(u64, u32)>)> {
         steps.extend(trace.rows.iter().map(|r| (*r, busy_pieces(r, &others))));
     }
     steps
-}
-
-/// The share of a step's time that other steps of its device overlapped.
-fn overlapped_share(pieces: &[(u64, u32)]) -> f64 {
-    let total: u64 = pieces.iter().map(|&(ns, _)| ns).sum();
-    let shared: u64 = pieces
-        .iter()
-        .filter(|&&(_, b)| b > 1)
-        .map(|&(ns, _)| ns)
-        .sum();
-    shared as f64 / total.max(1) as f64
 }
 
 /// How the probes' steps (those that started before `before_epoch_ns`, the workload's start)
@@ -277,9 +269,9 @@ pub fn probe_scales(
     workers_per_device: u32,
 ) -> Result<(Option<f64>, Option<f64>), String> {
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    let traces = probe_traces(dir, before_epoch_ns, workers_per_device)?;
-    for (r, pieces) in probe_steps(&traces) {
-        if overlapped_share(&pieces) >= OVERLAP_MARGIN {
+    let traces = read_traces(dir, workers_per_device, |r| r.start_ns < before_epoch_ns)?;
+    for (r, share) in with_overlap(&traces) {
+        if share >= OVERLAP_MARGIN {
             continue;
         }
         let ratio =
@@ -325,7 +317,7 @@ pub fn probe_contention(
     (prefill_scale, decode_scale): (f64, f64),
 ) -> Result<Option<Contention>, String> {
     let p = f64::from(parallelism.max(1));
-    let traces = probe_traces(dir, before_epoch_ns, workers_per_device)?;
+    let traces = read_traces(dir, workers_per_device, |r| r.start_ns < before_epoch_ns)?;
     let mut estimates = Vec::new();
     for (r, pieces) in probe_steps(&traces) {
         let wall = r.end_ns.saturating_sub(r.start_ns) as f64;
