@@ -152,8 +152,22 @@ async fn prefill_and_decode_processes_answer_as_the_aggregated_worker_does() {
     let together =
         futures_util::future::join_all(PROMPTS.iter().map(|p| answer(&disagg, chat(p, 24)))).await;
     assert_eq!(together, expected);
+    // The trace: the decode worker imports the KV after it landed, before the answer.
+    let (_, v) = post(
+        &format!("{}/v1/chat/completions", disagg.url),
+        &chat(PROMPTS[0], 4),
+    )
+    .await;
+    let at = |key: &str| {
+        v["disagg"][key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} in {v}"))
+    };
+    assert!(at("transfer_end_ns") > 0, "{v}");
+    assert!(at("transfer_end_ns") <= at("import_start_ns"), "{v}");
+    assert!(at("import_start_ns") <= at("import_end_ns"), "{v}");
     let m = metrics(&disagg).await;
-    assert_eq!(metric(&m, "disagg_kv_transfers_total"), 8.0, "{m}");
+    assert_eq!(metric(&m, "disagg_kv_transfers_total"), 9.0, "{m}");
     assert!(metric(&m, "disagg_kv_transfer_bytes_total") > 0.0);
 
     // Garbage on the decode worker's KV port: that connection is dropped, the worker serves on.

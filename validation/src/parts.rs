@@ -6,7 +6,15 @@ use crate::compare::median;
 use sim::metrics::RequestRecord;
 
 /// The parts, in the order a request goes through them.
-pub const PARTS: [&str; 5] = ["wait", "prefill", "transfer", "delivery", "TTFT"];
+pub const PARTS: [&str; 7] = [
+    "wait",
+    "prefill",
+    "transfer",
+    "to import",
+    "import",
+    "delivery",
+    "TTFT",
+];
 
 /// One part's median, in ms, over completed requests (`None` where no request has the part).
 #[derive(Clone, Debug, PartialEq)]
@@ -17,22 +25,31 @@ pub struct Part {
 }
 
 /// A request's parts in ns: from arrival to its prefill's first step (wait), through its last
-/// prefill step (prefill), the KV's arrival after that where it moved (transfer), and the
-/// first token reaching the client after both (delivery: the serving path, and on a decode
-/// worker the wait for its running step).
-fn parts_ns(r: &RequestRecord) -> [Option<u64>; 5] {
-    let ready = r.prefill_end_ns.max(r.transfer_end_ns);
+/// prefill step (prefill), the KV's arrival after that where it moved (transfer), the decode
+/// worker's start of its import (to import: the prefill's reply and the decode worker's
+/// running step), the import, and the first token reaching the client (delivery: the
+/// serving path's way back, from the import or, where none was recorded, the prefill).
+fn parts_ns(r: &RequestRecord) -> [Option<u64>; PARTS.len()] {
+    let moved = r.transfer_bytes > 0;
+    let imported = moved && r.import_end_ns > 0;
+    let ready = if imported {
+        r.import_end_ns
+    } else {
+        r.prefill_end_ns.max(r.transfer_end_ns)
+    };
     [
         Some(r.prefill_start_ns.saturating_sub(r.arrival_ns)),
         Some(r.prefill_end_ns.saturating_sub(r.prefill_start_ns)),
-        (r.transfer_bytes > 0).then(|| r.transfer_end_ns.saturating_sub(r.prefill_end_ns)),
+        moved.then(|| r.transfer_end_ns.saturating_sub(r.prefill_end_ns)),
+        imported.then(|| r.import_start_ns.saturating_sub(r.transfer_end_ns)),
+        imported.then(|| r.import_ns()),
         Some(r.first_token_ns.saturating_sub(ready)),
         Some(r.ttft_ns()),
     ]
 }
 
-fn medians_ms(records: &[RequestRecord]) -> [Option<f64>; 5] {
-    let mut values: [Vec<f64>; 5] = Default::default();
+fn medians_ms(records: &[RequestRecord]) -> [Option<f64>; PARTS.len()] {
+    let mut values: [Vec<f64>; PARTS.len()] = Default::default();
     for r in records
         .iter()
         .filter(|r| r.is_completed() && r.prefill_end_ns > 0)
@@ -124,5 +141,26 @@ mod tests {
         // Aggregated on both sides: no transfer row at all.
         let none = compare(&predicted, &predicted);
         assert!(none.iter().all(|p| p.part != "transfer"));
+        assert!(none.iter().all(|p| p.part != "import"));
+    }
+
+    #[test]
+    fn an_import_splits_the_way_from_the_landing_to_the_client() {
+        let mut r = record(0, 1_000_000, 4_000_000, 6_000_000, 9_000_000);
+        (r.import_start_ns, r.import_end_ns) = (6_500_000, 8_000_000);
+        let parts = compare(&[r.clone()], &[r]);
+        let got: Vec<_> = parts.iter().map(|p| (p.part, p.measured_ms)).collect();
+        assert_eq!(
+            got,
+            [
+                ("wait", Some(1.0)),
+                ("prefill", Some(3.0)),
+                ("transfer", Some(2.0)),
+                ("to import", Some(0.5)),
+                ("import", Some(1.5)),
+                ("delivery", Some(1.0)),
+                ("TTFT", Some(9.0)),
+            ]
+        );
     }
 }

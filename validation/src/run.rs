@@ -594,7 +594,9 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
     out.push_str(
         "\n## Time to first token by part\n\nMedians over completed requests: wait (arrival \
          to the prefill's first step), prefill (to its last step's sample), transfer (the KV \
-         landing after that), delivery (the first token reaching the client after both):\n\n",
+         landing after that), to import (the decode worker starting to copy it into its cache: \
+         the prefill's reply and the worker's running step), import, delivery (the first token \
+         reaching the client after the last of these):\n\n",
     );
     out.push_str(&parts::table(&run.parts));
     out.push_str(

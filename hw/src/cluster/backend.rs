@@ -580,6 +580,8 @@ fn frontend_trace(
         &mut trace.prefill_end_ns,
         &mut trace.transfer_start_ns,
         &mut trace.transfer_end_ns,
+        &mut trace.import_start_ns,
+        &mut trace.import_end_ns,
     ] {
         if *t > 0 {
             *t += offset;

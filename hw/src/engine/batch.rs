@@ -242,6 +242,7 @@ impl Batcher {
                 return;
             }
         };
+        let import_start = Instant::now();
         let resumed = self
             .paged
             .import_into(seq, &remote.kv)
@@ -270,6 +271,8 @@ impl Batcher {
         trace.transfer_start_ns = since(remote.transfer_start);
         trace.transfer_end_ns = since(remote.transfer_end);
         trace.transfer_bytes = remote.transfer_bytes;
+        trace.import_start_ns = since(import_start);
+        trace.import_end_ns = since(Instant::now());
         r.req.sampler = sampler;
         r.req.trace.prefill_worker = Some(remote.prefill_worker);
         let first = *remote

@@ -57,6 +57,11 @@ pub struct ServeTrace {
     pub transfer_start_ns: u64,
     pub transfer_end_ns: u64,
     pub transfer_bytes: u64,
+    /// The decode worker's copy of the landed KV into its cache, between two of its steps.
+    #[serde(default)]
+    pub import_start_ns: u64,
+    #[serde(default)]
+    pub import_end_ns: u64,
     pub preemptions: u32,
 }
 

@@ -694,6 +694,8 @@ fn sample_trace() -> ServeTrace {
         transfer_start_ns: 9_500,
         transfer_end_ns: 12_000,
         transfer_bytes: 65_536,
+        import_start_ns: 12_500,
+        import_end_ns: 13_000,
         preemptions: 1,
     }
 }
@@ -871,7 +873,7 @@ async fn official_shapes_are_unchanged_without_the_extensions() {
         keys(&v["usage"]["prompt_tokens_details"]),
         ["cached_tokens"]
     );
-    assert_eq!(keys(&v["disagg"]).len(), 11);
+    assert_eq!(keys(&v["disagg"]).len(), 13);
 
     let v: serde_json::Value = h
         .post_json("/v1/chat/completions", chat("a", serde_json::json!({})))

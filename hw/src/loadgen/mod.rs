@@ -527,6 +527,8 @@ impl Driver {
             transfer_start_ns: at(trace.transfer_start_ns),
             transfer_end_ns: at(trace.transfer_end_ns),
             transfer_bytes: trace.transfer_bytes,
+            import_start_ns: at(trace.import_start_ns),
+            import_end_ns: at(trace.import_end_ns),
             first_token_ns: answer.first_token_ns.unwrap_or(answer.end_ns),
             end_ns: answer.end_ns,
             preemptions: trace.preemptions,

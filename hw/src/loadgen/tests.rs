@@ -89,6 +89,8 @@ const TRACE: ServeTrace = ServeTrace {
     transfer_start_ns: 31_000,
     transfer_end_ns: 45_000,
     transfer_bytes: 4_096,
+    import_start_ns: 46_000,
+    import_end_ns: 47_000,
     preemptions: 1,
 };
 
@@ -268,6 +270,7 @@ async fn every_request_gets_one_record_and_follow_ups_extend_the_conversation() 
         assert_eq!(r.routed_ns, r.arrival_ns + 1_000);
         assert_eq!(r.prefill_end_ns, r.arrival_ns + 30_000);
         assert_eq!(r.transfer_end_ns, r.arrival_ns + 45_000);
+        assert_eq!(r.import_ns(), 1_000);
         assert!(r.arrival_ns <= r.first_token_ns && r.first_token_ns <= r.end_ns);
         // The whole previous prompt and answer is the fake's cache hit.
         assert_eq!(r.cached_tokens, r.history_tokens, "{r:?}");

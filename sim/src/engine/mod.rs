@@ -542,7 +542,8 @@ impl Simulation<'_> {
     /// The decode worker takes a landed transfer: its full blocks join the prefix cache and
     /// the request starts generating.
     fn take_landed(&mut self, slot: u32) {
-        let seq = self.seqs.get(slot);
+        let seq = self.seqs.get_mut(slot);
+        seq.rec.import_end_ns = self.now;
         let d = seq.decode_worker;
         let full = (seq.req.prompt_tokens / self.block_size) as usize;
         let first = (seq.decode_cached_tokens / self.block_size) as usize;

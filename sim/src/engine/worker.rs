@@ -455,6 +455,9 @@ impl Simulation<'_> {
             .iter()
             .map(|&slot| self.seqs.get(slot).import_ns)
             .sum();
+        for &slot in &self.workers[wi].landed {
+            self.seqs.get_mut(slot).rec.import_start_ns = self.now;
+        }
         if import_ns == 0 {
             let mut landed = std::mem::take(&mut self.workers[wi].landed);
             for &slot in &landed {

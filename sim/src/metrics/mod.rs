@@ -8,7 +8,7 @@ pub mod summary;
 pub mod tables;
 
 pub use percentile::{Percentiles, TokenGaps, percentile, weighted_percentile};
-pub use record::{Outcome, REQUEST_FIELDS, RequestRecord, UnknownOutcome};
+pub use record::{OPTIONAL_REQUEST_FIELDS, Outcome, REQUEST_FIELDS, RequestRecord, UnknownOutcome};
 pub use summary::{Scalar, Slo, Summary, WorkerStats, summarize};
 pub use tables::{
     MetricsError, WORKER_FIELDS, read_requests_csv, write_requests_csv, write_summary_csv,

@@ -73,13 +73,19 @@ pub struct RequestRecord {
     pub transfer_start_ns: u64,
     pub transfer_end_ns: u64,
     pub transfer_bytes: u64,
+    /// The decode worker's copy of the landed KV into its cache, between two of its steps
+    /// (0 where no KV moved, or in a CSV written before these columns).
+    #[serde(default)]
+    pub import_start_ns: u64,
+    #[serde(default)]
+    pub import_end_ns: u64,
     pub first_token_ns: u64,
     pub end_ns: u64,
     pub preemptions: u32,
 }
 
 /// The CSV header of [`RequestRecord`]: its field names in declaration order.
-pub const REQUEST_FIELDS: [&str; 21] = [
+pub const REQUEST_FIELDS: [&str; 23] = [
     "request_id",
     "conversation_id",
     "turn",
@@ -98,10 +104,15 @@ pub const REQUEST_FIELDS: [&str; 21] = [
     "transfer_start_ns",
     "transfer_end_ns",
     "transfer_bytes",
+    "import_start_ns",
+    "import_end_ns",
     "first_token_ns",
     "end_ns",
     "preemptions",
 ];
+
+/// Columns a requests CSV may lack (written before they existed): they read as 0.
+pub const OPTIONAL_REQUEST_FIELDS: [&str; 2] = ["import_start_ns", "import_end_ns"];
 
 // Durations saturate at 0, so a stage left at 0 (a rejected request) never underflows.
 impl RequestRecord {
@@ -124,6 +135,11 @@ impl RequestRecord {
     pub fn tpot_ns(&self) -> Option<u64> {
         let gaps = self.output_tokens.checked_sub(1).filter(|&g| g > 0)?;
         Some(self.end_ns.saturating_sub(self.first_token_ns) / u64::from(gaps))
+    }
+
+    /// The decode worker's import of the transferred KV.
+    pub fn import_ns(&self) -> u64 {
+        self.import_end_ns.saturating_sub(self.import_start_ns)
     }
 
     /// Time the KV cache spent in flight between prefill and decode workers.
