@@ -143,6 +143,10 @@ pub struct SetupConfig {
     /// threads and cores have gone to sleep (default: `serving_path_ms`).
     #[serde(default)]
     pub serving_path_idle_ms: Option<f64>,
+    /// The serving path's way in, part of both paths: a request reaches its worker's engine
+    /// this long after it arrives, and the rest of the path is on the way back (default 0).
+    #[serde(default)]
+    pub serving_path_front_ms: f64,
     /// How long this setup's steps take against the cost model's price: the first for a step
     /// that prefills, the second for one that only decodes (the speed of the machine as it
     /// runs, where that differs from when it was measured; `disagg-validate` measures both with
@@ -268,6 +272,8 @@ pub struct Setup {
     pub serving_path_ns: Nanos,
     /// `SetupConfig::serving_path_idle_ms`.
     pub serving_path_idle_ns: Nanos,
+    /// `SetupConfig::serving_path_front_ms`.
+    pub serving_path_front_ns: Nanos,
     /// `SetupConfig::prefill_step_scale` and `decode_step_scale`.
     pub prefill_step_scale: f64,
     pub decode_step_scale: f64,
@@ -615,6 +621,13 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
         if !(serving_path_idle_ms >= 0.0 && serving_path_idle_ms.is_finite()) {
             return Err(err(&at("serving_path_idle_ms"), "must be >= 0".to_string()));
         }
+        let path_ms = s.serving_path_ms.min(serving_path_idle_ms);
+        if !(s.serving_path_front_ms >= 0.0 && s.serving_path_front_ms <= path_ms) {
+            return Err(err(
+                &at("serving_path_front_ms"),
+                format!("must be in 0..={path_ms} (the shorter serving path)"),
+            ));
+        }
         for (field, scale) in [
             ("prefill_step_scale", s.prefill_step_scale),
             ("decode_step_scale", s.decode_step_scale),
@@ -714,6 +727,7 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             registry_delay_ns: secs_to_ns(s.registry_delay_ms / 1e3),
             serving_path_ns: secs_to_ns(s.serving_path_ms / 1e3),
             serving_path_idle_ns: secs_to_ns(serving_path_idle_ms / 1e3),
+            serving_path_front_ns: secs_to_ns(s.serving_path_front_ms / 1e3),
             prefill_step_scale: s.prefill_step_scale,
             decode_step_scale: s.decode_step_scale,
             engine: s.engine.clone(),

@@ -709,6 +709,54 @@ aggregated_workers = 1
     assert!(bad.contains("serving_path_idle_ms: must be >= 0"), "{bad}");
 }
 
+#[test]
+fn the_way_in_delays_the_engine_and_leaves_a_lone_request_its_times() {
+    let text = r#"
+name = "way-in"
+seed = 4
+[model]
+preset = "smollm2-135m"
+[workload]
+arrival = { process = "poisson", rate_per_s = 0.5 }
+sessions = 10
+turns = { dist = "constant", value = 1 }
+user_tokens = { dist = "uniform", min = 50, max = 400 }
+output_tokens = { dist = "uniform", min = 2, max = 30 }
+[[setup]]
+name = "pair"
+hardware = "h100-sxm"
+link = "tcp-10g"
+mode = "disaggregated"
+prefill_workers = 1
+decode_workers = 1
+serving_path_ms = 1.0
+serving_path_idle_ms = 3.0
+"#;
+    let run = |front: &str| {
+        let scenario = parse(&format!("{text}{front}"));
+        engine::run(&scenario, &scenario.setups[0], RunOptions::default()).unwrap()
+    };
+    let (base, front) = (run(""), run("serving_path_front_ms = 0.4\n"));
+    assert_eq!(base.records.len(), 10);
+    for (x, y) in base.records.iter().zip(&front.records) {
+        // Requests seconds apart: each finds the cluster idle.
+        assert_eq!(y.prefill_start_ns, x.prefill_start_ns + 400_000);
+        assert_eq!(y.import_end_ns, x.import_end_ns + 400_000);
+        assert_eq!((y.first_token_ns, y.end_ns), (x.first_token_ns, x.end_ns));
+    }
+    let bad = Scenario::parse(
+        &format!("{text}serving_path_front_ms = 1.5\n"),
+        "s.toml",
+        PathBuf::from("."),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("serving_path_front_ms: must be in 0..=1 (the shorter serving path)"),
+        "{bad}"
+    );
+}
+
 /// 30 single-turn requests at `rate` per second, seeded by `seed`, on one prefill and one
 /// decode worker of an H100 joined by a 10 Gbit/s TCP link whose remaining fields are `link`.
 fn over_tcp(seed: u64, rate: f64, link: &str) -> String {

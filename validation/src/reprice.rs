@@ -25,6 +25,10 @@ pub struct Measurement {
     /// The serving path the idle probes measured (runs before them have none).
     #[serde(default)]
     pub serving_path_idle_ns: Option<u64>,
+    /// The back-to-back probes' way in: the server's acceptance to the prefill's first step
+    /// (runs before it was probed have none).
+    #[serde(default)]
+    pub serving_path_front_ns: Option<u64>,
     /// The KV transfers of the probes, on a cluster that moves KV (runs before the long probes
     /// have none).
     #[serde(default)]
@@ -69,6 +73,7 @@ impl Measurement {
             workload_start_ns: first_workload_step_ns(dir, block_size_tokens)?,
             serving_path_ns: (ms * 1e6).round() as u64,
             serving_path_idle_ns: None,
+            serving_path_front_ns: None,
             link: None,
         })
     }
@@ -77,6 +82,7 @@ impl Measurement {
         ServingPaths {
             busy_ns: self.serving_path_ns,
             idle_ns: self.serving_path_idle_ns,
+            front_ns: self.serving_path_front_ns,
         }
     }
 }
@@ -222,6 +228,7 @@ mod tests {
             workload_start_ns: 1_700_000_000_000_000_000,
             serving_path_ns: 412_000,
             serving_path_idle_ns: Some(1_034_000),
+            serving_path_front_ns: Some(250_000),
             link: Some(LinkProbe {
                 short_bytes: 180_224,
                 short_transfer_ns: 310_000,
@@ -242,6 +249,7 @@ mod tests {
         let before = Measurement::read(dir.path(), 16).unwrap();
         assert_eq!((before.serving_path_idle_ns, &before.link), (None, &None));
         assert_eq!(before.serving_paths().idle_ms(), None);
+        assert_eq!(before.serving_paths().front_ms(), None);
 
         // No measurement.toml: the path from scenario.toml, the start at the first step that
         // is not a probe's (two 8-token probes, then a 200-token prefill).
@@ -262,6 +270,7 @@ mod tests {
                 workload_start_ns: 900,
                 serving_path_ns: 291_000,
                 serving_path_idle_ns: None,
+                serving_path_front_ns: None,
                 link: None,
             }
         );

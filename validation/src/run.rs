@@ -258,6 +258,7 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         workload_start_ns: workload_start,
         serving_path_ns: serving_path.median_ns,
         serving_path_idle_ns: Some(serving_path.idle_median_ns),
+        serving_path_front_ns: Some(serving_path.front_median_ns),
         link: (serving_path.transfer_bytes > 0).then(|| {
             let long = &serving_path.long;
             LinkProbe {

@@ -90,6 +90,9 @@ pub struct ServingPath {
     pub samples_ns: Vec<u64>,
     /// Each counted back-to-back probe's time to first token.
     pub ttft_ns: Vec<u64>,
+    /// The median over the counted back-to-back probes of the way in: the server's acceptance
+    /// to the prefill's first step.
+    pub front_median_ns: u64,
     /// The median over the idle probes.
     pub idle_median_ns: u64,
     /// Each idle probe's time to first token less its prefill and KV transfer.
@@ -105,6 +108,8 @@ pub struct ServingPath {
 /// One probe's answer, in ns.
 struct Sample {
     ttft_ns: u64,
+    /// The server's acceptance to the prefill's first step.
+    front_ns: u64,
     /// The time to first token less the prefill and the KV transfer.
     path_ns: u64,
     transfer_ns: u64,
@@ -174,6 +179,7 @@ pub async fn serving_path(
             .saturating_sub(trace.prefill_start_ns);
         Ok(Sample {
             ttft_ns: ttft,
+            front_ns: trace.prefill_start_ns,
             path_ns: ttft.saturating_sub(engine_ns),
             transfer_ns: trace
                 .transfer_end_ns
@@ -183,6 +189,7 @@ pub async fn serving_path(
     };
     let mut samples_ns = Vec::with_capacity(PROBES);
     let mut ttft_ns = Vec::with_capacity(PROBES);
+    let mut front_ns = Vec::with_capacity(PROBES);
     let mut transfer_samples_ns = Vec::with_capacity(PROBES);
     let mut transfer_bytes = 0;
     for i in 0..PROBES {
@@ -190,6 +197,7 @@ pub async fn serving_path(
         if i > 0 {
             samples_ns.push(s.path_ns);
             ttft_ns.push(s.ttft_ns);
+            front_ns.push(s.front_ns);
             transfer_samples_ns.push(s.transfer_ns);
             transfer_bytes = s.transfer_bytes;
         }
@@ -244,6 +252,7 @@ pub async fn serving_path(
         median_ns: median(&samples_ns),
         samples_ns,
         ttft_ns,
+        front_median_ns: median(&front_ns),
         idle_median_ns: median(&idle_samples_ns),
         idle_samples_ns,
         transfer_bytes,

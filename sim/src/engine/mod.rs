@@ -244,6 +244,7 @@ impl<'a> Simulation<'a> {
                     let req = self.follow_ups.remove(slot);
                     self.arrive(req);
                 }
+                Event::Reach(slot) => self.reach(slot),
                 Event::StepDone(w, generation) => {
                     if self.workers[w as usize].step.generation == generation {
                         self.step_done(w);
@@ -319,11 +320,13 @@ impl Simulation<'_> {
             .extend_block_hashes(&mut hashes, req.prompt_tokens, bs);
         let prompt_blocks = req.prompt_tokens.div_ceil(bs) as u64;
         let mut seq = Seq::new(req, hashes, prompt_blocks, self.now);
-        seq.serving_path_ns = if self.seqs.is_empty() {
+        // The way in is over when the request reaches its worker; the rest is the way back.
+        let path_ns = if self.seqs.is_empty() {
             self.setup.serving_path_idle_ns
         } else {
             self.setup.serving_path_ns
         };
+        seq.serving_path_ns = path_ns - self.setup.serving_path_front_ns;
         let total_tokens = seq.req.prompt_tokens as u64 + seq.req.output_tokens as u64;
         if total_tokens > self.max_model_len as u64 {
             return self.reject(seq, "prompt_too_long");
@@ -355,6 +358,15 @@ impl Simulation<'_> {
             }
         }
         let slot = self.seqs.insert(seq);
+        match self.setup.serving_path_front_ns {
+            0 => self.reach(slot),
+            front => self.queue.push(self.now + front, Event::Reach(slot)),
+        }
+    }
+
+    /// The request reaches the worker it was routed to, at the end of the way in.
+    fn reach(&mut self, slot: u32) {
+        let decode = self.seqs.get(slot).decode_worker;
         self.workers[decode as usize].waiting.push_back(slot);
         self.wake.push(decode);
     }

@@ -11,6 +11,8 @@ pub enum Event {
     NextArrival,
     /// A follow-up turn held in the request slab arrives.
     Arrive(u32),
+    /// A routed request, in the request slab, reaches its worker after the way in.
+    Reach(u32),
     /// A worker's iteration ends, unless it was rescheduled since (worker, generation).
     StepDone(u32, u32),
     /// A transfer's sender-side work (setup, staging copies, serialization) is done; its bytes

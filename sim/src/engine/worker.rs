@@ -61,7 +61,8 @@ pub struct Seq {
     pub transfer_wire_bytes: u64,
     /// The decode worker's import of the transferred KV, once it landed.
     pub import_ns: Nanos,
-    /// The serving path this request takes (idle or not as the cluster was when it came).
+    /// The serving path's way back this request takes (idle or not as the cluster was when it
+    /// came).
     pub serving_path_ns: Nanos,
     started: bool,
 }
