@@ -143,10 +143,17 @@ pub struct SetupConfig {
     /// threads and cores have gone to sleep (default: `serving_path_ms`).
     #[serde(default)]
     pub serving_path_idle_ms: Option<f64>,
-    /// The serving path's way in, part of both paths: a request reaches its worker's engine
-    /// this long after it arrives, and the rest of the path is on the way back (default 0).
+    /// The serving path's way in: a request reaches its worker's engine this long after it
+    /// arrives, and the rest of the path is on the way back (default 0).
     #[serde(default)]
     pub serving_path_front_ms: f64,
+    /// The idle serving path's way in (default: `serving_path_front_ms`).
+    #[serde(default)]
+    pub serving_path_idle_front_ms: Option<f64>,
+    /// The hand-off of landed KV: the decode worker can take it in this long after it landed
+    /// (the prefill worker's reply reaching the decode worker's process and engine). Default 0.
+    #[serde(default)]
+    pub kv_handoff_ms: f64,
     /// How long this setup's steps take against the cost model's price: the first for a step
     /// that prefills, the second for one that only decodes (the speed of the machine as it
     /// runs, where that differs from when it was measured; `disagg-validate` measures both with
@@ -274,6 +281,10 @@ pub struct Setup {
     pub serving_path_idle_ns: Nanos,
     /// `SetupConfig::serving_path_front_ms`.
     pub serving_path_front_ns: Nanos,
+    /// `SetupConfig::serving_path_idle_front_ms`.
+    pub serving_path_idle_front_ns: Nanos,
+    /// `SetupConfig::kv_handoff_ms`.
+    pub kv_handoff_ns: Nanos,
     /// `SetupConfig::prefill_step_scale` and `decode_step_scale`.
     pub prefill_step_scale: f64,
     pub decode_step_scale: f64,
@@ -621,12 +632,29 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
         if !(serving_path_idle_ms >= 0.0 && serving_path_idle_ms.is_finite()) {
             return Err(err(&at("serving_path_idle_ms"), "must be >= 0".to_string()));
         }
-        let path_ms = s.serving_path_ms.min(serving_path_idle_ms);
-        if !(s.serving_path_front_ms >= 0.0 && s.serving_path_front_ms <= path_ms) {
-            return Err(err(
-                &at("serving_path_front_ms"),
-                format!("must be in 0..={path_ms} (the shorter serving path)"),
-            ));
+        let idle_front_ms = s
+            .serving_path_idle_front_ms
+            .unwrap_or(s.serving_path_front_ms);
+        for (field, front, path, which) in [
+            (
+                "serving_path_front_ms",
+                s.serving_path_front_ms,
+                s.serving_path_ms,
+                "serving_path_ms",
+            ),
+            (
+                "serving_path_idle_front_ms",
+                idle_front_ms,
+                serving_path_idle_ms,
+                "the idle serving path",
+            ),
+        ] {
+            if !(front >= 0.0 && front <= path) {
+                return Err(err(&at(field), format!("must be in 0..={path} ({which})")));
+            }
+        }
+        if !(s.kv_handoff_ms >= 0.0 && s.kv_handoff_ms.is_finite()) {
+            return Err(err(&at("kv_handoff_ms"), "must be >= 0".to_string()));
         }
         for (field, scale) in [
             ("prefill_step_scale", s.prefill_step_scale),
@@ -728,6 +756,8 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             serving_path_ns: secs_to_ns(s.serving_path_ms / 1e3),
             serving_path_idle_ns: secs_to_ns(serving_path_idle_ms / 1e3),
             serving_path_front_ns: secs_to_ns(s.serving_path_front_ms / 1e3),
+            serving_path_idle_front_ns: secs_to_ns(idle_front_ms / 1e3),
+            kv_handoff_ns: secs_to_ns(s.kv_handoff_ms / 1e3),
             prefill_step_scale: s.prefill_step_scale,
             decode_step_scale: s.decode_step_scale,
             engine: s.engine.clone(),

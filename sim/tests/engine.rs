@@ -710,14 +710,14 @@ aggregated_workers = 1
 }
 
 #[test]
-fn the_way_in_delays_the_engine_and_leaves_a_lone_request_its_times() {
+fn the_ways_in_and_the_handoff_move_a_lone_request_as_measured() {
     let text = r#"
 name = "way-in"
 seed = 4
 [model]
 preset = "smollm2-135m"
 [workload]
-arrival = { process = "poisson", rate_per_s = 0.5 }
+arrival = { process = "constant", rate_per_s = 2.0 }
 sessions = 10
 turns = { dist = "constant", value = 1 }
 user_tokens = { dist = "uniform", min = 50, max = 400 }
@@ -732,29 +732,57 @@ decode_workers = 1
 serving_path_ms = 1.0
 serving_path_idle_ms = 3.0
 "#;
-    let run = |front: &str| {
-        let scenario = parse(&format!("{text}{front}"));
+    let run = |extra: &str| {
+        let scenario = parse(&format!("{text}{extra}"));
         engine::run(&scenario, &scenario.setups[0], RunOptions::default()).unwrap()
     };
-    let (base, front) = (run(""), run("serving_path_front_ms = 0.4\n"));
+    let base = run("");
     assert_eq!(base.records.len(), 10);
-    for (x, y) in base.records.iter().zip(&front.records) {
-        // Requests seconds apart: each finds the cluster idle.
-        assert_eq!(y.prefill_start_ns, x.prefill_start_ns + 400_000);
-        assert_eq!(y.import_end_ns, x.import_end_ns + 400_000);
-        assert_eq!((y.first_token_ns, y.end_ns), (x.first_token_ns, x.end_ns));
+    // Requests 500 ms apart: each finds the cluster idle and takes the idle way in, which
+    // moves its engine's work and not what the client sees.
+    for pair in base.records.windows(2) {
+        assert!(pair[0].end_ns + 100_000_000 < pair[1].arrival_ns);
     }
-    let bad = Scenario::parse(
-        &format!("{text}serving_path_front_ms = 1.5\n"),
-        "s.toml",
-        PathBuf::from("."),
-    )
-    .unwrap_err()
-    .to_string();
+    for front in [
+        "serving_path_front_ms = 0.4\n",
+        "serving_path_idle_front_ms = 0.4\n",
+    ] {
+        for (x, y) in base.records.iter().zip(&run(front).records) {
+            assert_eq!(y.prefill_start_ns, x.prefill_start_ns + 400_000);
+            assert_eq!(y.import_end_ns, x.import_end_ns + 400_000);
+            assert_eq!((y.first_token_ns, y.end_ns), (x.first_token_ns, x.end_ns));
+        }
+    }
+    // The busy way in alone is another path's.
+    let busy = run("serving_path_front_ms = 0.4\nserving_path_idle_front_ms = 0.0\n");
+    for (x, y) in base.records.iter().zip(&busy.records) {
+        assert_eq!(y.prefill_start_ns, x.prefill_start_ns);
+    }
+    // The hand-off comes between the KV landing and its import, before the first token.
+    let handoff = run("kv_handoff_ms = 0.3\n");
+    for (x, y) in base.records.iter().zip(&handoff.records) {
+        assert_eq!(y.transfer_end_ns, x.transfer_end_ns);
+        assert_eq!(x.import_start_ns, x.transfer_end_ns);
+        assert_eq!(y.import_start_ns, y.transfer_end_ns + 300_000);
+        assert_eq!(y.first_token_ns, x.first_token_ns + 300_000);
+    }
+    let error = |extra: &str| {
+        Scenario::parse(&format!("{text}{extra}"), "s.toml", PathBuf::from("."))
+            .unwrap_err()
+            .to_string()
+    };
+    let bad = error("serving_path_front_ms = 1.5\nserving_path_idle_front_ms = 0.0\n");
     assert!(
-        bad.contains("serving_path_front_ms: must be in 0..=1 (the shorter serving path)"),
+        bad.contains("serving_path_front_ms: must be in 0..=1 (serving_path_ms)"),
         "{bad}"
     );
+    let bad = error("serving_path_idle_front_ms = 3.5\n");
+    assert!(
+        bad.contains("serving_path_idle_front_ms: must be in 0..=3 (the idle serving path)"),
+        "{bad}"
+    );
+    let bad = error("kv_handoff_ms = -0.1\n");
+    assert!(bad.contains("kv_handoff_ms: must be >= 0"), "{bad}");
 }
 
 /// 30 single-turn requests at `rate` per second, seeded by `seed`, on one prefill and one

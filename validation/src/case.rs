@@ -30,6 +30,7 @@ pub struct ServingPaths {
     pub busy_ns: u64,
     pub idle_ns: Option<u64>,
     pub front_ns: Option<u64>,
+    pub idle_front_ns: Option<u64>,
 }
 
 /// In ms to the microsecond, as the scenario holds it.
@@ -46,12 +47,19 @@ impl ServingPaths {
         self.idle_ns.map(ns_to_ms)
     }
 
-    /// The way in, within the shorter path (the probes' medians come from different probes).
+    /// The way in, within the busy path, and within the idle one too where that has no way
+    /// in of its own (the probes' medians come from different probes).
     pub fn front_ms(&self) -> Option<f64> {
-        let shorter = self
-            .idle_ns
-            .map_or(self.busy_ns, |idle| idle.min(self.busy_ns));
-        self.front_ns.map(|ns| ns_to_ms(ns.min(shorter)))
+        let bound = match (self.idle_ns, self.idle_front_ns) {
+            (Some(idle), None) => idle.min(self.busy_ns),
+            _ => self.busy_ns,
+        };
+        self.front_ns.map(|ns| ns_to_ms(ns.min(bound)))
+    }
+
+    /// The idle path's way in, within it.
+    pub fn idle_front_ms(&self) -> Option<f64> {
+        Some(ns_to_ms(self.idle_front_ns?.min(self.idle_ns?)))
     }
 }
 
@@ -73,6 +81,12 @@ pub struct LinkProbe {
     /// written before the probes kept them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub long_transfer_samples_ns: Vec<u64>,
+    /// The decode worker's imports of the short and of the long probes' KV, where it recorded
+    /// them: the import rate comes from these rather than from the serving paths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_import_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long_import_ns: Option<u64>,
 }
 
 impl LinkProbe {
@@ -96,9 +110,10 @@ impl LinkProbe {
 
     /// `base` (the link the case names) with the figures the probes measure put in: the
     /// per-transfer overhead and the wire's rate from the two transfers (host copies and
-    /// latency as in `base`), and the receiving engine's import rate from the two serving
-    /// paths. A part the probes cannot resolve (no longer for more bytes, as noise can make a
-    /// CPU's import) keeps `base`'s figure. `short_path_ns` is the short probes' serving path.
+    /// latency as in `base`), and the receiving engine's import rate from the two imports (or,
+    /// where they were not recorded, from the two serving paths). A part the probes cannot
+    /// resolve (no longer for more bytes, as noise can make a CPU's import) keeps `base`'s
+    /// figure. `short_path_ns` is the short probes' serving path.
     pub fn fit(&self, base: &LinkSpec, short_path_ns: u64) -> Result<LinkSpec, String> {
         if self.long_bytes <= self.short_bytes {
             return Err(format!(
@@ -111,10 +126,13 @@ impl LinkProbe {
             name: format!("{}-probed", base.name),
             ..base.clone()
         };
-        let path_ns_per_byte =
-            (self.long_serving_path_ns as f64 - short_path_ns as f64) / extra_bytes;
-        if path_ns_per_byte > 0.0 {
-            link.import_bytes_per_s = Some(1e9 / path_ns_per_byte);
+        let (long_ns, short_ns) = match (self.long_import_ns, self.short_import_ns) {
+            (Some(long), Some(short)) => (long, short),
+            _ => (self.long_serving_path_ns, short_path_ns),
+        };
+        let import_ns_per_byte = (long_ns as f64 - short_ns as f64) / extra_bytes;
+        if import_ns_per_byte > 0.0 {
+            link.import_bytes_per_s = Some(1e9 / import_ns_per_byte);
         }
         // The sender's copies per byte, as the link with this import rate counts them.
         let copy_ns_per_byte = (link.endpoint_ns(self.long_bytes) as f64
@@ -151,6 +169,8 @@ pub struct InSitu {
     pub decode_step_scale: Option<f64>,
     /// How much the probes' steps that shared their device slowed each other.
     pub device_contention: Option<f64>,
+    /// Landed KV to the decode worker's import of it.
+    pub kv_handoff_ns: Option<u64>,
 }
 
 /// The case file as written.
@@ -486,6 +506,12 @@ impl Case {
             if let Some(ms) = paths.front_ms() {
                 setup.insert("serving_path_front_ms".into(), ms.into());
             }
+            if let Some(ms) = paths.idle_front_ms() {
+                setup.insert("serving_path_idle_front_ms".into(), ms.into());
+            }
+        }
+        if let Some(ns) = in_situ.kv_handoff_ns {
+            setup.insert("kv_handoff_ms".into(), ns_to_ms(ns).into());
         }
         for (field, scale) in [
             ("prefill_step_scale", in_situ.prefill_step_scale),
@@ -682,12 +708,17 @@ impl Case {
             .filter(|_| self.cluster.mode == Mode::Disaggregated)
         {
             let probed = link.fit(&setup.link, m.serving_path_ns).map_err(failed)?;
-            let import_ns = probed.import_ns(link.short_bytes);
-            paths = ServingPaths {
-                busy_ns: paths.busy_ns.saturating_sub(import_ns),
-                idle_ns: paths.idle_ns.map(|ns| ns.saturating_sub(import_ns)),
-                ..paths
-            };
+            if m.taken_apart().is_some() {
+                in_situ.kv_handoff_ns = m.kv_handoff_ns;
+            } else {
+                // The probes' paths hold their import, which the simulator adds.
+                let import_ns = probed.import_ns(link.short_bytes);
+                paths = ServingPaths {
+                    busy_ns: paths.busy_ns.saturating_sub(import_ns),
+                    idle_ns: paths.idle_ns.map(|ns| ns.saturating_sub(import_ns)),
+                    ..paths
+                };
+            }
             in_situ.link = Some(probed);
         }
         in_situ.serving_paths = Some(paths);
@@ -1011,6 +1042,7 @@ mod tests {
             busy_ns: 412_400,
             idle_ns: Some(1_034_000),
             front_ns: Some(251_600),
+            idle_front_ns: None,
         };
         assert_eq!(
             (paths.busy_ms(), paths.idle_ms(), paths.front_ms()),
@@ -1372,6 +1404,8 @@ tpot_ms = 50.0
             long_transfer_ns: transfer(long),
             long_serving_path_ns: path_ns + truth.import_ns(long) - truth.import_ns(short),
             long_transfer_samples_ns: vec![transfer(long) * 3, transfer(long), transfer(long) / 2],
+            short_import_ns: None,
+            long_import_ns: None,
         };
         let fit = probe.fit(&base, path_ns).unwrap();
         assert_eq!(fit.time_spread, [0.5, 1.0, 3.0]);
@@ -1387,6 +1421,16 @@ tpot_ms = 50.0
             (fit.latency_ns, fit.host_copy_bytes_per_s),
             (base.latency_ns, base.host_copy_bytes_per_s)
         );
+
+        // Measured imports give the rate, whatever the paths.
+        let imports = LinkProbe {
+            short_import_ns: Some(100_000),
+            long_import_ns: Some(100_000 + (long - short) / 2),
+            long_serving_path_ns: path_ns - 1,
+            ..probe.clone()
+        };
+        let fit = imports.fit(&base, path_ns).unwrap();
+        assert!(near(fit.import_bytes_per_s.unwrap(), 2e9), "{fit:?}");
 
         // The long probes' serving path no longer than the short ones': the import stays.
         let flat = LinkProbe {

@@ -259,6 +259,10 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         serving_path_ns: serving_path.median_ns,
         serving_path_idle_ns: Some(serving_path.idle_median_ns),
         serving_path_front_ns: Some(serving_path.front_median_ns),
+        serving_path_idle_front_ns: Some(serving_path.idle_front_median_ns),
+        serving_path_idle_back_ns: Some(serving_path.idle_back_median_ns),
+        serving_path_loaded_back_ns: Some(serving_path.long.loaded_back_median_ns),
+        kv_handoff_ns: serving_path.handoff_median_ns,
         link: (serving_path.transfer_bytes > 0).then(|| {
             let long = &serving_path.long;
             LinkProbe {
@@ -272,6 +276,8 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
                     &long.idle_transfer_samples_ns,
                 ]
                 .concat(),
+                short_import_ns: serving_path.import_median_ns,
+                long_import_ns: long.import_median_ns,
             }
         }),
     };
@@ -528,8 +534,7 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
     out.push_str(&format!(
         "- serving path: {:.3} ms, the median of {} one-token probes (after {} warming the \
          connections) sent back to back before the workload: each probe's TTFT less its \
-         prefill and KV transfer; the simulator adds it to every time the client sees \
-         (`serving_path_ms` in `scenario.toml`). Probes in ms: {}; their TTFTs: {}\n",
+         prefill and KV transfer. Probes in ms: {}; their TTFTs: {}\n",
         path.median_ns as f64 / 1e6,
         path.samples_ns.len(),
         PROBES - path.samples_ns.len(),
@@ -538,8 +543,7 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
     ));
     out.push_str(&format!(
         "- serving path of an idle cluster: {:.3} ms, the median of {} such probes sent {} ms \
-         after the one before; the simulator takes it for a request that finds nothing in \
-         flight (`serving_path_idle_ms`). Probes in ms: {}\n",
+         after the one before. Probes in ms: {}\n",
         path.idle_median_ns as f64 / 1e6,
         path.idle_samples_ns.len(),
         IDLE_PAUSE.as_millis(),
@@ -567,14 +571,34 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
             ms(&long.idle_transfer_samples_ns)
         ));
     }
-    if long.overlapped_pairs > 0 {
+    if long.pairs > 0 {
         out.push_str(&format!(
             "- {} pairs of long probes, the second sent {:.3} ms (the back-to-back long probes' \
-             median time to first token) after the first, overlapped steps on the shared device\n",
-            long.overlapped_pairs,
+             median time to first token) after the first: the second's way back (its first \
+             token after its prefill, transfer and import) took {:.3} ms (median), a loaded \
+             cluster's; on a shared device their steps overlapped\n",
+            long.pairs,
             median(&path.long.ttft_ns) as f64 / 1e6,
+            long.loaded_back_median_ns as f64 / 1e6,
         ));
     }
+    let handoff = path.handoff_median_ns.map_or(String::new(), |ns| {
+        format!(
+            ", and {:.3} ms from their KV landing to the decode worker's import",
+            ns as f64 / 1e6
+        )
+    });
+    out.push_str(&format!(
+        "- the serving path taken apart (medians): the way in (acceptance to the prefill's \
+         first step) {:.3} ms back to back, {:.3} ms idle; the idle probes' way back {:.3} ms\
+         {handoff}. The simulator's path of a request that finds others in flight is the way \
+         in back to back and the pairs' way back (`serving_path_ms`, `serving_path_front_ms` \
+         in `scenario.toml`), of one that finds none the idle ways (`serving_path_idle_ms`, \
+         `serving_path_idle_front_ms`)\n",
+        path.front_median_ns as f64 / 1e6,
+        path.idle_front_median_ns as f64 / 1e6,
+        path.idle_back_median_ns as f64 / 1e6,
+    ));
     if let Some(link) = &run.link {
         out.push_str(&format!("- {}\n", describe_link(link)));
     }

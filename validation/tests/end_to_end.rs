@@ -164,10 +164,7 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
     // The two workers share the CPU one step at a time (each has every core): pairs of long
     // probes overlapped their steps, and the contention those steps measured is the
     // prediction's.
-    assert_eq!(
-        long.overlapped_pairs,
-        validation::hw::loadgen::probe::OVERLAPPED_PROBE_PAIRS
-    );
+    assert_eq!(long.pairs, validation::hw::loadgen::probe::PROBE_PAIRS);
     let contention = run
         .step_prices
         .device_contention
@@ -176,21 +173,60 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
     let written = doc["setup"][0]["device_contention"].as_float().unwrap();
     assert_eq!(contention, written, "{scenario}");
     assert!((0.0..=sim::config::MAX_DEVICE_CONTENTION).contains(&contention));
-    let import_ns = link.import_ns(path.transfer_bytes);
-    let ms = |ns: u64| ((ns - import_ns) as f64 / 1e3).round() / 1e3;
-    let (busy_ms, idle_ms) = (ms(path.median_ns), ms(path.idle_median_ns));
-    assert!(
-        scenario.contains(&format!("serving_path_ms = {busy_ms}"))
-            && scenario.contains(&format!("serving_path_idle_ms = {idle_ms}")),
-        "{scenario}"
+    // The serving path taken apart: a busy cluster's is the back-to-back probes' way in and
+    // the pairs' second probes' way back, an idle one's the idle probes' ways; the decode
+    // worker's hand-off and its import (at the rate of the probes' measured imports) are the
+    // simulator's own.
+    let ms = |ns: u64| (ns as f64 / 1e3).round() / 1e3;
+    let handoff = path
+        .handoff_median_ns
+        .expect("the decode worker recorded its imports");
+    let (short_import, long_import) = (
+        path.import_median_ns.unwrap(),
+        long.import_median_ns.unwrap(),
     );
-    let shortest_ns = (busy_ms.min(idle_ms) * 1e6) as u64;
+    if long_import > short_import {
+        let rate = (long.transfer_bytes - path.transfer_bytes) as f64 * 1e9
+            / (long_import - short_import) as f64;
+        assert!((link.import_bytes_per_s.unwrap() / rate - 1.0).abs() < 1e-9);
+    }
+    let busy_ns = path.front_median_ns + long.loaded_back_median_ns;
+    let idle_ns = path.idle_front_median_ns + path.idle_back_median_ns;
+    for line in [
+        format!("serving_path_ms = {}", ms(busy_ns)),
+        format!("serving_path_idle_ms = {}", ms(idle_ns)),
+        format!(
+            "serving_path_front_ms = {}",
+            ms(path.front_median_ns.min(busy_ns))
+        ),
+        format!(
+            "serving_path_idle_front_ms = {}",
+            ms(path.idle_front_median_ns.min(idle_ns))
+        ),
+        format!("kv_handoff_ms = {}", ms(handoff)),
+    ] {
+        assert!(scenario.contains(&line), "{line} in {scenario}");
+    }
+    // Each first token comes a way back after its import, and the import a hand-off after the
+    // KV landed.
+    let back_ns = (busy_ns - path.front_median_ns).min(idle_ns - path.idle_front_median_ns);
     for r in predicted.iter().filter(|r| r.is_completed()) {
-        let ready = r.prefill_end_ns.max(r.transfer_end_ns);
-        assert!(r.first_token_ns >= ready + shortest_ns - 1);
+        assert!(r.import_start_ns + 1_000 >= r.transfer_end_ns + handoff);
+        assert!(r.first_token_ns + 2_000 >= r.import_end_ns + back_ns);
     }
     let parts: Vec<&str> = run.parts.iter().map(|p| p.part).collect();
-    assert_eq!(parts, ["wait", "prefill", "transfer", "delivery", "TTFT"]);
+    assert_eq!(
+        parts,
+        [
+            "wait",
+            "prefill",
+            "transfer",
+            "to import",
+            "import",
+            "delivery",
+            "TTFT"
+        ]
+    );
 
     let report = std::fs::read_to_string(case_dir.join("report.md")).unwrap();
     assert!(report.contains("| delivery |"), "{report}");

@@ -19,12 +19,19 @@
 //! spread of a transfer's time: a workload's transfers come both ways, and on an H200 one in
 //! ten of them took 1.5-5 times the back-to-back median.
 //!
-//! Where workers share a device that runs one step at a time (processes on one GPU), pairs of
-//! long probes follow, the second sent as the first's first token is due: the second's
+//! Pairs of long probes follow, the second sent as the first's first token is due: the second
+//! finds a request in flight, as a busy workload's requests do, and its first token's way back
+//! is a loaded cluster's (on an H100 a third longer than the back-to-back probes'). Where
+//! workers share a device that runs one step at a time (processes on one GPU), the second's
 //! prefill overlaps the first's decode steps, and on a second decode worker their decode steps
 //! overlap each other. Their steps show how much steps sharing the device slow each other (on
 //! an H200 two overlapping decode steps took 1.67 times their time alone, not the 2 of equal
 //! shares).
+//!
+//! Each probe's trace splits its serving path into the way in (the server's acceptance to the
+//! prefill's first step), on a cluster that moves KV the hand-off (the KV landed to the decode
+//! worker's import of it) and the import, and the way back (the last of these to the first
+//! token).
 
 use super::client;
 use super::{BenchOptions, LoadgenError, connect, model, streamed_completion, vocab_size};
@@ -52,7 +59,7 @@ pub const IDLE_LONG_PROBES: usize = 12;
 
 /// Pairs of long probes, the second sent the back-to-back long probes' median time to first
 /// token after the first.
-pub const OVERLAPPED_PROBE_PAIRS: usize = 12;
+pub const PROBE_PAIRS: usize = 12;
 
 /// The long probes' prompt: the size of a typical request's KV, and one prefill step on every
 /// engine the validation cases run (fewer where the engine's token budget or pool is smaller).
@@ -77,8 +84,12 @@ pub struct LongProbes {
     pub ttft_ns: Vec<u64>,
     /// Each paused probe's transfer.
     pub idle_transfer_samples_ns: Vec<u64>,
-    /// The overlapping pairs sent (none where no device is shared one step at a time).
-    pub overlapped_pairs: usize,
+    /// The median of the back-to-back probes' imports (where the decode worker recorded them).
+    pub import_median_ns: Option<u64>,
+    /// The pairs sent.
+    pub pairs: usize,
+    /// The median way back of each pair's second probe, sent while the first was in flight.
+    pub loaded_back_median_ns: u64,
 }
 
 /// What the probes measured, in ns.
@@ -93,6 +104,14 @@ pub struct ServingPath {
     /// The median over the counted back-to-back probes of the way in: the server's acceptance
     /// to the prefill's first step.
     pub front_median_ns: u64,
+    /// The median of their hand-offs: the KV landed to the decode worker's import of it (where
+    /// the decode worker recorded one).
+    pub handoff_median_ns: Option<u64>,
+    /// The median of their imports.
+    pub import_median_ns: Option<u64>,
+    /// The idle probes' medians of the way in and of the way back.
+    pub idle_front_median_ns: u64,
+    pub idle_back_median_ns: u64,
     /// The median over the idle probes.
     pub idle_median_ns: u64,
     /// Each idle probe's time to first token less its prefill and KV transfer.
@@ -110,6 +129,11 @@ struct Sample {
     ttft_ns: u64,
     /// The server's acceptance to the prefill's first step.
     front_ns: u64,
+    /// The KV landed to the decode worker's import, and the import.
+    handoff_ns: Option<u64>,
+    import_ns: Option<u64>,
+    /// The last of the prefill, the transfer and the import to the first token.
+    back_ns: u64,
     /// The time to first token less the prefill and the KV transfer.
     path_ns: u64,
     transfer_ns: u64,
@@ -173,13 +197,16 @@ pub async fn serving_path(
         if trace.prefill_end_ns == 0 {
             return Err(failed(i, "its serving trace has no prefill times".into()));
         }
-        let engine_ns = trace
-            .prefill_end_ns
-            .max(trace.transfer_end_ns)
-            .saturating_sub(trace.prefill_start_ns);
+        let ready_ns = trace.prefill_end_ns.max(trace.transfer_end_ns);
+        let engine_ns = ready_ns.saturating_sub(trace.prefill_start_ns);
+        let imported = trace.transfer_bytes > 0 && trace.import_end_ns > 0;
         Ok(Sample {
             ttft_ns: ttft,
             front_ns: trace.prefill_start_ns,
+            handoff_ns: imported
+                .then(|| trace.import_start_ns.saturating_sub(trace.transfer_end_ns)),
+            import_ns: imported.then(|| trace.import_end_ns.saturating_sub(trace.import_start_ns)),
+            back_ns: ttft.saturating_sub(ready_ns.max(trace.import_end_ns)),
             path_ns: ttft.saturating_sub(engine_ns),
             transfer_ns: trace
                 .transfer_end_ns
@@ -190,6 +217,8 @@ pub async fn serving_path(
     let mut samples_ns = Vec::with_capacity(PROBES);
     let mut ttft_ns = Vec::with_capacity(PROBES);
     let mut front_ns = Vec::with_capacity(PROBES);
+    let mut handoff_ns = Vec::with_capacity(PROBES);
+    let mut import_ns = Vec::with_capacity(PROBES);
     let mut transfer_samples_ns = Vec::with_capacity(PROBES);
     let mut transfer_bytes = 0;
     for i in 0..PROBES {
@@ -198,14 +227,21 @@ pub async fn serving_path(
             samples_ns.push(s.path_ns);
             ttft_ns.push(s.ttft_ns);
             front_ns.push(s.front_ns);
+            handoff_ns.extend(s.handoff_ns);
+            import_ns.extend(s.import_ns);
             transfer_samples_ns.push(s.transfer_ns);
             transfer_bytes = s.transfer_bytes;
         }
     }
     let mut idle_samples_ns = Vec::with_capacity(IDLE_PROBES);
+    let mut idle_front_ns = Vec::with_capacity(IDLE_PROBES);
+    let mut idle_back_ns = Vec::with_capacity(IDLE_PROBES);
     for i in PROBES..PROBES + IDLE_PROBES {
         tokio::time::sleep(IDLE_PAUSE).await;
-        idle_samples_ns.push(probe(i, short_tokens, 1).await?.path_ns);
+        let s = probe(i, short_tokens, 1).await?;
+        idle_samples_ns.push(s.path_ns);
+        idle_front_ns.push(s.front_ns);
+        idle_back_ns.push(s.back_ns);
     }
     let mut long = LongProbes {
         prompt_tokens: long_tokens,
@@ -214,8 +250,11 @@ pub async fn serving_path(
         samples_ns: Vec::with_capacity(LONG_PROBES),
         ttft_ns: Vec::with_capacity(LONG_PROBES),
         idle_transfer_samples_ns: Vec::with_capacity(IDLE_LONG_PROBES),
-        overlapped_pairs: 0,
+        import_median_ns: None,
+        pairs: 0,
+        loaded_back_median_ns: 0,
     };
+    let mut long_import_ns = Vec::with_capacity(LONG_PROBES);
     let first = PROBES + IDLE_PROBES;
     for i in first..first + LONG_PROBES {
         let s = probe(i, long_tokens, LONG_PROBE_OUTPUT_TOKENS).await?;
@@ -223,36 +262,38 @@ pub async fn serving_path(
         long.transfer_samples_ns.push(s.transfer_ns);
         long.samples_ns.push(s.path_ns);
         long.ttft_ns.push(s.ttft_ns);
+        long_import_ns.extend(s.import_ns);
     }
+    long.import_median_ns = median_of(&long_import_ns);
     let first = first + LONG_PROBES;
     for i in first..first + IDLE_LONG_PROBES {
         tokio::time::sleep(IDLE_PAUSE).await;
         let s = probe(i, long_tokens, LONG_PROBE_OUTPUT_TOKENS).await?;
         long.idle_transfer_samples_ns.push(s.transfer_ns);
     }
-    let shares_one_step = scenario
-        .setups
-        .first()
-        .is_some_and(|s| s.workers_per_device > 1 && s.device_parallelism == 1);
-    if shares_one_step {
-        let first = first + IDLE_LONG_PROBES;
-        let stagger = Duration::from_nanos(median(&long.ttft_ns));
-        for pair in 0..OVERLAPPED_PROBE_PAIRS {
-            let i = first + 2 * pair;
-            let (a, b) = tokio::join!(probe(i, long_tokens, LONG_PROBE_OUTPUT_TOKENS), async {
-                tokio::time::sleep(stagger).await;
-                probe(i + 1, long_tokens, LONG_PROBE_OUTPUT_TOKENS).await
-            });
-            a?;
-            b?;
-        }
-        long.overlapped_pairs = OVERLAPPED_PROBE_PAIRS;
+    let first = first + IDLE_LONG_PROBES;
+    let stagger = Duration::from_nanos(median(&long.ttft_ns));
+    let mut loaded_back_ns = Vec::with_capacity(PROBE_PAIRS);
+    for pair in 0..PROBE_PAIRS {
+        let i = first + 2 * pair;
+        let (a, b) = tokio::join!(probe(i, long_tokens, LONG_PROBE_OUTPUT_TOKENS), async {
+            tokio::time::sleep(stagger).await;
+            probe(i + 1, long_tokens, LONG_PROBE_OUTPUT_TOKENS).await
+        });
+        a?;
+        loaded_back_ns.push(b?.back_ns);
     }
+    long.pairs = PROBE_PAIRS;
+    long.loaded_back_median_ns = median(&loaded_back_ns);
     Ok(ServingPath {
         median_ns: median(&samples_ns),
         samples_ns,
         ttft_ns,
         front_median_ns: median(&front_ns),
+        handoff_median_ns: median_of(&handoff_ns),
+        import_median_ns: median_of(&import_ns),
+        idle_front_median_ns: median(&idle_front_ns),
+        idle_back_median_ns: median(&idle_back_ns),
         idle_median_ns: median(&idle_samples_ns),
         idle_samples_ns,
         transfer_bytes,
@@ -266,4 +307,9 @@ pub fn median(ns: &[u64]) -> u64 {
     let mut sorted = ns.to_vec();
     sorted.sort_unstable();
     sorted[sorted.len() / 2]
+}
+
+/// The median, `None` of no samples.
+fn median_of(ns: &[u64]) -> Option<u64> {
+    (!ns.is_empty()).then(|| median(ns))
 }

@@ -245,6 +245,8 @@ impl<'a> Simulation<'a> {
                     self.arrive(req);
                 }
                 Event::Reach(slot) => self.reach(slot),
+                Event::HandedOff(slot) => self.handed_off(slot),
+                Event::Imported(w) => self.imported(w),
                 Event::StepDone(w, generation) => {
                     if self.workers[w as usize].step.generation == generation {
                         self.step_done(w);
@@ -321,12 +323,13 @@ impl Simulation<'_> {
         let prompt_blocks = req.prompt_tokens.div_ceil(bs) as u64;
         let mut seq = Seq::new(req, hashes, prompt_blocks, self.now);
         // The way in is over when the request reaches its worker; the rest is the way back.
-        let path_ns = if self.seqs.is_empty() {
-            self.setup.serving_path_idle_ns
+        let s = self.setup;
+        let (path_ns, front_ns) = if self.seqs.is_empty() {
+            (s.serving_path_idle_ns, s.serving_path_idle_front_ns)
         } else {
-            self.setup.serving_path_ns
+            (s.serving_path_ns, s.serving_path_front_ns)
         };
-        seq.serving_path_ns = path_ns - self.setup.serving_path_front_ns;
+        seq.serving_path_ns = path_ns - front_ns;
         let total_tokens = seq.req.prompt_tokens as u64 + seq.req.output_tokens as u64;
         if total_tokens > self.max_model_len as u64 {
             return self.reject(seq, "prompt_too_long");
@@ -358,7 +361,7 @@ impl Simulation<'_> {
             }
         }
         let slot = self.seqs.insert(seq);
-        match self.setup.serving_path_front_ns {
+        match front_ns {
             0 => self.reach(slot),
             front => self.queue.push(self.now + front, Event::Reach(slot)),
         }
@@ -534,17 +537,26 @@ impl Simulation<'_> {
     }
 
     /// The KV is on the decode worker: the prefill worker lets go of its copy (still cached);
-    /// the decode worker takes it in (imports it, then emits the first token) once its
-    /// running step is over.
+    /// after the hand-off, the decode worker takes it in.
     fn transfer_landed(&mut self, slot: u32) {
         let seq = self.seqs.get_mut(slot);
         seq.rec.transfer_end_ns = self.now;
-        let (p, d) = (seq.prefill_worker, seq.decode_worker);
+        let p = seq.prefill_worker;
         let prefill_blocks = std::mem::take(&mut seq.prefill_blocks);
         let prompt_blocks = seq.prompt_blocks;
         self.workers[p as usize].kv.free(&prefill_blocks);
         self.release_load(p, prompt_blocks);
         self.wake.push(p);
+        match self.setup.kv_handoff_ns {
+            0 => self.handed_off(slot),
+            handoff => self.queue.push(self.now + handoff, Event::HandedOff(slot)),
+        }
+    }
+
+    /// The decode worker has the landed KV in hand: it takes it in (imports it, then emits the
+    /// first token) once its running step is over.
+    fn handed_off(&mut self, slot: u32) {
+        let d = self.seqs.get(slot).decode_worker;
         self.workers[d as usize].landed.push(slot);
         if !self.workers[d as usize].busy {
             self.take_in(d);

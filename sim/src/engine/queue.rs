@@ -13,6 +13,8 @@ pub enum Event {
     Arrive(u32),
     /// A routed request, in the request slab, reaches its worker after the way in.
     Reach(u32),
+    /// A worker's import of landed KV is over.
+    Imported(u32),
     /// A worker's iteration ends, unless it was rescheduled since (worker, generation).
     StepDone(u32, u32),
     /// A transfer's sender-side work (setup, staging copies, serialization) is done; its bytes
@@ -20,6 +22,8 @@ pub enum Event {
     TransferSent(u32),
     /// A transfer's last byte has crossed the wire and the receiver has it.
     TransferLanded(u32),
+    /// The decode worker has a landed transfer in hand, after the hand-off.
+    HandedOff(u32),
     /// The network's next flow completion, valid only for this version of the flow set.
     NetworkWake(u64),
     /// The oldest batch of KV events reaches the router's block index.

@@ -347,9 +347,6 @@ impl Simulation<'_> {
         let bs = self.block_size;
         let now = self.now;
         self.end_step(w);
-        if !self.workers[wi].importing.is_empty() {
-            return self.imported(w);
-        }
         let batch = std::mem::take(&mut self.workers[wi].batch);
         let worker = &mut self.workers[wi];
         worker.busy = false;
@@ -446,7 +443,7 @@ impl Simulation<'_> {
         self.wake.push(w);
     }
 
-    /// The worker, between two steps, takes in the transfers that landed meanwhile: it
+    /// The worker, between two steps, takes in the transfers handed to it meanwhile: it
     /// imports their KV (the link's import cost, holding up its next step), after which they
     /// generate; without an import cost they generate at once.
     pub(super) fn take_in(&mut self, w: WorkerId) {
@@ -470,12 +467,16 @@ impl Simulation<'_> {
         }
         let worker = &mut self.workers[wi];
         std::mem::swap(&mut worker.importing, &mut worker.landed);
+        // The import holds the worker, not its device: host copies and a copy engine's
+        // upload, no share of the device's compute (measured imports took as long beside
+        // another process's steps as alone).
         worker.busy = true;
-        self.begin_step(w, import_ns);
+        worker.step.started_ns = self.now;
+        self.queue.push(self.now + import_ns, Event::Imported(w));
     }
 
     /// An import is over: its requests generate, and what landed meanwhile is taken in.
-    fn imported(&mut self, w: WorkerId) {
+    pub(super) fn imported(&mut self, w: WorkerId) {
         let wi = w as usize;
         let now = self.now;
         let worker = &mut self.workers[wi];
