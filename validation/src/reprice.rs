@@ -30,13 +30,10 @@ pub struct Measurement {
     #[serde(default)]
     pub serving_path_front_ns: Option<u64>,
     /// The serving path taken apart (runs before the probes did have none): the idle probes'
-    /// way in and way back, the way back of probes sent while another was in flight, and on a
-    /// cluster that moves KV the back-to-back probes' hand-off of landed KV to the decode
-    /// worker's import.
+    /// way in, the way back of probes sent while another was in flight, and on a cluster that
+    /// moves KV the back-to-back probes' hand-off of landed KV to the decode worker's import.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving_path_idle_front_ns: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub serving_path_idle_back_ns: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving_path_loaded_back_ns: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,42 +84,20 @@ impl Measurement {
             serving_path_idle_ns: None,
             serving_path_front_ns: None,
             serving_path_idle_front_ns: None,
-            serving_path_idle_back_ns: None,
             serving_path_loaded_back_ns: None,
             kv_handoff_ns: None,
             link: None,
         })
     }
 
-    /// The serving paths the simulator takes. Taken apart, a busy cluster's is the way in of
-    /// the back-to-back probes and the way back of a loaded cluster's, an idle one's the idle
-    /// probes' ways in and back; the hand-off and the import are the simulator's own parts.
-    /// Otherwise, each is a probe's time to first token less its prefill and transfer.
+    /// The serving paths the probes measured, with their ways in.
     pub fn serving_paths(&self) -> ServingPaths {
-        match self.taken_apart() {
-            Some((front, idle_front, idle_back, loaded_back)) => ServingPaths {
-                busy_ns: front + loaded_back,
-                idle_ns: Some(idle_front + idle_back),
-                front_ns: Some(front),
-                idle_front_ns: Some(idle_front),
-            },
-            None => ServingPaths {
-                busy_ns: self.serving_path_ns,
-                idle_ns: self.serving_path_idle_ns,
-                front_ns: self.serving_path_front_ns,
-                idle_front_ns: None,
-            },
+        ServingPaths {
+            busy_ns: self.serving_path_ns,
+            idle_ns: self.serving_path_idle_ns,
+            front_ns: self.serving_path_front_ns,
+            idle_front_ns: self.serving_path_idle_front_ns,
         }
-    }
-
-    /// (way in, idle way in, idle way back, loaded way back), where the probes measured them.
-    pub fn taken_apart(&self) -> Option<(u64, u64, u64, u64)> {
-        Some((
-            self.serving_path_front_ns?,
-            self.serving_path_idle_front_ns?,
-            self.serving_path_idle_back_ns?,
-            self.serving_path_loaded_back_ns?,
-        ))
     }
 }
 
@@ -269,7 +244,6 @@ mod tests {
             serving_path_idle_ns: Some(1_034_000),
             serving_path_front_ns: Some(250_000),
             serving_path_idle_front_ns: Some(300_000),
-            serving_path_idle_back_ns: Some(700_000),
             serving_path_loaded_back_ns: Some(600_000),
             kv_handoff_ns: Some(380_000),
             link: Some(LinkProbe {
@@ -285,12 +259,11 @@ mod tests {
         };
         m.write(dir.path()).unwrap();
         assert_eq!(Measurement::read(dir.path(), 16).unwrap(), m);
-        // Taken apart: the busy path is the way in and the loaded way back.
         assert_eq!(
             m.serving_paths(),
             ServingPaths {
-                busy_ns: 850_000,
-                idle_ns: Some(1_000_000),
+                busy_ns: 412_000,
+                idle_ns: Some(1_034_000),
                 front_ns: Some(250_000),
                 idle_front_ns: Some(300_000),
             }
@@ -327,7 +300,6 @@ mod tests {
                 serving_path_idle_ns: None,
                 serving_path_front_ns: None,
                 serving_path_idle_front_ns: None,
-                serving_path_idle_back_ns: None,
                 serving_path_loaded_back_ns: None,
                 kv_handoff_ns: None,
                 link: None,

@@ -260,7 +260,6 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         serving_path_idle_ns: Some(serving_path.idle_median_ns),
         serving_path_front_ns: Some(serving_path.front_median_ns),
         serving_path_idle_front_ns: Some(serving_path.idle_front_median_ns),
-        serving_path_idle_back_ns: Some(serving_path.idle_back_median_ns),
         serving_path_loaded_back_ns: Some(serving_path.long.loaded_back_median_ns),
         kv_handoff_ns: serving_path.handoff_median_ns,
         link: (serving_path.transfer_bytes > 0).then(|| {
@@ -588,13 +587,21 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
             ns as f64 / 1e6
         )
     });
+    let imports = match (path.import_median_ns, long.import_median_ns) {
+        (Some(short), Some(long_ns)) => format!(
+            "; the decode worker's imports {:.3} ms (short) and {:.3} ms (long)",
+            short as f64 / 1e6,
+            long_ns as f64 / 1e6
+        ),
+        _ => String::new(),
+    };
     out.push_str(&format!(
         "- the serving path taken apart (medians): the way in (acceptance to the prefill's \
          first step) {:.3} ms back to back, {:.3} ms idle; the idle probes' way back {:.3} ms\
-         {handoff}. The simulator's path of a request that finds others in flight is the way \
-         in back to back and the pairs' way back (`serving_path_ms`, `serving_path_front_ms` \
-         in `scenario.toml`), of one that finds none the idle ways (`serving_path_idle_ms`, \
-         `serving_path_idle_front_ms`)\n",
+         {handoff}{imports}. The simulator takes each path's way in (`serving_path_front_ms`, \
+         `serving_path_idle_front_ms`) and the hand-off (`kv_handoff_ms`) out of the paths; \
+         a request that finds others in flight takes the way in and the pairs' way back \
+         (`serving_path_ms`)\n",
         path.front_median_ns as f64 / 1e6,
         path.idle_front_median_ns as f64 / 1e6,
         path.idle_back_median_ns as f64 / 1e6,
