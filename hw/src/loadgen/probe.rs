@@ -21,7 +21,7 @@
 //!
 //! Pairs of long probes follow, the second sent as the first's first token is due: the second
 //! finds a request in flight, as a busy workload's requests do, and its first token's way back
-//! is a loaded cluster's (on an H100 a third longer than the back-to-back probes'). Where
+//! is a loaded cluster's (on an H100 over half as long again as the back-to-back probes'). Where
 //! workers share a device that runs one step at a time (processes on one GPU), the second's
 //! prefill overlaps the first's decode steps, and on a second decode worker their decode steps
 //! overlap each other. Their steps show how much steps sharing the device slow each other (on
@@ -142,8 +142,7 @@ struct Sample {
 
 /// Sends [`PROBES`] probes to the target one after another, then [`IDLE_PROBES`] after
 /// [`IDLE_PAUSE`] each, then [`LONG_PROBES`] long ones one after another,
-/// [`IDLE_LONG_PROBES`] after the pause each, and where the scenario's workers share a device
-/// of parallelism 1, [`OVERLAPPED_PROBE_PAIRS`] overlapping pairs.
+/// [`IDLE_LONG_PROBES`] after the pause each, then [`PROBE_PAIRS`] pairs.
 pub async fn serving_path(
     scenario: &Scenario,
     options: &BenchOptions,
