@@ -115,6 +115,11 @@ pub struct SetupConfig {
     /// measures it on the cluster it runs. Default 1.
     #[serde(default = "unit_scale")]
     pub device_contention: f64,
+    /// How much the steps of workers sharing a device slow each other even where it runs them
+    /// all at once: workers on cores of their own still share the memory bus and caches.
+    /// Default none.
+    #[serde(default)]
+    pub device_interference: Interference,
     pub mode: Mode,
     #[serde(default)]
     pub aggregated_workers: u32,
@@ -166,7 +171,54 @@ pub struct SetupConfig {
     pub engine: EngineConfig,
 }
 
-/// The largest `device_contention`: a step that shares its device with one other taking
+/// How much one other step in flight on the same device slows a step, by the kind of each (a
+/// step that prefills, or one that only decodes): a step with others in flight takes its time
+/// times one plus the sum of these over them (and beyond the device's parallelism, its
+/// contention's share on top). `disagg-validate` measures it with probes that run two requests
+/// at once. On a 2-core cloud machine, one thread a worker, a prefill beside a decode took
+/// about 1.1 times its time alone, a decode beside a decode 1.2-1.4 times, a decode beside a
+/// prefill 1.0 (the decodes read the weights at the memory bus's pace).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interference {
+    #[serde(default)]
+    pub prefill_by_prefill: f64,
+    #[serde(default)]
+    pub prefill_by_decode: f64,
+    #[serde(default)]
+    pub decode_by_prefill: f64,
+    #[serde(default)]
+    pub decode_by_decode: f64,
+}
+
+impl Interference {
+    /// Each field with its name.
+    pub fn fields(&self) -> [(&'static str, f64); 4] {
+        [
+            ("prefill_by_prefill", self.prefill_by_prefill),
+            ("prefill_by_decode", self.prefill_by_decode),
+            ("decode_by_prefill", self.decode_by_prefill),
+            ("decode_by_decode", self.decode_by_decode),
+        ]
+    }
+
+    /// How much a step (`prefills`: whether it prefills) is slowed by one other of the kind
+    /// `by_prefill` says.
+    pub fn of(&self, prefills: bool, by_prefill: bool) -> f64 {
+        match (prefills, by_prefill) {
+            (true, true) => self.prefill_by_prefill,
+            (true, false) => self.prefill_by_decode,
+            (false, true) => self.decode_by_prefill,
+            (false, false) => self.decode_by_decode,
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        self.fields().iter().all(|&(_, v)| v == 0.0)
+    }
+}
+
+/// The largest `device_contention` and `device_interference` term: a step that shares its device with one other taking
 /// five times as long as alone.
 pub const MAX_DEVICE_CONTENTION: f64 = 4.0;
 
@@ -266,8 +318,11 @@ pub struct Setup {
     /// ...and at most this many of them step at full speed at once...
     pub device_parallelism: u32,
     /// ...and the busy steps beyond that slow each other by this much
-    /// (`SetupConfig::device_contention`, in millionths).
+    /// (`SetupConfig::device_contention`, in millionths)...
     pub device_contention_ppm: u64,
+    /// ...and each step in flight slows the others by this much, in millionths, indexed
+    /// `[slowed step prefills][other step prefills]` (`SetupConfig::device_interference`).
+    pub device_interference_ppm: [[u64; 2]; 2],
     pub mode: Mode,
     /// Role of each worker, by worker id; worker i's KV leaves through GPU i's link.
     pub workers: Vec<Role>,
@@ -673,6 +728,14 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
                 ),
             ));
         }
+        for (field, v) in s.device_interference.fields() {
+            if !(0.0..=MAX_DEVICE_CONTENTION).contains(&v) {
+                return Err(err(
+                    &at(&format!("device_interference.{field}")),
+                    format!("must be in 0..={MAX_DEVICE_CONTENTION}, got {v}"),
+                ));
+            }
+        }
         let e = &s.engine;
         let engine_checks = [
             (
@@ -747,6 +810,11 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             workers_per_device: s.workers_per_device,
             device_parallelism: s.device_parallelism,
             device_contention_ppm: (s.device_contention * 1e6).round() as u64,
+            device_interference_ppm: [false, true].map(|prefills| {
+                [false, true].map(|by_prefill| {
+                    (s.device_interference.of(prefills, by_prefill) * 1e6).round() as u64
+                })
+            }),
             mode: s.mode,
             workers,
             router: s.router.clone(),

@@ -426,6 +426,21 @@ fn two_workers_contending(
     device_parallelism: u32,
     device_contention: f64,
 ) -> Scenario {
+    two_workers_interfering(
+        rate_per_s,
+        (workers_per_device, device_parallelism),
+        device_contention,
+        "",
+    )
+}
+
+/// `interference`: the body of the setup's `device_interference` table.
+fn two_workers_interfering(
+    rate_per_s: f64,
+    (workers_per_device, device_parallelism): (u32, u32),
+    device_contention: f64,
+    interference: &str,
+) -> Scenario {
     parse(&format!(
         r#"
 name = "sharing"
@@ -447,6 +462,7 @@ aggregated_workers = 2
 workers_per_device = {workers_per_device}
 device_parallelism = {device_parallelism}
 device_contention = {device_contention:?}
+device_interference = {{ {interference} }}
 "#
     ))
 }
@@ -521,6 +537,63 @@ fn workers_sharing_a_device_slow_each_other_only_when_they_oversubscribe_it() {
     .to_string();
     assert!(
         bad.contains("device_contention: must be in 0..=4, got -0.5"),
+        "{bad}"
+    );
+}
+
+#[test]
+fn steps_in_flight_together_slow_each_other_by_their_kinds_interference() {
+    // (TTFT, E2E - TTFT) of each request.
+    let times = |interference: &str| -> Vec<(u64, u64)> {
+        let scenario = two_workers_interfering(1e6, (2, 2), 1.0, interference);
+        let out = engine::run(&scenario, &scenario.setups[0], RunOptions::default()).unwrap();
+        assert_eq!(out.summary.completed, 2);
+        out.records
+            .iter()
+            .map(|r| (r.first_token_ns - r.arrival_ns, r.end_ns - r.first_token_ns))
+            .collect()
+    };
+    let none = times("");
+    let ratio = |a: u64, b: u64| a as f64 / b as f64;
+    // Both prefill at once, then both decode at once: unlike kinds meet for the 1 us between
+    // the arrivals.
+    let unlike = times("prefill_by_decode = 1.0, decode_by_prefill = 1.0");
+    for ((ttft, rest), (ttft0, rest0)) in unlike.into_iter().zip(&none) {
+        assert!(ttft.abs_diff(*ttft0) <= 2_000, "{ttft} {ttft0}");
+        assert!(rest.abs_diff(*rest0) <= 2_000, "{rest} {rest0}");
+    }
+    for ((ttft, rest), (ttft0, rest0)) in times("prefill_by_prefill = 0.5").into_iter().zip(&none) {
+        let r = ratio(ttft, *ttft0);
+        assert!((1.45..=1.5).contains(&r), "prefills: {r}");
+        assert!((0.95..=1.05).contains(&ratio(rest, *rest0)));
+    }
+    for ((ttft, rest), (ttft0, rest0)) in times("decode_by_decode = 0.25").into_iter().zip(&none) {
+        assert_eq!(ttft, *ttft0);
+        let r = ratio(rest, *rest0);
+        assert!((1.2..=1.25).contains(&r), "decodes: {r}");
+    }
+    // Beyond the device's parallelism, the contention's share comes on top: half speed, and
+    // two thirds of that.
+    let shared = two_workers_interfering(1e6, (2, 1), 1.0, "prefill_by_prefill = 0.5");
+    let out = engine::run(&shared, &shared.setups[0], RunOptions::default()).unwrap();
+    for (r, (ttft0, _)) in out.records.iter().zip(&none) {
+        let ttft = r.first_token_ns - r.arrival_ns;
+        let r = ratio(ttft, *ttft0);
+        assert!((2.9..=3.0).contains(&r), "shared and interfering: {r}");
+    }
+    let bad = Scenario::parse(
+        &sim::config::DEFAULT_SCENARIO.replacen(
+            "mode = \"aggregated\"",
+            "device_interference = { decode_by_decode = 5.0 }\nmode = \"aggregated\"",
+            1,
+        ),
+        "s.toml",
+        PathBuf::from("."),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("device_interference.decode_by_decode: must be in 0..=4, got 5"),
         "{bad}"
     );
 }

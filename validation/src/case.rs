@@ -165,8 +165,11 @@ pub struct InSitu {
     pub link: Option<LinkSpec>,
     pub prefill_step_scale: Option<f64>,
     pub decode_step_scale: Option<f64>,
-    /// How much the probes' steps that shared their device slowed each other.
+    /// How much the probes' steps that shared their device slowed each other beyond its
+    /// parallelism...
     pub device_contention: Option<f64>,
+    /// ...and within it, by kind.
+    pub device_interference: Option<sim::config::Interference>,
     /// Landed KV to the decode worker's import of it.
     pub kv_handoff_ns: Option<u64>,
 }
@@ -521,6 +524,15 @@ impl Case {
                 setup.insert(field.into(), ((scale * 1e4).round() / 1e4).into());
             }
         }
+        if let Some(interference) = in_situ.device_interference.filter(|i| !i.is_none()) {
+            let table: Table = interference
+                .fields()
+                .into_iter()
+                .filter(|&(_, v)| v > 0.0)
+                .map(|(field, v)| (field.to_string(), ((v * 1e4).round() / 1e4).into()))
+                .collect();
+            setup.insert("device_interference".into(), Value::Table(table));
+        }
         setup.insert("engine".into(), Value::Table(engine));
 
         let mut model = Table::new();
@@ -687,17 +699,20 @@ impl Case {
         .map_err(failed)?;
         in_situ.prefill_step_scale = prefill;
         in_situ.decode_step_scale = decode;
-        if sharing.0 > sharing.1 {
+        if sharing.0 > 1 {
             let scales = (prefill.unwrap_or(1.0), decode.unwrap_or(1.0));
-            in_situ.device_contention = crate::steps::probe_contention(
+            let measured = crate::steps::probe_sharing(
                 steps_dir,
                 cost.as_ref(),
                 m.workload_start_ns,
                 sharing,
                 scales,
             )
-            .map_err(failed)?
-            .map(|c| c.contention);
+            .map_err(failed)?;
+            if sharing.0 > sharing.1 {
+                in_situ.device_contention = measured.contention.map(|(c, _)| c);
+            }
+            in_situ.device_interference = Some(measured.interference());
         }
         let mut paths = m.serving_paths();
         if let Some(link) = m

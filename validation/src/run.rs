@@ -179,6 +179,9 @@ pub struct StepPrices {
     /// How much the busy steps of an oversubscribed device slow each other; `None` where its
     /// workers never oversubscribe it.
     pub device_contention: Option<f64>,
+    /// How much steps in flight together slow each other within the device's parallelism;
+    /// `None` where it never runs two at once.
+    pub device_interference: Option<sim::config::Interference>,
 }
 
 impl StepPrices {
@@ -187,6 +190,18 @@ impl StepPrices {
             scales: (setup.prefill_step_scale, setup.decode_step_scale),
             device_contention: (setup.workers_per_device > setup.device_parallelism)
                 .then(|| setup.device_contention_ppm as f64 / 1e6),
+            device_interference: (setup.workers_per_device > 1 && setup.device_parallelism > 1)
+                .then(|| {
+                    let i = |slowed: usize, by: usize| {
+                        setup.device_interference_ppm[slowed][by] as f64 / 1e6
+                    };
+                    sim::config::Interference {
+                        prefill_by_prefill: i(1, 1),
+                        prefill_by_decode: i(1, 0),
+                        decode_by_prefill: i(0, 1),
+                        decode_by_decode: i(0, 0),
+                    }
+                }),
         }
     }
 
@@ -202,6 +217,22 @@ impl StepPrices {
                 "; steps beyond the device's parallelism slow each other by a contention of \
                  {c:.3} (1 shares it equally; from the probe pairs' overlapped steps)"
             ));
+        }
+        if let Some(i) = self.device_interference {
+            let slowed: Vec<String> = i
+                .fields()
+                .into_iter()
+                .filter(|&(_, v)| v > 0.0)
+                .map(|(field, v)| format!("{} {v:.3}", field.replace('_', " ")))
+                .collect();
+            line.push_str(&match slowed.as_slice() {
+                [] => "; steps in flight together within its parallelism: no slowdown".into(),
+                s => format!(
+                    "; steps in flight together within its parallelism slow each other, per \
+                     step beside them (from the co-running probes' steps): {}",
+                    s.join(", ")
+                ),
+            });
         }
         line
     }

@@ -3,6 +3,7 @@
 //! says whether the step times are the part that misses.
 
 use hw::engine::steps::{self, StepRow};
+use sim::config::Interference;
 use sim::cost::CostModel;
 use std::path::{Path, PathBuf};
 
@@ -217,32 +218,62 @@ fn with_overlap(traces: &[Trace]) -> Vec<(StepRow, f64)> {
     rows
 }
 
-/// `row`'s time cut into pieces by how many steps its device ran in each, its own among
-/// them: `(ns, busy)`, from the steps of the other workers of its device.
-fn busy_pieces(row: &StepRow, others: &[&StepRow]) -> Vec<(u64, u32)> {
+/// A piece of a step's time: how long, and how many steps of the other workers of its device
+/// ran meanwhile, `[only decoding, prefilling]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Piece {
+    ns: u64,
+    others: [u32; 2],
+}
+
+impl Piece {
+    /// The steps its device ran, the step's own among them.
+    fn busy(&self) -> u32 {
+        1 + self.others[0] + self.others[1]
+    }
+}
+
+/// Whether a step prefills (else it only decodes): what the simulator's interference tells
+/// apart.
+fn prefills(row: &StepRow) -> bool {
+    row.prefill_seqs > 0
+}
+
+/// `row`'s time cut into pieces by the steps its device ran in each, from the steps of the
+/// other workers of its device.
+fn pieces(row: &StepRow, others: &[&StepRow]) -> Vec<Piece> {
     let (start, end) = (row.start_ns, row.end_ns);
-    let mut edges: Vec<(u64, i32)> = others
+    let mut edges: Vec<(u64, i32, usize)> = others
         .iter()
         .filter(|o| o.start_ns < end && o.end_ns > start)
-        .flat_map(|o| [(o.start_ns.max(start), 1), (o.end_ns.min(end), -1)])
+        .flat_map(|o| {
+            let k = usize::from(prefills(o));
+            [(o.start_ns.max(start), 1, k), (o.end_ns.min(end), -1, k)]
+        })
         .collect();
     edges.sort_unstable();
-    let (mut pieces, mut at, mut busy) = (Vec::new(), start, 1i32);
-    for (t, delta) in edges {
+    let (mut pieces, mut at, mut others) = (Vec::new(), start, [0i32; 2]);
+    for (t, delta, k) in edges {
         if t > at {
-            pieces.push((t - at, busy as u32));
+            pieces.push(Piece {
+                ns: t - at,
+                others: others.map(|n| n as u32),
+            });
             at = t;
         }
-        busy += delta;
+        others[k] += delta;
     }
     if end > at {
-        pieces.push((end - at, busy as u32));
+        pieces.push(Piece {
+            ns: end - at,
+            others: others.map(|n| n as u32),
+        });
     }
     pieces
 }
 
-/// Each probe step with its busy pieces (see [`busy_pieces`]).
-fn probe_steps(traces: &[Trace]) -> Vec<(StepRow, Vec<(u64, u32)>)> {
+/// Each probe step with its pieces (see [`pieces`]).
+fn probe_steps(traces: &[Trace]) -> Vec<(StepRow, Vec<Piece>)> {
     let mut steps = Vec::new();
     for (w, trace) in traces.iter().enumerate() {
         let others: Vec<&StepRow> = traces
@@ -251,7 +282,7 @@ fn probe_steps(traces: &[Trace]) -> Vec<(StepRow, Vec<(u64, u32)>)> {
             .filter(|&(v, t)| v != w && t.device == trace.device)
             .flat_map(|(_, t)| &t.rows)
             .collect();
-        steps.extend(trace.rows.iter().map(|r| (*r, busy_pieces(r, &others))));
+        steps.extend(trace.rows.iter().map(|r| (*r, pieces(r, &others))));
     }
     steps
 }
@@ -287,93 +318,161 @@ pub fn probe_scales(
 }
 
 /// How much the probes' steps that shared their device slowed each other: the simulator's
-/// `device_contention`, and the steps it is the median over.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Contention {
-    pub contention: f64,
-    pub steps: usize,
+/// `device_interference` (each figure with the steps it is the median over, `None` where
+/// too few steps tell), and `device_contention` where the device was oversubscribed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Sharing {
+    /// `[slowed step prefills][other step prefills]`.
+    pub interference: [[Option<(f64, usize)>; 2]; 2],
+    pub contention: Option<(f64, usize)>,
 }
 
-/// Probe steps with more of their device busy than it runs at full speed for less than this
-/// share of their time say too little of the contention to count.
+impl Sharing {
+    /// The simulator's interference: what was measured, none elsewhere.
+    pub fn interference(&self) -> Interference {
+        let i = |slowed: usize, by: usize| self.interference[slowed][by].map_or(0.0, |(v, _)| v);
+        Interference {
+            prefill_by_prefill: i(1, 1),
+            prefill_by_decode: i(1, 0),
+            decode_by_prefill: i(0, 1),
+            decode_by_decode: i(0, 0),
+        }
+    }
+}
+
+/// Probe steps that other steps overlapped for less than this share of their time say too
+/// little of how much those slowed them to count.
 const MIN_CONTENDED_SHARE: f64 = 0.5;
 
 /// Fewer such steps than this give no figure.
 const MIN_CONTENDED_STEPS: usize = 5;
 
-/// The contention `c` under which each probe step that shared its device (more of its
-/// device's workers busy than `parallelism`, for at least [`MIN_CONTENDED_SHARE`] of its
-/// time) does its price's work in its measured time, as the simulator runs a step: at full
-/// speed while at most `parallelism` steps run, at `p / (p + c (busy - p))` of it otherwise.
-/// Its price is `cost`'s, scaled as the simulator scales it (`scales`: steps that prefill,
-/// steps that only decode). The median over such steps, clamped to
-/// `0..=sim::config::MAX_DEVICE_CONTENTION` each; `None` for fewer than
-/// [`MIN_CONTENDED_STEPS`].
-pub fn probe_contention(
+/// The speed of a step (`prefills`) in `piece` under interference `i` and contention `c` on a
+/// device of parallelism `p`, as the simulator runs it.
+fn speed(piece: &Piece, prefills: bool, i: &Interference, c: f64, p: f64) -> f64 {
+    let busy = f64::from(piece.busy());
+    let base = if busy > p {
+        p / (p + c * (busy - p))
+    } else {
+        1.0
+    };
+    let slowed = f64::from(piece.others[0]) * i.of(prefills, false)
+        + f64::from(piece.others[1]) * i.of(prefills, true);
+    base / (1.0 + slowed)
+}
+
+/// The `x` in `0..=max` at which `work(x)`, falling as `x` rises, meets `price` (by
+/// bisection; the nearer end where it never does).
+fn solve(work: impl Fn(f64) -> f64, price: f64, max: f64) -> f64 {
+    if work(0.0) <= price {
+        return 0.0;
+    }
+    if work(max) >= price {
+        return max;
+    }
+    let (mut lo, mut hi) = (0.0, max);
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if work(mid) > price {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// How much the probes' steps (before `before_epoch_ns`) that shared their device slowed each
+/// other, as the simulator runs steps: each at full speed alone, slowed by each other step in
+/// flight on its device by the interference of their kinds, and beyond the device's
+/// `parallelism` by the contention on top. Its price is `cost`'s, scaled as the simulator
+/// scales it (`scales`: steps that prefill, steps that only decode).
+///
+/// The interference of kind A by kind B: the median over the steps of kind A that one step of
+/// kind B overlapped for at least [`MIN_CONTENDED_SHARE`] of their time, no other step and
+/// never more than the device's parallelism, of the figure under which each does its price's
+/// work in its measured time. The contention: the same over the steps with more steps busy
+/// than the parallelism for at least that share, under the interference found. Each clamped
+/// to `0..=sim::config::MAX_DEVICE_CONTENTION`, from [`MIN_CONTENDED_STEPS`] steps or more.
+pub fn probe_sharing(
     dir: &Path,
     cost: &dyn CostModel,
     before_epoch_ns: u64,
     (workers_per_device, parallelism): (u32, u32),
     (prefill_scale, decode_scale): (f64, f64),
-) -> Result<Option<Contention>, String> {
+) -> Result<Sharing, String> {
     let p = f64::from(parallelism.max(1));
     let traces = read_traces(dir, workers_per_device, |r| r.start_ns < before_epoch_ns)?;
+    let steps: Vec<(StepRow, Vec<Piece>, f64)> = probe_steps(&traces)
+        .into_iter()
+        .map(|(r, pieces)| {
+            let scale = if prefills(&r) {
+                prefill_scale
+            } else {
+                decode_scale
+            };
+            let price = cost.step_ns(&r.work()) as f64 * scale;
+            (r, pieces, price)
+        })
+        .collect();
+    let max = sim::config::MAX_DEVICE_CONTENTION;
+    let share = |pieces: &[Piece], r: &StepRow, of: &dyn Fn(&Piece) -> bool| -> f64 {
+        let ns: u64 = pieces.iter().filter(|x| of(x)).map(|x| x.ns).sum();
+        ns as f64 / r.end_ns.saturating_sub(r.start_ns).max(1) as f64
+    };
+    let figure = |estimates: Vec<f64>| {
+        (estimates.len() >= MIN_CONTENDED_STEPS)
+            .then(|| crate::compare::median(&estimates).map(|v| (v, estimates.len())))
+            .flatten()
+    };
+    let mut sharing = Sharing::default();
+    for slowed in [false, true] {
+        for by in [false, true] {
+            let mut estimates = Vec::new();
+            for (r, pieces, price) in &steps {
+                let one_other = |x: &Piece| x.others[usize::from(by)] == 1 && x.busy() == 2;
+                let fits = prefills(r) == slowed
+                    && pieces
+                        .iter()
+                        .all(|x| x.busy() == 1 || (one_other(x) && f64::from(x.busy()) <= p))
+                    && share(pieces, r, &one_other) >= MIN_CONTENDED_SHARE;
+                if !fits {
+                    continue;
+                }
+                let work = |v: f64| -> f64 {
+                    let mut i = Interference::default();
+                    match (slowed, by) {
+                        (true, true) => i.prefill_by_prefill = v,
+                        (true, false) => i.prefill_by_decode = v,
+                        (false, true) => i.decode_by_prefill = v,
+                        (false, false) => i.decode_by_decode = v,
+                    }
+                    pieces
+                        .iter()
+                        .map(|x| x.ns as f64 * speed(x, slowed, &i, 1.0, p))
+                        .sum()
+                };
+                estimates.push(solve(work, *price, max));
+            }
+            sharing.interference[usize::from(slowed)][usize::from(by)] = figure(estimates);
+        }
+    }
+    let interference = sharing.interference();
     let mut estimates = Vec::new();
-    for (r, pieces) in probe_steps(&traces) {
-        let wall = r.end_ns.saturating_sub(r.start_ns) as f64;
-        let contended: u64 = pieces
-            .iter()
-            .filter(|&&(_, b)| f64::from(b) > p)
-            .map(|&(ns, _)| ns)
-            .sum();
-        if wall <= 0.0 || (contended as f64) < MIN_CONTENDED_SHARE * wall {
+    for (r, pieces, price) in &steps {
+        if share(pieces, r, &|x: &Piece| f64::from(x.busy()) > p) < MIN_CONTENDED_SHARE {
             continue;
         }
-        let scale = if r.prefill_seqs > 0 {
-            prefill_scale
-        } else {
-            decode_scale
-        };
-        let price = cost.step_ns(&r.work()) as f64 * scale;
-        // The full-speed work the step did in its pieces under contention c: falls as c rises.
         let work = |c: f64| -> f64 {
             pieces
                 .iter()
-                .map(|&(ns, b)| {
-                    let b = f64::from(b);
-                    let speed = if b > p { p / (p + c * (b - p)) } else { 1.0 };
-                    ns as f64 * speed
-                })
+                .map(|x| x.ns as f64 * speed(x, prefills(r), &interference, c, p))
                 .sum()
         };
-        let max = sim::config::MAX_DEVICE_CONTENTION;
-        let c = if work(0.0) <= price {
-            0.0
-        } else if work(max) >= price {
-            max
-        } else {
-            let (mut lo, mut hi) = (0.0, max);
-            for _ in 0..60 {
-                let mid = 0.5 * (lo + hi);
-                if work(mid) > price {
-                    lo = mid;
-                } else {
-                    hi = mid;
-                }
-            }
-            0.5 * (lo + hi)
-        };
-        estimates.push(c);
+        estimates.push(solve(work, *price, max));
     }
-    if estimates.len() < MIN_CONTENDED_STEPS {
-        return Ok(None);
-    }
-    Ok(
-        crate::compare::median(&estimates).map(|contention| Contention {
-            contention,
-            steps: estimates.len(),
-        }),
-    )
+    sharing.contention = figure(estimates);
+    Ok(sharing)
 }
 
 /// The markdown table of `kinds`.
@@ -478,11 +577,12 @@ mod tests {
     }
 
     /// Two workers of one device, 10 ms a step priced: three pairs of 15 ms decode steps
-    /// overlapping throughout (each did 10 ms of work in 15: c = 0.5), two 15 ms prefills with
-    /// their last 10 ms overlapped by the other's decodes (5 + 10 / (1 + c) = 10: c = 1),
-    /// alone steps of 12 ms, and the workload's steps after 1 s.
+    /// overlapping throughout (each did 10 ms of work in 15: 0.5 of contention where the device
+    /// runs one at a time, of interference where it runs both), five 15 ms prefills with their
+    /// last 10 ms overlapped by the other's 10 ms decodes (5 + 10 / (1 + x) = 10: x = 1; the
+    /// decodes ran as priced: 0), alone steps of 12 ms, and the workload's steps after 1 s.
     #[test]
-    fn overlapping_probe_steps_give_the_device_contention() {
+    fn overlapping_probe_steps_give_the_device_contention_and_interference() {
         let dir = tempfile::tempdir().unwrap();
         let ms = |a: u64, b: u64, decode: bool| {
             let (d, p) = if decode { (1, 0) } else { (0, 1) };
@@ -499,7 +599,7 @@ mod tests {
             zero.push_str(&ms(start, start + 15, true));
             one.push_str(&ms(start, start + 15, true));
         }
-        for start in [400, 500] {
+        for start in [400, 500, 600, 700, 800] {
             zero.push_str(&ms(start, start + 15, false));
             one.push_str(&ms(start + 5, start + 15, true));
         }
@@ -508,23 +608,43 @@ mod tests {
         std::fs::write(dir.path().join("steps-prefill-0.csv"), &zero).unwrap();
         std::fs::write(dir.path().join("steps-decode-1.csv"), &one).unwrap();
         let before = 900_000_000;
-        let contention =
-            |sharing, scales| probe_contention(dir.path(), &Flat, before, sharing, scales).unwrap();
-        // Six steps at 0.5, the two prefills at 1, and the two 10 ms decodes inside them at 0
-        // (10 ms for 10 priced): the median is 0.5.
-        let got = contention((2, 1), (1.0, 1.0)).unwrap();
-        assert_eq!(got.steps, 10);
-        assert!((got.contention - 0.5).abs() < 1e-6, "{got:?}");
+        let sharing = |of, scales| probe_sharing(dir.path(), &Flat, before, of, scales).unwrap();
+        // One at a time: six steps at 0.5, the five prefills at 1 and the five decodes inside
+        // them at 0; the median is 0.5. Beyond the parallelism throughout: no interference.
+        let one_at_a_time = sharing((2, 1), (1.0, 1.0));
+        let (c, steps) = one_at_a_time.contention.unwrap();
+        assert_eq!(steps, 16);
+        assert!((c - 0.5).abs() < 1e-6, "{c}");
+        assert_eq!(one_at_a_time.interference, [[None; 2]; 2]);
         // Priced at twice the time, every step ran faster than alone: no contention.
-        assert_eq!(contention((2, 1), (2.0, 2.0)).unwrap().contention, 0.0);
-        // Workers on devices of their own, or a device that runs both at once: nothing shared.
-        assert_eq!(contention((1, 1), (1.0, 1.0)), None);
-        assert_eq!(contention((2, 2), (1.0, 1.0)), None);
+        assert_eq!(sharing((2, 1), (2.0, 2.0)).contention.unwrap().0, 0.0);
+        // Workers on devices of their own: nothing shared.
+        assert_eq!(sharing((1, 1), (1.0, 1.0)), Sharing::default());
+        // A device that runs both at once: interference, by kind; two prefills never met.
+        let both = sharing((2, 2), (1.0, 1.0));
+        assert_eq!(both.contention, None);
+        let [
+            [by_decode, by_prefill],
+            [prefill_by_decode, prefill_by_prefill],
+        ] = both.interference;
+        let (i, steps) = by_decode.unwrap();
+        assert!((i - 0.5).abs() < 1e-6 && steps == 6, "{i} {steps}");
+        let (i, steps) = prefill_by_decode.unwrap();
+        assert!((i - 1.0).abs() < 1e-6 && steps == 5, "{i} {steps}");
+        assert_eq!(by_prefill, Some((0.0, 5)));
+        assert_eq!(prefill_by_prefill, None);
+        let i = both.interference();
+        assert!((i.decode_by_decode - 0.5).abs() < 1e-6);
+        assert!((i.prefill_by_decode - 1.0).abs() < 1e-6);
+        assert_eq!((i.decode_by_prefill, i.prefill_by_prefill), (0.0, 0.0));
         // The scales come from the steps alone: 12 ms for 10 priced.
         let (prefill, decode) = probe_scales(dir.path(), &Flat, before, 16, 2).unwrap();
         assert_eq!((prefill, decode), (Some(1.2), Some(1.2)));
-        // Counted as on devices of their own, the overlapped steps are alone too.
+        // Counted as on devices of their own, the overlapped steps are alone too: five
+        // decodes of 10 ms, two of 12 and six of 15.
         let (_, decode) = probe_scales(dir.path(), &Flat, before, 16, 1).unwrap();
+        assert_eq!(decode, Some(1.2));
+        let (_, decode) = probe_scales(dir.path(), &Flat, 350_000_000, 16, 1).unwrap();
         assert_eq!(decode, Some(1.5));
     }
 

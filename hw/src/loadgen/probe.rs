@@ -61,6 +61,18 @@ pub const IDLE_LONG_PROBES: usize = 12;
 /// token after the first.
 pub const PROBE_PAIRS: usize = 12;
 
+/// Pairs of long probes where workers share a device that runs several steps at once
+/// (single-threaded workers on the cores of one CPU), every other pair sent at once and the
+/// rest as the pairs above: sent at once, on an aggregated cluster the two prefill side by
+/// side, then decode side by side; staggered, the first decodes while the second prefills,
+/// then on a second decode (or aggregated) worker the two decode side by side. Their steps
+/// show how much steps in flight together slow each other although each has a core of its own.
+pub const CO_RUNNING_PAIRS: usize = 10;
+
+/// Tokens each co-running probe generates: decode steps enough for the first's to outlast the
+/// second's prefill (on a 2-core machine, 256 tokens' prefill took as long as 30 decode steps).
+pub const CO_RUNNING_OUTPUT_TOKENS: u32 = 48;
+
 /// The long probes' prompt: the size of a typical request's KV, and one prefill step on every
 /// engine the validation cases run (fewer where the engine's token budget or pool is smaller).
 pub const LONG_PROBE_TOKENS: u32 = 256;
@@ -142,7 +154,8 @@ struct Sample {
 
 /// Sends [`PROBES`] probes to the target one after another, then [`IDLE_PROBES`] after
 /// [`IDLE_PAUSE`] each, then [`LONG_PROBES`] long ones one after another,
-/// [`IDLE_LONG_PROBES`] after the pause each, then [`PROBE_PAIRS`] pairs.
+/// [`IDLE_LONG_PROBES`] after the pause each, then [`PROBE_PAIRS`] pairs, and where the
+/// scenario's workers share a device that runs several steps at once, [`CO_RUNNING_PAIRS`].
 pub async fn serving_path(
     scenario: &Scenario,
     options: &BenchOptions,
@@ -284,6 +297,30 @@ pub async fn serving_path(
     }
     long.pairs = PROBE_PAIRS;
     long.loaded_back_median_ns = median(&loaded_back_ns);
+    let co_running = scenario
+        .setups
+        .first()
+        .filter(|s| s.workers_per_device >= 2 && s.device_parallelism >= 2);
+    if let Some(setup) = co_running {
+        let first = first + 2 * PROBE_PAIRS;
+        let tokens = setup.engine.max_model_len.map_or(long_tokens, |l| {
+            long_tokens.min(l.saturating_sub(CO_RUNNING_OUTPUT_TOKENS).max(1))
+        });
+        for pair in 0..CO_RUNNING_PAIRS {
+            let i = first + 2 * pair;
+            let pause = if pair % 2 == 0 {
+                Duration::ZERO
+            } else {
+                stagger
+            };
+            let (a, b) = tokio::join!(probe(i, tokens, CO_RUNNING_OUTPUT_TOKENS), async {
+                tokio::time::sleep(pause).await;
+                probe(i + 1, tokens, CO_RUNNING_OUTPUT_TOKENS).await
+            });
+            a?;
+            b?;
+        }
+    }
     Ok(ServingPath {
         median_ns: median(&samples_ns),
         samples_ns,

@@ -1,8 +1,9 @@
 //! Workers time-sharing a device: two processes on one GPU, or single-threaded workers on the
 //! cores of one CPU. A device runs `parallelism` steps at full speed; with more busy, every
 //! busy step progresses at `p / (p + c (busy - p))` of full speed (`c` the setup's
-//! contention; 1 is processor sharing), so each change in the number of busy workers moves
-//! the others' completion times.
+//! contention; 1 is processor sharing). On top of that, each step is slowed by every other in
+//! flight as the setup's interference says for their kinds (cores of one CPU share its memory
+//! bus and caches). Each change in the steps in flight moves the others' completion times.
 
 use super::Simulation;
 use super::queue::Event;
@@ -21,21 +22,15 @@ pub(super) struct StepProgress {
     pub left_ns: Nanos,
     pub since_ns: Nanos,
     pub started_ns: Nanos,
+    /// Whether the step prefills (else it only decodes): what the interference depends on.
+    pub prefills: bool,
+    /// Its speed since `since_ns`, as numerator / denominator of full speed.
+    speed: (u128, u128),
     /// Bumped whenever the completion is rescheduled; older `StepDone` events are stale.
     pub generation: u32,
 }
 
-/// Speed of each busy step, as numerator / denominator of full speed, with `contention_ppm`
-/// the setup's contention in millionths.
-fn speed(busy: usize, parallelism: u32, contention_ppm: u64) -> (u128, u128) {
-    let (busy, parallelism) = (busy as u128, u128::from(parallelism));
-    if busy > parallelism {
-        let p = parallelism * 1_000_000;
-        (p, p + u128::from(contention_ppm) * (busy - parallelism))
-    } else {
-        (1, 1)
-    }
-}
+const PPM: u128 = 1_000_000;
 
 impl Simulation<'_> {
     pub(super) fn device_of(&self, w: WorkerId) -> usize {
@@ -43,69 +38,78 @@ impl Simulation<'_> {
     }
 
     /// Starts `w`'s step, `work_ns` long at full speed.
-    pub(super) fn begin_step(&mut self, w: WorkerId, work_ns: Nanos) {
+    pub(super) fn begin_step(&mut self, w: WorkerId, work_ns: Nanos, prefills: bool) {
         let d = self.device_of(w);
-        let (parallelism, c) = (
-            self.setup.device_parallelism,
-            self.setup.device_contention_ppm,
-        );
-        let before = speed(self.devices[d].busy.len(), parallelism, c);
-        let after = speed(self.devices[d].busy.len() + 1, parallelism, c);
-        if before != after {
-            self.settle(d, before);
-        }
+        let now = self.now;
         let step = &mut self.workers[w as usize].step;
         step.left_ns = work_ns;
-        step.since_ns = self.now;
-        step.started_ns = self.now;
+        step.since_ns = now;
+        step.started_ns = now;
+        step.prefills = prefills;
+        step.speed = (0, 0);
         self.devices[d].busy.push(w);
-        if before != after {
-            self.reschedule(d, after);
-        } else {
-            self.schedule_completion(w, after);
-        }
+        self.respeed(d);
     }
 
-    /// `w`'s step is over: the device's other steps speed up if it was oversubscribed.
+    /// `w`'s step is over: the device's other steps may speed up.
     pub(super) fn end_step(&mut self, w: WorkerId) {
         let d = self.device_of(w);
-        let (parallelism, c) = (
-            self.setup.device_parallelism,
-            self.setup.device_contention_ppm,
-        );
-        let before = speed(self.devices[d].busy.len(), parallelism, c);
-        let after = speed(self.devices[d].busy.len() - 1, parallelism, c);
-        if before != after {
-            self.settle(d, before);
-        }
         self.devices[d].busy.retain(|&x| x != w);
-        if before != after {
-            self.reschedule(d, after);
+        self.respeed(d);
+    }
+
+    /// The speed of busy worker `m`'s step on device `d`, as numerator / denominator.
+    fn speed(&self, d: usize, m: WorkerId) -> (u128, u128) {
+        let busy = &self.devices[d].busy;
+        let (n, p) = (
+            busy.len() as u128,
+            u128::from(self.setup.device_parallelism),
+        );
+        let (num, den) = if n > p {
+            let c = u128::from(self.setup.device_contention_ppm);
+            (p * PPM, p * PPM + c * (n - p))
+        } else {
+            (1, 1)
+        };
+        let interference = &self.setup.device_interference_ppm;
+        let prefills = self.workers[m as usize].step.prefills;
+        let slowed: u128 = busy
+            .iter()
+            .filter(|&&o| o != m)
+            .map(|&o| {
+                let other = self.workers[o as usize].step.prefills;
+                u128::from(interference[usize::from(prefills)][usize::from(other)])
+            })
+            .sum();
+        if slowed == 0 {
+            (num, den)
+        } else {
+            (num * PPM, den * (PPM + slowed))
         }
     }
 
-    /// Charges the device's busy steps for the time since they were last settled.
-    fn settle(&mut self, d: usize, (num, den): (u128, u128)) {
-        for &m in &self.devices[d].busy {
-            let step = &mut self.workers[m as usize].step;
-            let done = ((self.now - step.since_ns) as u128 * num / den) as Nanos;
-            step.left_ns = step.left_ns.saturating_sub(done);
-            step.since_ns = self.now;
-        }
-    }
-
-    fn reschedule(&mut self, d: usize, speed: (u128, u128)) {
+    /// Gives every step in flight on `d` whose speed changed its new speed: charges it for the
+    /// time since it was last settled, then moves its completion.
+    fn respeed(&mut self, d: usize) {
         for i in 0..self.devices[d].busy.len() {
             let m = self.devices[d].busy[i];
-            self.schedule_completion(m, speed);
+            let speed = self.speed(d, m);
+            let now = self.now;
+            let step = &mut self.workers[m as usize].step;
+            if step.speed == speed {
+                continue;
+            }
+            if step.speed.1 != 0 {
+                let (num, den) = step.speed;
+                let done = ((now - step.since_ns) as u128 * num / den) as Nanos;
+                step.left_ns = step.left_ns.saturating_sub(done);
+                step.since_ns = now;
+            }
+            step.speed = speed;
+            step.generation = step.generation.wrapping_add(1);
+            let wall_ns = (step.left_ns as u128 * speed.1).div_ceil(speed.0) as Nanos;
+            self.queue
+                .push(now + wall_ns, Event::StepDone(m, step.generation));
         }
-    }
-
-    fn schedule_completion(&mut self, w: WorkerId, (num, den): (u128, u128)) {
-        let step = &mut self.workers[w as usize].step;
-        step.generation = step.generation.wrapping_add(1);
-        let wall_ns = (step.left_ns as u128 * den).div_ceil(num) as Nanos;
-        self.queue
-            .push(self.now + wall_ns, Event::StepDone(w, step.generation));
     }
 }

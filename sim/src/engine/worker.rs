@@ -338,7 +338,7 @@ impl Simulation<'_> {
         worker.prefill_tokens += work.prefill_tokens;
         worker.decode_tokens += work.decode_seqs as u64;
         worker.peak_used_blocks = worker.peak_used_blocks.max(worker.kv.used_blocks());
-        self.begin_step(w, step_ns);
+        self.begin_step(w, step_ns, work.prefill_seqs > 0);
     }
 
     /// A step ends: decode tokens come out, prefill chunks land, finished prefills move on.
