@@ -216,6 +216,22 @@ impl Interference {
     pub fn is_none(&self) -> bool {
         self.fields().iter().all(|&(_, v)| v == 0.0)
     }
+
+    /// In millionths, indexed `[slowed step prefills][other step prefills]`.
+    pub fn to_ppm(&self) -> [[u64; 2]; 2] {
+        [false, true]
+            .map(|prefills| [false, true].map(|by| (self.of(prefills, by) * 1e6).round() as u64))
+    }
+
+    pub fn from_ppm(ppm: &[[u64; 2]; 2]) -> Interference {
+        let i = |slowed: usize, by: usize| ppm[slowed][by] as f64 / 1e6;
+        Interference {
+            prefill_by_prefill: i(1, 1),
+            prefill_by_decode: i(1, 0),
+            decode_by_prefill: i(0, 1),
+            decode_by_decode: i(0, 0),
+        }
+    }
 }
 
 /// The largest `device_contention` and `device_interference` term: a step that shares its device with one other taking
@@ -810,11 +826,7 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             workers_per_device: s.workers_per_device,
             device_parallelism: s.device_parallelism,
             device_contention_ppm: (s.device_contention * 1e6).round() as u64,
-            device_interference_ppm: [false, true].map(|prefills| {
-                [false, true].map(|by_prefill| {
-                    (s.device_interference.of(prefills, by_prefill) * 1e6).round() as u64
-                })
-            }),
+            device_interference_ppm: s.device_interference.to_ppm(),
             mode: s.mode,
             workers,
             router: s.router.clone(),

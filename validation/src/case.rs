@@ -1387,6 +1387,43 @@ tpot_ms = 50.0
         assert_eq!(setup["link"].as_str(), Some("tcp-10g"));
     }
 
+    /// The probes' interference reaches the simulator to a part in 10^4, what they measured
+    /// none of left out.
+    #[test]
+    fn measured_interference_reaches_the_scenario() {
+        let case = parse(CASE).unwrap();
+        let measured = sim::config::Interference {
+            decode_by_decode: 0.31234,
+            prefill_by_decode: 0.05,
+            ..Default::default()
+        };
+        let in_situ = InSitu {
+            device_interference: Some(measured),
+            ..InSitu::default()
+        };
+        let text = case.scenario_toml(&in_situ);
+        let doc: Table = text.parse().unwrap();
+        let table = doc["setup"].as_array().unwrap()[0]["device_interference"]
+            .as_table()
+            .unwrap();
+        assert_eq!(table.len(), 2, "{table:?}");
+        let scenario = Scenario::parse(&text, "scenario.toml", PathBuf::from(".")).unwrap();
+        assert_eq!(
+            scenario.setups[0].device_interference_ppm,
+            [[312_300, 0], [50_000, 0]]
+        );
+        let none = InSitu {
+            device_interference: Some(sim::config::Interference::default()),
+            ..InSitu::default()
+        };
+        let doc: Table = case.scenario_toml(&none).parse().unwrap();
+        assert!(
+            doc["setup"].as_array().unwrap()[0]
+                .get("device_interference")
+                .is_none()
+        );
+    }
+
     /// Probes timed on a link of known figures give those figures back; what they cannot
     /// resolve keeps the named link's, and probes of one size are refused.
     #[test]

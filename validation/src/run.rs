@@ -191,17 +191,7 @@ impl StepPrices {
             device_contention: (setup.workers_per_device > setup.device_parallelism)
                 .then(|| setup.device_contention_ppm as f64 / 1e6),
             device_interference: (setup.workers_per_device > 1 && setup.device_parallelism > 1)
-                .then(|| {
-                    let i = |slowed: usize, by: usize| {
-                        setup.device_interference_ppm[slowed][by] as f64 / 1e6
-                    };
-                    sim::config::Interference {
-                        prefill_by_prefill: i(1, 1),
-                        prefill_by_decode: i(1, 0),
-                        decode_by_prefill: i(0, 1),
-                        decode_by_decode: i(0, 0),
-                    }
-                }),
+                .then(|| sim::config::Interference::from_ppm(&setup.device_interference_ppm)),
         }
     }
 
@@ -226,7 +216,9 @@ impl StepPrices {
                 .map(|(field, v)| format!("{} {v:.3}", field.replace('_', " ")))
                 .collect();
             line.push_str(&match slowed.as_slice() {
-                [] => "; steps in flight together within its parallelism: no slowdown".into(),
+                [] => "; steps in flight together within its parallelism: none measured slowing \
+                       another"
+                    .into(),
                 s => format!(
                     "; steps in flight together within its parallelism slow each other, per \
                      step beside them (from the co-running probes' steps): {}",
