@@ -1037,7 +1037,13 @@ aggregated_workers = 1
 
     /// A scenario beside the sample profile in a fresh directory; `setup` is its one setup.
     fn with_profile(tag: &str, setup: &str) -> Result<Scenario, ConfigError> {
-        let dir = std::env::temp_dir().join(format!("disagg-profile-{tag}-{}", std::process::id()));
+        // One directory a call: tests running at once may share a tag.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "disagg-profile-{tag}-{}-{call}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(dir.join("cal")).unwrap();
         let profile = crate::calibration::tests::sample();
         std::fs::write(dir.join("cal/p.toml"), profile.to_toml().unwrap()).unwrap();
