@@ -234,8 +234,8 @@ impl Interference {
     }
 }
 
-/// The largest `device_contention` and `device_interference` term: a step that shares its device with one other taking
-/// five times as long as alone.
+/// The largest `device_contention` and `device_interference` term: a step that shares its
+/// device with one other taking five times as long as alone.
 pub const MAX_DEVICE_CONTENTION: f64 = 4.0;
 
 fn unit_scale() -> f64 {
