@@ -416,6 +416,18 @@ fn the_seed_table_orders_its_setups_as_the_physics_says() {
     assert!(full.transfer_overhead_share < rdma.transfer_overhead_share);
 }
 
+/// The error of the default scenario with `line` added to its first aggregated setup.
+fn setup_error(line: &str) -> String {
+    let text = sim::config::DEFAULT_SCENARIO.replacen(
+        "mode = \"aggregated\"",
+        &format!("{line}\nmode = \"aggregated\""),
+        1,
+    );
+    Scenario::parse(&text, "s.toml", PathBuf::from("."))
+        .unwrap_err()
+        .to_string()
+}
+
 fn two_workers(rate_per_s: f64, workers_per_device: u32, device_parallelism: u32) -> Scenario {
     two_workers_contending(rate_per_s, workers_per_device, device_parallelism, 1.0)
 }
@@ -509,32 +521,12 @@ fn workers_sharing_a_device_slow_each_other_only_when_they_oversubscribe_it() {
         e2e(&two_workers(1e-3, 1, 1)),
         e2e(&two_workers_contending(1e-3, 2, 1, 3.0))
     );
-    let bad = Scenario::parse(
-        &sim::config::DEFAULT_SCENARIO.replacen(
-            "mode = \"aggregated\"",
-            "workers_per_device = 2\ndevice_parallelism = 3\nmode = \"aggregated\"",
-            1,
-        ),
-        "s.toml",
-        PathBuf::from("."),
-    )
-    .unwrap_err()
-    .to_string();
+    let bad = setup_error("workers_per_device = 2\ndevice_parallelism = 3");
     assert!(
         bad.contains("device_parallelism: must be in 1..=2"),
         "{bad}"
     );
-    let bad = Scenario::parse(
-        &sim::config::DEFAULT_SCENARIO.replacen(
-            "mode = \"aggregated\"",
-            "device_contention = -0.5\nmode = \"aggregated\"",
-            1,
-        ),
-        "s.toml",
-        PathBuf::from("."),
-    )
-    .unwrap_err()
-    .to_string();
+    let bad = setup_error("device_contention = -0.5");
     assert!(
         bad.contains("device_contention: must be in 0..=4, got -0.5"),
         "{bad}"
@@ -581,17 +573,7 @@ fn steps_in_flight_together_slow_each_other_by_their_kinds_interference() {
         let r = ratio(ttft, *ttft0);
         assert!((2.9..=3.0).contains(&r), "shared and interfering: {r}");
     }
-    let bad = Scenario::parse(
-        &sim::config::DEFAULT_SCENARIO.replacen(
-            "mode = \"aggregated\"",
-            "device_interference = { decode_by_decode = 5.0 }\nmode = \"aggregated\"",
-            1,
-        ),
-        "s.toml",
-        PathBuf::from("."),
-    )
-    .unwrap_err()
-    .to_string();
+    let bad = setup_error("device_interference = { decode_by_decode = 5.0 }");
     assert!(
         bad.contains("device_interference.decode_by_decode: must be in 0..=4, got 5"),
         "{bad}"
