@@ -213,6 +213,16 @@ impl Interference {
         }
     }
 
+    /// The figure [`Interference::of`] reads, to set.
+    pub fn of_mut(&mut self, prefills: bool, by_prefill: bool) -> &mut f64 {
+        match (prefills, by_prefill) {
+            (true, true) => &mut self.prefill_by_prefill,
+            (true, false) => &mut self.prefill_by_decode,
+            (false, true) => &mut self.decode_by_prefill,
+            (false, false) => &mut self.decode_by_decode,
+        }
+    }
+
     pub fn is_none(&self) -> bool {
         self.fields().iter().all(|&(_, v)| v == 0.0)
     }
@@ -224,13 +234,13 @@ impl Interference {
     }
 
     pub fn from_ppm(ppm: &[[u64; 2]; 2]) -> Interference {
-        let i = |slowed: usize, by: usize| ppm[slowed][by] as f64 / 1e6;
-        Interference {
-            prefill_by_prefill: i(1, 1),
-            prefill_by_decode: i(1, 0),
-            decode_by_prefill: i(0, 1),
-            decode_by_decode: i(0, 0),
+        let mut i = Interference::default();
+        for prefills in [false, true] {
+            for by in [false, true] {
+                *i.of_mut(prefills, by) = ppm[usize::from(prefills)][usize::from(by)] as f64 / 1e6;
+            }
         }
+        i
     }
 }
 

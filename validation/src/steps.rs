@@ -330,13 +330,14 @@ pub struct Sharing {
 impl Sharing {
     /// The simulator's interference: what was measured, none elsewhere.
     pub fn interference(&self) -> Interference {
-        let i = |slowed: usize, by: usize| self.interference[slowed][by].map_or(0.0, |(v, _)| v);
-        Interference {
-            prefill_by_prefill: i(1, 1),
-            prefill_by_decode: i(1, 0),
-            decode_by_prefill: i(0, 1),
-            decode_by_decode: i(0, 0),
+        let mut i = Interference::default();
+        for slowed in [false, true] {
+            for by in [false, true] {
+                *i.of_mut(slowed, by) =
+                    self.interference[usize::from(slowed)][usize::from(by)].map_or(0.0, |(v, _)| v);
+            }
         }
+        i
     }
 }
 
@@ -441,12 +442,7 @@ pub fn probe_sharing(
                 }
                 let work = |v: f64| -> f64 {
                     let mut i = Interference::default();
-                    match (slowed, by) {
-                        (true, true) => i.prefill_by_prefill = v,
-                        (true, false) => i.prefill_by_decode = v,
-                        (false, true) => i.decode_by_prefill = v,
-                        (false, false) => i.decode_by_decode = v,
-                    }
+                    *i.of_mut(slowed, by) = v;
                     pieces
                         .iter()
                         .map(|x| x.ns as f64 * speed(x, slowed, &i, 1.0, p))
