@@ -6,6 +6,7 @@ pub mod case;
 pub mod compare;
 pub mod overall;
 pub mod parts;
+pub mod repeats;
 pub mod reprice;
 pub mod run;
 pub mod steps;

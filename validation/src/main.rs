@@ -45,6 +45,11 @@ enum Command {
         /// Exit with status 1 when the median errors miss the goal.
         #[arg(long)]
         require_goal: bool,
+        /// Times each case's workload is measured, each on a fresh cluster; the repeats'
+        /// requests are pooled. Near saturation one run's percentiles move by more than the
+        /// goal between runs of the same trace.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        repeats: u32,
     },
     /// Price committed measurements again with the current model, without running anything
     /// real: each case is derived as `run` derives it, simulated with the serving path its
@@ -77,7 +82,8 @@ fn main() -> ExitCode {
             profile,
             machine,
             require_goal,
-        } => run(cases, out, hw_bin, profile, machine, require_goal),
+            repeats,
+        } => run(cases, out, hw_bin, profile, machine, require_goal, repeats),
         Command::Reprice {
             cases,
             measured,
@@ -95,6 +101,7 @@ fn run(
     profile: Option<PathBuf>,
     machine: Option<String>,
     require_goal: bool,
+    repeats: u32,
 ) -> ExitCode {
     let machine = Machine::this(machine);
     let out_root = out.unwrap_or_else(|| Path::new("validation/results").join(&machine.tag));
@@ -110,6 +117,7 @@ fn run(
         hw_bin,
         machine,
         command,
+        repeats,
     };
     // Every case is checked and derived before any runs: a bad one fails in a second, not
     // after the others' minutes.
@@ -141,6 +149,7 @@ fn run(
                     println!("{}", validation::run::describe_link(link));
                 }
                 println!("{}", run.step_prices.describe());
+                println!("{}", run.repeats);
                 print!("{}", run.comparison.text_table());
                 print!("{}", validation::parts::table(&run.parts));
                 print!("{}", validation::steps::table(&run.steps));

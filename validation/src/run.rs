@@ -119,6 +119,8 @@ pub struct RunSettings {
     pub machine: Machine,
     /// The command line, for the report.
     pub command: String,
+    /// Times each case's workload is measured, each on a fresh cluster (at least 1).
+    pub repeats: u32,
 }
 
 /// A case, its derived sides and where its outputs go.
@@ -169,6 +171,8 @@ pub struct CaseRun {
     pub link: Option<LinkSpec>,
     /// How the prediction priced steps, from the probes' steps.
     pub step_prices: StepPrices,
+    /// The measured repeats' own figures ([`crate::repeats::describe`]).
+    pub repeats: String,
 }
 
 /// How a setup prices steps beyond its cost model, as the probes' steps measured them.
@@ -275,7 +279,18 @@ pub fn format_load(load: Option<f64>) -> String {
 /// the case's scenario with that path (`scenario.toml` is rewritten to hold it).
 pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunError> {
     let load_before = load_average();
-    let (measured, serving_path, workload_start) = measure(p, settings)?;
+    let (repeats, serving_path, workload_start) = measure(p, settings)?;
+    let measured = crate::repeats::pool(
+        &repeats,
+        &p.derived.scenario.slo,
+        p.derived
+            .scenario
+            .setups
+            .first()
+            .map_or(sim::kv::DEFAULT_BLOCK_SIZE_TOKENS, |s| {
+                s.engine.block_size_tokens
+            }),
+    );
     let load_before_after = (load_before, load_average());
     let measurement = crate::reprice::Measurement {
         workload_start_ns: workload_start,
@@ -346,6 +361,7 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         parts,
         link: (p.case.cluster.mode == Mode::Disaggregated).then(|| setup.link.clone()),
         step_prices: StepPrices::of(setup),
+        repeats: crate::repeats::describe(&repeats),
     };
     let path = p.dir.join("report.md");
     let text = report(p, &run, settings, measured.delayed_sends);
@@ -447,12 +463,15 @@ fn serve(p: &Prepared, hw_bin: &Path) -> Result<Served, RunError> {
     Ok(served)
 }
 
-/// Probes a fresh cluster's serving path, then runs the case's workload against it; returns
-/// both and when the workload started (ns since the UNIX epoch, as the step traces count).
+/// Probes a fresh cluster's serving path, then runs the case's workload against it, then
+/// again `settings.repeats - 1` times, each on a fresh cluster warmed by a few requests (the
+/// workers' step traces gather every repeat's steps); returns each repeat's output, the
+/// serving path and when the first workload started (ns since the UNIX epoch, as the step
+/// traces count).
 fn measure(
     p: &Prepared,
     settings: &RunSettings,
-) -> Result<(BenchOutput, ServingPath, u64), RunError> {
+) -> Result<(Vec<BenchOutput>, ServingPath, u64), RunError> {
     let served = serve(p, &settings.hw_bin)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -465,9 +484,19 @@ fn measure(
     let scenario = &p.derived.scenario;
     let serving_path = runtime.block_on(hw::loadgen::probe::serving_path(scenario, &options))?;
     let workload_start = hw::engine::steps::epoch_ns();
-    let output = runtime.block_on(hw::loadgen::run(scenario, &options))?;
+    let mut outputs = vec![runtime.block_on(hw::loadgen::run(scenario, &options))?];
     drop(served);
-    Ok((output, serving_path, workload_start))
+    for _ in 1..settings.repeats {
+        let earlier = crate::repeats::EarlierSteps::move_aside(&p.dir).map_err(RunError::Steps)?;
+        let served = serve(p, &settings.hw_bin)?;
+        let options = BenchOptions::new(served.url.clone());
+        runtime.block_on(hw::loadgen::probe::warm(scenario, &options))?;
+        let start = hw::engine::steps::epoch_ns();
+        outputs.push(runtime.block_on(hw::loadgen::run(scenario, &options))?);
+        drop(served);
+        earlier.join(start).map_err(RunError::Steps)?;
+    }
+    Ok((outputs, serving_path, workload_start))
 }
 
 fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u64) -> String {
@@ -535,6 +564,7 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
         run.predicted.completed,
         run.predicted.rejected
     ));
+    out.push_str(&format!("- {}\n", run.repeats));
     out.push_str(&format!(
         "- machine load: 1-minute load average {} before the measurement, {} after\n",
         format_load(run.load_before_after.0),

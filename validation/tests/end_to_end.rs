@@ -40,7 +40,7 @@ tpot_ms = 200.0
 
 #[test]
 fn a_case_runs_on_both_sides_and_writes_its_outputs() {
-    runs_on_both_sides(CASE);
+    runs_on_both_sides(CASE, 2);
 }
 
 /// The GPU cases' form on the CPU: a preset's random weights (served with the token-id
@@ -54,7 +54,7 @@ fn a_random_weights_case_runs_on_both_sides() {
             "max_batched_tokens = 256\ndevice = { prefill = \"cpu\", decode = \"cpu\" }\n",
         );
     assert_ne!(case, CASE);
-    let dir = runs_on_both_sides(&case);
+    let dir = runs_on_both_sides(&case, 1);
     let cluster = std::fs::read_to_string(dir.path().join("results/tiny/cluster.toml")).unwrap();
     assert!(
         cluster.contains("preset = \"smollm2-135m\"") && cluster.contains("random_seed = 3"),
@@ -62,8 +62,9 @@ fn a_random_weights_case_runs_on_both_sides() {
     );
 }
 
-/// Runs `case` (named `tiny`) and checks its outputs; returns the directory they are under.
-fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
+/// Runs `case` (named `tiny`), its workload measured `repeats` times, and checks its outputs;
+/// returns the directory they are under.
+fn runs_on_both_sides(case: &str, repeats: u32) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let case_path = dir.path().join("tiny.toml");
     std::fs::write(&case_path, case).unwrap();
@@ -72,6 +73,7 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
         hw_bin: hw_bin_beside(&exe).unwrap_or_else(|e| panic!("{e}")),
         machine: Machine::this(Some("test".into())),
         command: "end-to-end test".into(),
+        repeats,
     };
     let out = dir.path().join("results");
     let prepared = prepare(&case_path, &out, None, None).unwrap_or_else(|e| panic!("{e}"));
@@ -92,15 +94,16 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
     ] {
         assert!(case_dir.join(file).is_file(), "{file} was not written");
     }
-    for s in [&run.measured, &run.predicted] {
-        assert_eq!((s.completed, s.rejected), (3, 0), "{s:?}");
+    let n = u64::from(repeats);
+    for (s, requests) in [(&run.measured, 3 * n), (&run.predicted, 3)] {
+        assert_eq!((s.completed, s.rejected), (requests, 0), "{s:?}");
         assert!(
             s.transfer_overhead_share > 0.0,
             "a disaggregated run ships KV"
         );
     }
     // One workload on both sides: the same requests, each generating exactly its planned
-    // tokens (end-of-sequence ignored).
+    // tokens (end-of-sequence ignored); each repeat's ids follow the one before's.
     let read = |name: &str| {
         let file = std::fs::File::open(case_dir.join(name)).unwrap();
         sim::metrics::read_requests_csv(file).unwrap()
@@ -115,7 +118,26 @@ fn runs_on_both_sides(case: &str) -> tempfile::TempDir {
             .map(|r| (r.request_id, r.prompt_tokens, r.output_tokens))
             .collect()
     };
-    assert_eq!(plan(&measured), plan(&predicted));
+    let planned: Vec<(u64, u32, u32)> = (0..n)
+        .flat_map(|k| {
+            plan(&predicted)
+                .into_iter()
+                .map(move |(id, prompt, output)| (id + 3 * k, prompt, output))
+        })
+        .collect();
+    assert_eq!(plan(&measured), planned);
+    assert!(
+        run.repeats
+            .contains(&format!("measured {repeats} repeat(s)")),
+        "{}",
+        run.repeats
+    );
+    // The step traces gathered every repeat's steps; none is left aside.
+    let files: Vec<String> = std::fs::read_dir(&case_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!files.iter().any(|f| f.ends_with(".earlier")), "{files:?}");
 
     // The serving paths, probed back to back and after pauses, are what the prediction took.
     let path = &run.serving_path;

@@ -338,6 +338,46 @@ pub async fn serving_path(
     })
 }
 
+/// Requests that warm a fresh cluster before a repeat of a workload, as the probes warmed the
+/// first: the connections opened and each worker's first steps run, two short requests one
+/// after the other, then two long ones at once (a router with two workers of a role sends one
+/// to each). Their prompts are the probes' kind, which no workload prompt shares.
+pub async fn warm(scenario: &Scenario, options: &BenchOptions) -> Result<(), LoadgenError> {
+    let (target, http) = connect(options)?;
+    let vocab = vocab_size(scenario)?;
+    let model = model(&http, target, options).await?;
+    let url = format!("{target}/v1/completions");
+    let long_tokens = scenario.setups.first().map_or(LONG_PROBE_TOKENS, |s| {
+        let longest = s
+            .engine
+            .max_model_len
+            .map_or(u32::MAX, |l| l.saturating_sub(LONG_PROBE_OUTPUT_TOKENS));
+        LONG_PROBE_TOKENS
+            .min(s.engine.max_batched_tokens)
+            .min(longest)
+            .max(1)
+    });
+    let send = async |i: u64, prompt_tokens: u32| -> Result<(), LoadgenError> {
+        let prompt = (0..prompt_tokens)
+            .map(|k| ((i * 7919 + u64::from(k) * 104_729 + 17) % u64::from(vocab)) as u32)
+            .collect();
+        let body = streamed_completion(&model, prompt, LONG_PROBE_OUTPUT_TOKENS);
+        client::complete(&http, &url, &body, Instant::now(), options.request_timeout)
+            .await
+            .map(drop)
+            .map_err(|reason| LoadgenError::Target {
+                url: url.clone(),
+                message: format!("warm-up request {i}: {reason}"),
+            })
+    };
+    // Past the probes' numbers: no warm-up prompt is a probe's either.
+    let first = 100_000;
+    send(first, 8).await?;
+    send(first + 1, 8).await?;
+    let (a, b) = tokio::join!(send(first + 2, long_tokens), send(first + 3, long_tokens));
+    a.and(b)
+}
+
 /// The middle sample (the upper one of an even count).
 pub fn median(ns: &[u64]) -> u64 {
     let mut sorted = ns.to_vec();

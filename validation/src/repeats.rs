@@ -1,0 +1,292 @@
+//! A case's workload measured several times, each on a fresh cluster: near saturation one
+//! run's percentiles move by more than the goal between runs of the same trace on the same
+//! machine (a queue turns a few percent of step time into tens of percent of latency), so the
+//! measured side pools the repeats' requests and shows each repeat's figures beside the pool.
+
+use hw::engine::steps::{self as step_trace, StepRow};
+use hw::loadgen::BenchOutput;
+use sim::metrics::{RequestRecord, Slo, Summary, TokenGaps};
+use std::path::{Path, PathBuf};
+
+/// The repeats' requests as one measurement: ids renumbered after the repeat before's (each
+/// repeat's times stay from its own start), percentiles over every request and token gap,
+/// rates over the repeats' summed durations.
+pub fn pool(runs: &[BenchOutput], slo: &Slo, block_size_tokens: u32) -> BenchOutput {
+    if let [run] = runs {
+        return run.clone();
+    }
+    let mut records = Vec::new();
+    let mut token_times = Vec::new();
+    let mut gaps = TokenGaps::default();
+    let (mut request_base, mut conversation_base) = (0, 0);
+    for run in runs {
+        records.extend(run.records.iter().map(|r| RequestRecord {
+            request_id: r.request_id + request_base,
+            conversation_id: r.conversation_id + conversation_base,
+            ..r.clone()
+        }));
+        let mut times = run.token_times.clone();
+        times.sort_by_key(|t| (t.request_id, t.token_index));
+        for pair in times.windows(2) {
+            if pair[0].request_id == pair[1].request_id {
+                gaps.add(pair[1].time_ns.saturating_sub(pair[0].time_ns), 1);
+            }
+        }
+        token_times.extend(times.into_iter().map(|mut t| {
+            t.request_id += request_base;
+            t
+        }));
+        request_base += run
+            .records
+            .iter()
+            .map(|r| r.request_id + 1)
+            .max()
+            .unwrap_or(0);
+        conversation_base += run
+            .records
+            .iter()
+            .map(|r| r.conversation_id + 1)
+            .max()
+            .unwrap_or(0);
+    }
+    let mut summary = sim::metrics::summarize(&records, &gaps, &[], slo, block_size_tokens);
+    // Each repeat's times start at its own zero: the pool's duration is the repeats' sum.
+    let duration_s: f64 = runs.iter().map(|r| r.summary.duration_s).sum();
+    let total = |rate: fn(&Summary) -> f64| -> f64 {
+        let count: f64 = runs
+            .iter()
+            .map(|r| rate(&r.summary) * r.summary.duration_s)
+            .sum();
+        if duration_s > 0.0 {
+            count / duration_s
+        } else {
+            0.0
+        }
+    };
+    summary.throughput_req_per_s = total(|s| s.throughput_req_per_s);
+    summary.output_tokens_per_s = total(|s| s.output_tokens_per_s);
+    summary.goodput_req_per_s = total(|s| s.goodput_req_per_s);
+    summary.duration_s = duration_s;
+    BenchOutput {
+        model: runs.first().map_or_else(String::new, |r| r.model.clone()),
+        records,
+        token_times,
+        summary,
+        delayed_sends: runs.iter().map(|r| r.delayed_sends).sum(),
+    }
+}
+
+/// One line on the repeats' own figures, the spread the pool evens out.
+pub fn describe(runs: &[BenchOutput]) -> String {
+    let list = |f: fn(&Summary) -> f64, digits: usize| -> String {
+        runs.iter()
+            .map(|r| format!("{:.digits$}", f(&r.summary)))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    format!(
+        "measured {} repeat(s) of the workload, each on a fresh cluster, their requests pooled; \
+         each repeat's TTFT p50 {} ms, ITL p50 {} ms, E2E p50 {} ms, throughput {} req/s",
+        runs.len(),
+        list(|s| s.ttft_ms.p50, 1),
+        list(|s| s.itl_ms.p50, 1),
+        list(|s| s.e2e_ms.p50, 1),
+        list(|s| s.throughput_req_per_s, 3),
+    )
+}
+
+/// The step traces of the runs so far, moved aside while the next cluster writes its own
+/// (`steps-W.csv` becomes `steps-W.csv.earlier`; nothing is lost if that cluster fails).
+pub struct EarlierSteps {
+    moved: Vec<(PathBuf, PathBuf)>,
+}
+
+impl EarlierSteps {
+    pub fn move_aside(dir: &Path) -> Result<EarlierSteps, String> {
+        let mut moved = Vec::new();
+        for path in crate::steps::trace_paths(dir)? {
+            let aside = path.with_extension("csv.earlier");
+            std::fs::rename(&path, &aside)
+                .map_err(|e| format!("{} -> {}: {e}", path.display(), aside.display()))?;
+            moved.push((path, aside));
+        }
+        Ok(EarlierSteps { moved })
+    }
+
+    /// Puts each trace back with the new cluster's steps from `since_ns` (its workload's
+    /// start: its warm-up is left out) after the earlier ones.
+    pub fn join(self, since_ns: u64) -> Result<(), String> {
+        for (path, aside) in self.moved {
+            let mut rows = step_trace::read(&aside)?;
+            if path.exists() {
+                rows.extend(
+                    step_trace::read(&path)?
+                        .into_iter()
+                        .filter(|r| r.start_ns >= since_ns),
+                );
+            }
+            write_rows(&path, &rows)?;
+            std::fs::remove_file(&aside).map_err(|e| format!("{}: {e}", aside.display()))?;
+        }
+        Ok(())
+    }
+}
+
+fn write_rows(path: &Path, rows: &[StepRow]) -> Result<(), String> {
+    let error = |e: csv::Error| format!("{}: {e}", path.display());
+    let mut out = csv::Writer::from_path(path).map_err(error)?;
+    for row in rows {
+        out.serialize(row).map_err(error)?;
+    }
+    out.flush().map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sim::engine::TokenTime;
+    use sim::metrics::Outcome;
+
+    fn record(id: u64, conversation: u64, arrival_ms: u64, ttft_ms: u64) -> RequestRecord {
+        let ms = 1_000_000;
+        RequestRecord {
+            request_id: id,
+            conversation_id: conversation,
+            outcome: Outcome::Completed,
+            prompt_tokens: 16,
+            output_tokens: 3,
+            arrival_ns: arrival_ms * ms,
+            prefill_start_ns: arrival_ms * ms,
+            prefill_end_ns: (arrival_ms + ttft_ms) * ms,
+            first_token_ns: (arrival_ms + ttft_ms) * ms,
+            end_ns: (arrival_ms + ttft_ms + 20) * ms,
+            ..RequestRecord::default()
+        }
+    }
+
+    fn run(records: Vec<RequestRecord>, gap_ms: u64) -> BenchOutput {
+        let slo = Slo {
+            ttft_ms: 1000.0,
+            tpot_ms: 100.0,
+        };
+        let mut token_times = Vec::new();
+        let mut gaps = TokenGaps::default();
+        for r in &records {
+            for i in 0..3u32 {
+                token_times.push(TokenTime {
+                    request_id: r.request_id,
+                    token_index: i,
+                    time_ns: r.first_token_ns + u64::from(i) * gap_ms * 1_000_000,
+                });
+            }
+            gaps.add(gap_ms * 1_000_000, 2);
+        }
+        let summary = sim::metrics::summarize(&records, &gaps, &[], &slo, 16);
+        BenchOutput {
+            model: "m".into(),
+            records,
+            token_times,
+            summary,
+            delayed_sends: 1,
+        }
+    }
+
+    #[test]
+    fn the_pool_takes_every_repeat_with_ids_after_the_one_before() {
+        let a = run(vec![record(0, 0, 0, 100), record(1, 1, 500, 300)], 10);
+        let b = run(vec![record(0, 0, 0, 200), record(1, 1, 500, 400)], 30);
+        let slo = Slo {
+            ttft_ms: 1000.0,
+            tpot_ms: 100.0,
+        };
+        let pooled = pool(&[a.clone(), b.clone()], &slo, 16);
+        let ids: Vec<(u64, u64)> = pooled
+            .records
+            .iter()
+            .map(|r| (r.request_id, r.conversation_id))
+            .collect();
+        assert_eq!(ids, [(0, 0), (1, 1), (2, 2), (3, 3)]);
+        assert_eq!(pooled.summary.completed, 4);
+        assert_eq!(pooled.delayed_sends, 2);
+        // TTFTs 100, 200, 300, 400 ms: the pool's median lies between the repeats' own.
+        assert!(
+            (pooled.summary.ttft_ms.p50 - 250.0).abs() < 51.0,
+            "{:?}",
+            pooled.summary
+        );
+        assert!(pooled.summary.ttft_ms.p99 > 390.0);
+        // Half the gaps are 10 ms, half 30 ms.
+        assert!(pooled.summary.itl_ms.p90 > 29.0 && pooled.summary.itl_ms.p50 < 31.0);
+        // Rates over the summed durations: 4 requests over both repeats' time, not one's.
+        let duration = a.summary.duration_s + b.summary.duration_s;
+        assert!((pooled.summary.duration_s - duration).abs() < 1e-9);
+        assert!((pooled.summary.throughput_req_per_s - 4.0 / duration).abs() < 1e-9);
+        let token_ids: Vec<u64> = pooled.token_times.iter().map(|t| t.request_id).collect();
+        assert_eq!(token_ids, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]);
+        let line = describe(&[a, b]);
+        assert!(
+            line.contains("2 repeat(s)") && line.contains("TTFT p50 "),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn one_repeat_pools_to_itself() {
+        let a = run(vec![record(0, 0, 0, 100), record(1, 1, 500, 300)], 10);
+        let slo = Slo {
+            ttft_ms: 1000.0,
+            tpot_ms: 100.0,
+        };
+        let pooled = pool(std::slice::from_ref(&a), &slo, 16);
+        assert_eq!(pooled.records, a.records);
+        assert_eq!(pooled.summary, a.summary);
+    }
+
+    fn step(start_ns: u64) -> StepRow {
+        StepRow {
+            start_ns,
+            forward_ns: 5,
+            end_ns: start_ns + 10,
+            decode_seqs: 2,
+            decode_context_tokens: 40,
+            prefill_seqs: 0,
+            prefill_tokens: 0,
+            prefill_attention_pairs: 0.0,
+            prefill_kv_read_tokens: 0,
+        }
+    }
+
+    fn write(path: &Path, rows: &[StepRow]) {
+        write_rows(path, rows).unwrap();
+    }
+
+    #[test]
+    fn a_repeats_steps_join_the_earlier_ones_without_its_warm_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("steps-decode-1.csv");
+        write(&trace, &[step(100), step(200)]);
+        let earlier = EarlierSteps::move_aside(dir.path()).unwrap();
+        assert!(!trace.exists());
+        // The new cluster's trace: a warm-up step, then the workload's from 1000.
+        write(&trace, &[step(900), step(1000), step(1100)]);
+        earlier.join(1000).unwrap();
+        let starts: Vec<u64> = step_trace::read(&trace)
+            .unwrap()
+            .iter()
+            .map(|r| r.start_ns)
+            .collect();
+        assert_eq!(starts, [100, 200, 1000, 1100]);
+        assert_eq!(crate::steps::trace_paths(dir.path()).unwrap(), [trace]);
+    }
+
+    #[test]
+    fn a_trace_the_new_cluster_never_wrote_keeps_the_earlier_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("steps-prefill-0.csv");
+        write(&trace, &[step(100)]);
+        let earlier = EarlierSteps::move_aside(dir.path()).unwrap();
+        earlier.join(1000).unwrap();
+        assert_eq!(step_trace::read(&trace).unwrap(), [step(100)]);
+        assert!(!dir.path().join("steps-prefill-0.csv.earlier").exists());
+    }
+}
