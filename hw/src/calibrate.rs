@@ -172,6 +172,24 @@ impl Plan {
         Ok(())
     }
 
+    /// Adds every length that an engine replaying recorded prefills runs one as (the multiples
+    /// of `bucket` up to `longest`) to the prefill lengths and context chunks, within each
+    /// grid's range: between the grid's points the GPU's matrix kernels change tiles (on an
+    /// H100, chunks after 128 cached tokens run as 320-token graphs took 2.80 ms, as long as
+    /// 384-token ones, where the line between 256 and 384 priced them at 2.5 ms), so every
+    /// length the engine runs is measured, not interpolated.
+    pub fn add_graph_buckets(&mut self, bucket: u32, longest: u32) {
+        if bucket == 0 {
+            return;
+        }
+        for grid in [&mut self.prefill_tokens, &mut self.context_chunk_tokens] {
+            let top = grid.last().copied().unwrap_or(0).min(longest);
+            grid.extend((1..).map(|k| k * bucket).take_while(|&t| t <= top));
+            grid.sort_unstable();
+            grid.dedup();
+        }
+    }
+
     /// The decode grid's steps, row by row (sequences x context).
     fn decode_shapes(&self) -> Vec<StepShape> {
         cells(
@@ -1095,6 +1113,31 @@ mod tests {
             err,
             "plan: max_step_tokens 8 leaves no prefill length (the shortest is 16)"
         );
+    }
+
+    #[test]
+    fn graph_buckets_join_the_prefill_grids_within_their_range() {
+        let mut plan = Plan::full();
+        plan.limit(&step_limit(512)).unwrap();
+        plan.add_graph_buckets(64, 1024);
+        plan.check().unwrap();
+        assert_eq!(
+            plan.prefill_tokens,
+            [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+        );
+        assert_eq!(
+            plan.context_chunk_tokens,
+            [16, 64, 128, 192, 256, 320, 384, 448, 512]
+        );
+        // Past the longest graph a prefill is not padded: the grid keeps its own points.
+        let mut plan = Plan::full();
+        plan.add_graph_buckets(256, 512);
+        plan.check().unwrap();
+        assert_eq!(
+            plan.prefill_tokens,
+            [16, 32, 64, 128, 256, 384, 512, 768, 1024]
+        );
+        assert_eq!(plan.context_chunk_tokens, [16, 64, 256, 512]);
     }
 
     #[test]
