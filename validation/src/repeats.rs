@@ -76,17 +76,44 @@ pub fn pool(runs: &[BenchOutput], slo: &Slo, block_size_tokens: u32) -> BenchOut
     }
 }
 
-/// One line on the repeats' own figures, the spread the pool evens out.
-pub fn describe(runs: &[BenchOutput]) -> String {
+/// How late each repeat sent its trace's first turns against the times the simulator took
+/// (follow-up turns leave after their own side's answer): the median and the largest, in ns.
+pub fn send_lateness(runs: &[BenchOutput], predicted: &[RequestRecord]) -> Option<(u64, u64)> {
+    let planned: std::collections::HashMap<u64, u64> = predicted
+        .iter()
+        .filter(|r| r.turn == 0)
+        .map(|r| (r.request_id, r.arrival_ns))
+        .collect();
+    let mut late: Vec<u64> = runs
+        .iter()
+        .flat_map(|run| &run.records)
+        .filter(|r| r.turn == 0)
+        .filter_map(|r| Some(r.arrival_ns.saturating_sub(*planned.get(&r.request_id)?)))
+        .collect();
+    late.sort_unstable();
+    Some((*late.get(late.len().checked_sub(1)? / 2)?, *late.last()?))
+}
+
+/// One line on the repeats' own figures, the spread the pool evens out, and how late their
+/// sends left ([`send_lateness`]).
+pub fn describe(runs: &[BenchOutput], predicted: &[RequestRecord]) -> String {
     let list = |f: fn(&Summary) -> f64, digits: usize| -> String {
         runs.iter()
             .map(|r| format!("{:.digits$}", f(&r.summary)))
             .collect::<Vec<_>>()
             .join(" / ")
     };
+    let late = send_lateness(runs, predicted).map_or(String::new(), |(median, max)| {
+        format!(
+            "; first turns sent {:.3} ms after their planned times at the median, {:.3} ms at \
+             most",
+            median as f64 / 1e6,
+            max as f64 / 1e6
+        )
+    });
     format!(
         "measured {} repeat(s) of the workload, each on a fresh cluster, their requests pooled; \
-         each repeat's TTFT p50 {} ms, ITL p50 {} ms, E2E p50 {} ms, throughput {} req/s",
+         each repeat's TTFT p50 {} ms, ITL p50 {} ms, E2E p50 {} ms, throughput {} req/s{late}",
         runs.len(),
         list(|s| s.ttft_ms.p50, 1),
         list(|s| s.itl_ms.p50, 1),
@@ -223,9 +250,22 @@ mod tests {
         assert!((pooled.summary.throughput_req_per_s - 4.0 / duration).abs() < 1e-9);
         let token_ids: Vec<u64> = pooled.token_times.iter().map(|t| t.request_id).collect();
         assert_eq!(token_ids, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]);
-        let line = describe(&[a, b]);
+        // Request 1 planned 0.2 ms after both repeats sent it (a send is never early: that
+        // counts as on time), then 0.5 ms before.
+        let mut predicted = vec![record(0, 0, 0, 100), record(1, 1, 500, 300)];
+        predicted[1].arrival_ns += 200_000;
+        assert_eq!(
+            send_lateness(&[a.clone(), b.clone()], &predicted),
+            Some((0, 0))
+        );
+        predicted[1].arrival_ns -= 700_000;
+        assert_eq!(
+            send_lateness(&[a.clone(), b.clone()], &predicted),
+            Some((0, 500_000))
+        );
+        let line = describe(&[a, b], &predicted);
         assert!(
-            line.contains("2 repeat(s)") && line.contains("TTFT p50 "),
+            line.contains("2 repeat(s)") && line.contains("TTFT p50 ") && line.contains("0.500 ms"),
             "{line}"
         );
     }

@@ -361,7 +361,7 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         parts,
         link: (p.case.cluster.mode == Mode::Disaggregated).then(|| setup.link.clone()),
         step_prices: StepPrices::of(setup),
-        repeats: crate::repeats::describe(&repeats),
+        repeats: crate::repeats::describe(&repeats, &predicted.records),
     };
     let path = p.dir.join("report.md");
     let text = report(p, &run, settings, measured.delayed_sends);
