@@ -628,7 +628,7 @@ fn calibrate_device(args: CalibrateArgs) -> Result<(), String> {
         plan.passes = calibrate::GPU_PASSES;
     }
     plan.limit(&args.limits).map_err(|e| e.to_string())?;
-    if let (Some((bucket, longest)), false) = (model.prefill_graph_shape(), args.quick) {
+    if let Some((bucket, longest)) = model.prefill_graph_shape().filter(|_| !args.quick) {
         plan.add_graph_buckets(bucket as u32, longest as u32);
     }
     println!(
