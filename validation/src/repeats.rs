@@ -36,18 +36,11 @@ pub fn pool(runs: &[BenchOutput], slo: &Slo, block_size_tokens: u32) -> BenchOut
             t.request_id += request_base;
             t
         }));
-        request_base += run
-            .records
-            .iter()
-            .map(|r| r.request_id + 1)
-            .max()
-            .unwrap_or(0);
-        conversation_base += run
-            .records
-            .iter()
-            .map(|r| r.conversation_id + 1)
-            .max()
-            .unwrap_or(0);
+        let past = |id: fn(&RequestRecord) -> u64| {
+            run.records.iter().map(|r| id(r) + 1).max().unwrap_or(0)
+        };
+        request_base += past(|r| r.request_id);
+        conversation_base += past(|r| r.conversation_id);
     }
     let mut summary = sim::metrics::summarize(&records, &gaps, &[], slo, block_size_tokens);
     // Each repeat's times start at its own zero: the pool's duration is the repeats' sum.

@@ -280,16 +280,11 @@ pub fn format_load(load: Option<f64>) -> String {
 pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunError> {
     let load_before = load_average();
     let (repeats, serving_path, workload_start) = measure(p, settings)?;
+    let scenario = &p.derived.scenario;
     let measured = crate::repeats::pool(
         &repeats,
-        &p.derived.scenario.slo,
-        p.derived
-            .scenario
-            .setups
-            .first()
-            .map_or(sim::kv::DEFAULT_BLOCK_SIZE_TOKENS, |s| {
-                s.engine.block_size_tokens
-            }),
+        &scenario.slo,
+        hw::loadgen::block_size_tokens(scenario),
     );
     let load_before_after = (load_before, load_average());
     let measurement = crate::reprice::Measurement {

@@ -108,6 +108,16 @@ pub enum LoadgenError {
     Write { path: String, message: String },
 }
 
+/// The KV block size of the scenario's (first) setup, which the load generator drives.
+pub fn block_size_tokens(scenario: &Scenario) -> u32 {
+    scenario
+        .setups
+        .first()
+        .map_or(sim::kv::DEFAULT_BLOCK_SIZE_TOKENS, |s| {
+            s.engine.block_size_tokens
+        })
+}
+
 /// Runs the scenario's workload (with its seed) against `options.target` until every
 /// conversation has ended and every request has completed or been rejected.
 pub async fn run(scenario: &Scenario, options: &BenchOptions) -> Result<BenchOutput, LoadgenError> {
@@ -115,12 +125,7 @@ pub async fn run(scenario: &Scenario, options: &BenchOptions) -> Result<BenchOut
     let vocab_size = vocab_size(scenario)?;
     let model = model(&http, target, options).await?;
     let workload = Workload::new(&scenario.workload, scenario.seed, &scenario.base_dir)?;
-    let block_size_tokens = scenario
-        .setups
-        .first()
-        .map_or(sim::kv::DEFAULT_BLOCK_SIZE_TOKENS, |s| {
-            s.engine.block_size_tokens
-        });
+    let block_size_tokens = block_size_tokens(scenario);
     let driver = Driver {
         workload,
         http,

@@ -163,69 +163,48 @@ pub async fn serving_path(
     let (target, http) = connect(options)?;
     let vocab = vocab_size(scenario)?;
     let model = model(&http, target, options).await?;
-    let block = scenario
-        .setups
-        .first()
-        .map_or(sim::kv::DEFAULT_BLOCK_SIZE_TOKENS, |s| {
-            s.engine.block_size_tokens
-        });
-    let short_tokens = block.saturating_sub(1).clamp(1, 8);
-    let long_tokens = scenario.setups.first().map_or(LONG_PROBE_TOKENS, |s| {
-        let e = &s.engine;
-        let pool_tokens = e
-            .kv_blocks
-            .map_or(u32::MAX, |b| b.saturating_mul(block) / 4);
-        let longest = e
-            .max_model_len
-            .map_or(u32::MAX, |l| l.saturating_sub(LONG_PROBE_OUTPUT_TOKENS));
-        LONG_PROBE_TOKENS
-            .min(e.max_batched_tokens)
-            .min(pool_tokens)
-            .min(longest)
-            .max(short_tokens)
-    });
+    let (short_tokens, long_tokens) = probe_tokens(scenario);
     let url = format!("{target}/v1/completions");
     let failed = |i: usize, message: String| LoadgenError::Target {
         url: url.clone(),
         message: format!("serving-path probe {i}: {message}"),
     };
-    let probe = async |i: usize,
-                       prompt_tokens: u32,
-                       max_tokens: u32|
-           -> Result<Sample, LoadgenError> {
-        // Distinct prompts: no probe finds another's KV.
-        let prompt = (0..prompt_tokens)
-            .map(|k| ((i as u64 * 7919 + u64::from(k) * 104_729 + 17) % u64::from(vocab)) as u32)
-            .collect();
-        let body = streamed_completion(&model, prompt, max_tokens);
-        let start = Instant::now();
-        let answer = client::complete(&http, &url, &body, start, options.request_timeout)
-            .await
-            .map_err(|reason| failed(i, reason))?;
-        let ttft = answer.first_token_ns.unwrap_or(answer.end_ns);
-        let trace = answer
-            .trace
-            .ok_or_else(|| failed(i, "the answer carries no serving trace".into()))?;
-        if trace.prefill_end_ns == 0 {
-            return Err(failed(i, "its serving trace has no prefill times".into()));
-        }
-        let ready_ns = trace.prefill_end_ns.max(trace.transfer_end_ns);
-        let engine_ns = ready_ns.saturating_sub(trace.prefill_start_ns);
-        let imported = trace.transfer_bytes > 0 && trace.import_end_ns > 0;
-        Ok(Sample {
-            ttft_ns: ttft,
-            front_ns: trace.prefill_start_ns,
-            handoff_ns: imported
-                .then(|| trace.import_start_ns.saturating_sub(trace.transfer_end_ns)),
-            import_ns: imported.then(|| trace.import_end_ns.saturating_sub(trace.import_start_ns)),
-            back_ns: ttft.saturating_sub(ready_ns.max(trace.import_end_ns)),
-            path_ns: ttft.saturating_sub(engine_ns),
-            transfer_ns: trace
-                .transfer_end_ns
-                .saturating_sub(trace.transfer_start_ns),
-            transfer_bytes: trace.transfer_bytes,
-        })
-    };
+    let probe =
+        async |i: usize, prompt_tokens: u32, max_tokens: u32| -> Result<Sample, LoadgenError> {
+            let body = streamed_completion(
+                &model,
+                probe_prompt(i as u64, prompt_tokens, vocab),
+                max_tokens,
+            );
+            let start = Instant::now();
+            let answer = client::complete(&http, &url, &body, start, options.request_timeout)
+                .await
+                .map_err(|reason| failed(i, reason))?;
+            let ttft = answer.first_token_ns.unwrap_or(answer.end_ns);
+            let trace = answer
+                .trace
+                .ok_or_else(|| failed(i, "the answer carries no serving trace".into()))?;
+            if trace.prefill_end_ns == 0 {
+                return Err(failed(i, "its serving trace has no prefill times".into()));
+            }
+            let ready_ns = trace.prefill_end_ns.max(trace.transfer_end_ns);
+            let engine_ns = ready_ns.saturating_sub(trace.prefill_start_ns);
+            let imported = trace.transfer_bytes > 0 && trace.import_end_ns > 0;
+            Ok(Sample {
+                ttft_ns: ttft,
+                front_ns: trace.prefill_start_ns,
+                handoff_ns: imported
+                    .then(|| trace.import_start_ns.saturating_sub(trace.transfer_end_ns)),
+                import_ns: imported
+                    .then(|| trace.import_end_ns.saturating_sub(trace.import_start_ns)),
+                back_ns: ttft.saturating_sub(ready_ns.max(trace.import_end_ns)),
+                path_ns: ttft.saturating_sub(engine_ns),
+                transfer_ns: trace
+                    .transfer_end_ns
+                    .saturating_sub(trace.transfer_start_ns),
+                transfer_bytes: trace.transfer_bytes,
+            })
+        };
     let mut samples_ns = Vec::with_capacity(PROBES);
     let mut ttft_ns = Vec::with_capacity(PROBES);
     let mut front_ns = Vec::with_capacity(PROBES);
@@ -347,21 +326,13 @@ pub async fn warm(scenario: &Scenario, options: &BenchOptions) -> Result<(), Loa
     let vocab = vocab_size(scenario)?;
     let model = model(&http, target, options).await?;
     let url = format!("{target}/v1/completions");
-    let long_tokens = scenario.setups.first().map_or(LONG_PROBE_TOKENS, |s| {
-        let longest = s
-            .engine
-            .max_model_len
-            .map_or(u32::MAX, |l| l.saturating_sub(LONG_PROBE_OUTPUT_TOKENS));
-        LONG_PROBE_TOKENS
-            .min(s.engine.max_batched_tokens)
-            .min(longest)
-            .max(1)
-    });
+    let (short_tokens, long_tokens) = probe_tokens(scenario);
     let send = async |i: u64, prompt_tokens: u32| -> Result<(), LoadgenError> {
-        let prompt = (0..prompt_tokens)
-            .map(|k| ((i * 7919 + u64::from(k) * 104_729 + 17) % u64::from(vocab)) as u32)
-            .collect();
-        let body = streamed_completion(&model, prompt, LONG_PROBE_OUTPUT_TOKENS);
+        let body = streamed_completion(
+            &model,
+            probe_prompt(i, prompt_tokens, vocab),
+            LONG_PROBE_OUTPUT_TOKENS,
+        );
         client::complete(&http, &url, &body, Instant::now(), options.request_timeout)
             .await
             .map(drop)
@@ -372,10 +343,39 @@ pub async fn warm(scenario: &Scenario, options: &BenchOptions) -> Result<(), Loa
     };
     // Past the probes' numbers: no warm-up prompt is a probe's either.
     let first = 100_000;
-    send(first, 8).await?;
-    send(first + 1, 8).await?;
+    send(first, short_tokens).await?;
+    send(first + 1, short_tokens).await?;
     let (a, b) = tokio::join!(send(first + 2, long_tokens), send(first + 3, long_tokens));
     a.and(b)
+}
+
+/// Probe `i`'s prompt: distinct for each `i`, so that no probe finds another's KV.
+fn probe_prompt(i: u64, tokens: u32, vocab: u32) -> Vec<u32> {
+    (0..tokens)
+        .map(|k| ((i * 7919 + u64::from(k) * 104_729 + 17) % u64::from(vocab)) as u32)
+        .collect()
+}
+
+/// The short and long probes' prompt lengths for the scenario's engine: under a block, and
+/// [`LONG_PROBE_TOKENS`] where one step, a quarter of the pool and the model's length allow.
+fn probe_tokens(scenario: &Scenario) -> (u32, u32) {
+    let block = super::block_size_tokens(scenario);
+    let short = block.saturating_sub(1).clamp(1, 8);
+    let long = scenario.setups.first().map_or(LONG_PROBE_TOKENS, |s| {
+        let e = &s.engine;
+        let pool_tokens = e
+            .kv_blocks
+            .map_or(u32::MAX, |b| b.saturating_mul(block) / 4);
+        let longest = e
+            .max_model_len
+            .map_or(u32::MAX, |l| l.saturating_sub(LONG_PROBE_OUTPUT_TOKENS));
+        LONG_PROBE_TOKENS
+            .min(e.max_batched_tokens)
+            .min(pool_tokens)
+            .min(longest)
+            .max(short)
+    });
+    (short, long)
 }
 
 /// The middle sample (the upper one of an even count).
