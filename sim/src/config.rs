@@ -9,6 +9,7 @@ use crate::kv::DEFAULT_BLOCK_SIZE_TOKENS;
 use crate::metrics::Slo;
 use crate::network::LinkSpec;
 use crate::routing::{Policy, Role};
+use crate::sharing::DeviceSharing;
 use crate::time::{Nanos, secs_to_ns};
 use crate::workload::WorkloadConfig;
 use models::{DType, ModelSpec};
@@ -167,6 +168,15 @@ pub struct SetupConfig {
     pub prefill_step_scale: f64,
     #[serde(default = "unit_scale")]
     pub decode_step_scale: f64,
+    /// The spread of a step's time about its price, as factors (each a measured step's time
+    /// over the median of its kind's): each step draws one with equal odds. The first for steps
+    /// that prefill, the second for steps that only decode; empty (the default): every step
+    /// takes its price. A real machine's steps of the same work vary, and near saturation the
+    /// queue turns that into latency; `disagg-validate` measures both with its probes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefill_step_spread: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decode_step_spread: Vec<f64>,
     #[serde(default)]
     pub engine: EngineConfig,
 }
@@ -247,6 +257,10 @@ impl Interference {
 /// The largest `device_contention` and `device_interference` term: a step that shares its
 /// device with one other taking five times as long as alone.
 pub const MAX_DEVICE_CONTENTION: f64 = 4.0;
+
+/// The largest factor of a step spread: a step ten times its kind's median is a stall, not
+/// the spread of its work.
+pub const MAX_STEP_SPREAD: f64 = 10.0;
 
 fn unit_scale() -> f64 {
     1.0
@@ -341,14 +355,8 @@ pub struct Setup {
     pub gpus_per_host: u32,
     /// Workers i * n .. (i + 1) * n time-share device i (n = `workers_per_device`)...
     pub workers_per_device: u32,
-    /// ...and at most this many of them step at full speed at once...
-    pub device_parallelism: u32,
-    /// ...and the busy steps beyond that slow each other by this much
-    /// (`SetupConfig::device_contention`, in millionths)...
-    pub device_contention_ppm: u64,
-    /// ...and each step in flight slows the others by this much, in millionths, indexed
-    /// `[slowed step prefills][other step prefills]` (`SetupConfig::device_interference`).
-    pub device_interference_ppm: [[u64; 2]; 2],
+    /// ...as these figures say (`SetupConfig::device_*`).
+    pub device: DeviceSharing,
     pub mode: Mode,
     /// Role of each worker, by worker id; worker i's KV leaves through GPU i's link.
     pub workers: Vec<Role>,
@@ -369,6 +377,9 @@ pub struct Setup {
     /// `SetupConfig::prefill_step_scale` and `decode_step_scale`.
     pub prefill_step_scale: f64,
     pub decode_step_scale: f64,
+    /// `SetupConfig::prefill_step_spread` and `decode_step_spread`, indexed by whether the
+    /// step prefills.
+    pub step_spread: [Vec<f64>; 2],
     pub engine: EngineConfig,
 }
 
@@ -745,6 +756,21 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
                 return Err(err(&at(field), format!("must be positive, got {scale}")));
             }
         }
+        for (field, spread) in [
+            ("prefill_step_spread", &s.prefill_step_spread),
+            ("decode_step_spread", &s.decode_step_spread),
+        ] {
+            if let Some((i, factor)) = spread
+                .iter()
+                .enumerate()
+                .find(|&(_, &f)| !(f > 0.0 && f <= MAX_STEP_SPREAD))
+            {
+                return Err(err(
+                    &at(&format!("{field}[{i}]")),
+                    format!("must be in (0, {MAX_STEP_SPREAD}], got {factor}"),
+                ));
+            }
+        }
         if !(0.0..=MAX_DEVICE_CONTENTION).contains(&s.device_contention) {
             return Err(err(
                 &at("device_contention"),
@@ -834,9 +860,11 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             intra_link: intra,
             gpus_per_host: s.gpus_per_host,
             workers_per_device: s.workers_per_device,
-            device_parallelism: s.device_parallelism,
-            device_contention_ppm: (s.device_contention * 1e6).round() as u64,
-            device_interference_ppm: s.device_interference.to_ppm(),
+            device: DeviceSharing {
+                parallelism: s.device_parallelism,
+                contention_ppm: (s.device_contention * 1e6).round() as u64,
+                interference_ppm: s.device_interference.to_ppm(),
+            },
             mode: s.mode,
             workers,
             router: s.router.clone(),
@@ -850,6 +878,7 @@ fn resolve(raw: ScenarioFile, base_dir: PathBuf) -> Result<Scenario, (String, St
             kv_handoff_ns: secs_to_ns(s.kv_handoff_ms / 1e3),
             prefill_step_scale: s.prefill_step_scale,
             decode_step_scale: s.decode_step_scale,
+            step_spread: [s.decode_step_spread.clone(), s.prefill_step_spread.clone()],
             engine: s.engine.clone(),
         });
     }

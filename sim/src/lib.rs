@@ -15,5 +15,6 @@ pub mod network;
 pub mod report;
 pub mod rng;
 pub mod routing;
+pub mod sharing;
 pub mod time;
 pub mod workload;

@@ -131,6 +131,7 @@ fn run(
             token_times,
             keep_requests: trace_out,
             progress: progress.clone(),
+            ..RunOptions::default()
         };
         let output = engine::run(&scenario, setup, options).map_err(|e| e.to_string())?;
         if let Some(bar) = progress {

@@ -15,6 +15,7 @@ pub enum Stream {
     Routing = 3,
     Conversations = 4,
     Transfers = 5,
+    Steps = 6,
 }
 
 /// SplitMix64 finalizer: a bijective mix with good avalanche, used to derive seeds and keys.

@@ -308,7 +308,7 @@ proptest! {
         let knobs = Knobs { seed, mode, workers, policy, rate, memory_gib, delay_ms, chunked, sharing };
         let text = random_scenario(&knobs);
         let scenario = parse(&text);
-        let options = RunOptions { token_times: true, keep_requests: true, progress: None };
+        let options = RunOptions { token_times: true, keep_requests: true, ..RunOptions::default() };
         let out = engine::run(&scenario, &scenario.setups[0], options.clone()).unwrap();
         check_invariants(&out);
         // Every worker's KV pool stayed within its capacity.
@@ -337,7 +337,7 @@ fn small_kv_pools_preempt_and_still_complete_everything() {
     let options = RunOptions {
         token_times: true,
         keep_requests: true,
-        progress: None,
+        ..RunOptions::default()
     };
     let out = engine::run(&scenario, &scenario.setups[0], options).unwrap();
     check_invariants(&out);
@@ -946,4 +946,111 @@ fn a_link_spread_scales_each_transfer_by_one_of_its_factors() {
     )
     .unwrap_err();
     assert!(bad.to_string().contains("time_spread[1]"), "{bad}");
+}
+
+/// A small disaggregated setup whose steps draw from `spread` (the body of both step-spread
+/// arrays), under open-loop arrivals busy enough to queue.
+fn spread_steps(spread: &str) -> Scenario {
+    parse(&format!(
+        r#"
+name = "spread"
+seed = 9
+[model]
+preset = "smollm2-135m"
+[workload]
+arrival = {{ process = "poisson", rate_per_s = 40.0 }}
+sessions = 60
+turns = {{ dist = "constant", value = 1 }}
+user_tokens = {{ dist = "uniform", min = 100, max = 800 }}
+output_tokens = {{ dist = "uniform", min = 10, max = 60 }}
+[[setup]]
+name = "spread"
+hardware = "h100-sxm"
+link = "tcp-10g"
+mode = "disaggregated"
+prefill_workers = 1
+decode_workers = 1
+prefill_step_spread = [{spread}]
+decode_step_spread = [{spread}]
+"#
+    ))
+}
+
+#[test]
+fn steps_draw_their_time_from_the_spread_and_noise_seeds_sample_it_over_one_workload() {
+    let run = |scenario: &Scenario, noise_seed: u64| {
+        let options = RunOptions {
+            steps: true,
+            noise_seed,
+            ..RunOptions::default()
+        };
+        engine::run(scenario, &scenario.setups[0], options).unwrap()
+    };
+    let flat = spread_steps("");
+    let priced = run(&flat, 0);
+    // Every step a real worker ran, with its work: the steps hold every token.
+    let decoded: u64 = priced
+        .steps
+        .iter()
+        .map(|s| u64::from(s.work.decode_seqs))
+        .sum();
+    let prefilled: u64 = priced.steps.iter().map(|s| s.work.prefill_tokens).sum();
+    let records = &priced.records;
+    assert_eq!(
+        prefilled,
+        records
+            .iter()
+            .map(|r| u64::from(r.prompt_tokens - r.cached_tokens))
+            .sum::<u64>()
+    );
+    assert_eq!(
+        decoded,
+        records
+            .iter()
+            .map(|r| u64::from(r.output_tokens - 1))
+            .sum::<u64>()
+    );
+    assert!(priced.steps.iter().all(|s| s.end_ns > s.start_ns));
+    // A spread: each noise seed draws its own step times over the same requests; a seed's
+    // run repeats byte for byte, and seed 0 keeps the scenario seed's own draws.
+    let spread = spread_steps("0.8, 1.0, 1.4");
+    let csv = |out: &RunOutput| {
+        let mut bytes = Vec::new();
+        write_requests_csv(&mut bytes, &out.records).unwrap();
+        bytes
+    };
+    let plan = |out: &RunOutput| -> Vec<(u64, u64, u32, u32)> {
+        out.records
+            .iter()
+            .map(|r| (r.request_id, r.arrival_ns, r.prompt_tokens, r.output_tokens))
+            .collect()
+    };
+    let (zero, one, two) = (run(&spread, 0), run(&spread, 1), run(&spread, 2));
+    assert_eq!(csv(&run(&spread, 1)), csv(&one));
+    assert_eq!(csv(&run(&spread, 0)), csv(&zero));
+    assert_eq!(plan(&one), plan(&zero));
+    assert_eq!(plan(&two), plan(&zero));
+    assert_ne!(csv(&one), csv(&zero));
+    assert_ne!(csv(&two), csv(&one));
+    // Each worker has a device of its own: every step took its price times a factor of the
+    // spread (one factor of 2: twice its price), and every factor came up.
+    let cost = spread.setups[0].cost_model(&spread);
+    for s in &run(&spread_steps("2.0"), 0).steps {
+        assert!((s.end_ns - s.start_ns).abs_diff(2 * cost.step_ns(&s.work)) <= 1);
+    }
+    let mut drawn = [0; 3];
+    for s in &zero.steps {
+        let ratio = (s.end_ns - s.start_ns) as f64 / cost.step_ns(&s.work) as f64;
+        let i = [0.8, 1.0, 1.4]
+            .iter()
+            .position(|f| (ratio - f).abs() < 1e-6)
+            .unwrap_or_else(|| panic!("{ratio} is no factor of the spread"));
+        drawn[i] += 1;
+    }
+    assert!(drawn.iter().all(|&n| n > 0), "{drawn:?}");
+    let bad = setup_error("decode_step_spread = [1.0, 0.0]");
+    assert!(
+        bad.contains("decode_step_spread[1]: must be in (0, 10]"),
+        "{bad}"
+    );
 }

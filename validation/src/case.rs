@@ -165,6 +165,9 @@ pub struct InSitu {
     pub link: Option<LinkSpec>,
     pub prefill_step_scale: Option<f64>,
     pub decode_step_scale: Option<f64>,
+    /// The probes' steps' spread about those scales (none where empty).
+    pub prefill_step_spread: Vec<f64>,
+    pub decode_step_spread: Vec<f64>,
     /// How much the probes' steps that shared their device slowed each other beyond its
     /// parallelism...
     pub device_contention: Option<f64>,
@@ -524,6 +527,14 @@ impl Case {
                 setup.insert(field.into(), ((scale * 1e4).round() / 1e4).into());
             }
         }
+        for (field, spread) in [
+            ("prefill_step_spread", &in_situ.prefill_step_spread),
+            ("decode_step_spread", &in_situ.decode_step_spread),
+        ] {
+            if !spread.is_empty() {
+                setup.insert(field.into(), spread.clone().into());
+            }
+        }
         if let Some(interference) = in_situ.device_interference.filter(|i| !i.is_none()) {
             let table: Table = interference
                 .fields()
@@ -688,17 +699,26 @@ impl Case {
         };
         let setup = &scenario.setups[0];
         let cost = setup.cost_model(&scenario);
-        let sharing = (setup.workers_per_device, setup.device_parallelism);
+        let sharing = (setup.workers_per_device, setup.device.parallelism);
+        let probes_of = (m.workload_start_ns, u64::from(BLOCK_SIZE_TOKENS), sharing.0);
         let (prefill, decode) = crate::steps::probe_scales(
             steps_dir,
             cost.as_ref(),
-            m.workload_start_ns,
-            u64::from(BLOCK_SIZE_TOKENS),
-            sharing.0,
+            probes_of.0,
+            probes_of.1,
+            probes_of.2,
         )
         .map_err(failed)?;
         in_situ.prefill_step_scale = prefill;
         in_situ.decode_step_scale = decode;
+        (in_situ.prefill_step_spread, in_situ.decode_step_spread) = crate::steps::probe_spreads(
+            steps_dir,
+            cost.as_ref(),
+            probes_of.0,
+            probes_of.1,
+            probes_of.2,
+        )
+        .map_err(failed)?;
         if sharing.0 > 1 {
             let scales = (prefill.unwrap_or(1.0), decode.unwrap_or(1.0));
             let measured = crate::steps::probe_sharing(
@@ -1409,7 +1429,7 @@ tpot_ms = 50.0
         assert_eq!(table.len(), 2, "{table:?}");
         let scenario = Scenario::parse(&text, "scenario.toml", PathBuf::from(".")).unwrap();
         assert_eq!(
-            scenario.setups[0].device_interference_ppm,
+            scenario.setups[0].device.interference_ppm,
             [[312_300, 0], [50_000, 0]]
         );
         let none = InSitu {

@@ -5,6 +5,8 @@
 
 use hw::engine::steps::{self as step_trace, StepRow};
 use hw::loadgen::BenchOutput;
+use sim::config::{Scenario, Setup};
+use sim::engine::{RunOptions, SimError, StepRecord};
 use sim::metrics::{RequestRecord, Slo, Summary, TokenGaps};
 use std::path::{Path, PathBuf};
 
@@ -67,6 +69,42 @@ pub fn pool(runs: &[BenchOutput], slo: &Slo, block_size_tokens: u32) -> BenchOut
         summary,
         delayed_sends: runs.iter().map(|r| r.delayed_sends).sum(),
     }
+}
+
+/// Samples of the simulator's noise pooled into one prediction: each draws its step and
+/// transfer times from the spreads the probes measured, over the same workload.
+pub const PREDICTED_SAMPLES: u64 = 16;
+
+/// The simulator's prediction of `setup`, pooled over [`PREDICTED_SAMPLES`] noise seeds as
+/// the measured repeats are pooled (a near-saturated queue makes one sample's percentiles
+/// move by as much as the goal), and the steps of the first sample.
+pub fn predict(
+    scenario: &Scenario,
+    setup: &Setup,
+) -> Result<(BenchOutput, Vec<StepRecord>), SimError> {
+    let mut samples = Vec::new();
+    let mut steps = Vec::new();
+    for noise_seed in 0..PREDICTED_SAMPLES {
+        let options = RunOptions {
+            token_times: true,
+            steps: noise_seed == 0,
+            noise_seed,
+            ..RunOptions::default()
+        };
+        let run = sim::engine::run(scenario, setup, options)?;
+        if noise_seed == 0 {
+            steps = run.steps;
+        }
+        samples.push(BenchOutput {
+            model: scenario.model.name.clone(),
+            records: run.records,
+            token_times: run.token_times,
+            summary: run.summary,
+            delayed_sends: 0,
+        });
+    }
+    let block_size = hw::loadgen::block_size_tokens(scenario);
+    Ok((pool(&samples, &scenario.slo, block_size), steps))
 }
 
 /// How late each repeat sent its trace's first turns against the times the simulator took

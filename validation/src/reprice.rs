@@ -8,7 +8,6 @@ use crate::compare::{Comparison, Row, Unit};
 use crate::parts::{self, Part};
 use crate::run::{Prepared, RunError, cdf};
 use crate::steps::{self, StepKind};
-use sim::engine::RunOptions;
 use sim::metrics::RequestRecord;
 use std::fs::File;
 use std::io::BufWriter;
@@ -176,7 +175,8 @@ pub fn reprice_case(p: &Prepared, measured_dir: &Path) -> Result<Repriced, RunEr
         .case
         .derive_scenario(&p.dir, Some((&measurement, measured_dir)))?;
     let setup = &scenario.setups[0];
-    let predicted = sim::engine::run(&scenario, setup, RunOptions::default())?;
+    let (predicted, predicted_steps) = crate::repeats::predict(&scenario, setup)?;
+    steps::write_predicted(&p.dir, &predicted_steps, &setup.workers).map_err(RunError::Steps)?;
     let then = read_comparison(&measured_dir.join("comparison.csv"))?;
     let mut comparison = Comparison::new(&predicted.summary, &predicted.summary);
     for row in &mut comparison.rows {

@@ -9,7 +9,7 @@ use crate::steps::{self, StepKind};
 use crate::svg::{Panel, cdf_svg};
 use hw::loadgen::probe::{IDLE_PAUSE, PROBES, ServingPath, median};
 use hw::loadgen::{BenchOptions, BenchOutput, LoadgenError};
-use sim::engine::{RunOptions, SimError};
+use sim::engine::SimError;
 use sim::metrics::{RequestRecord, Summary};
 use sim::network::LinkSpec;
 use std::fs::File;
@@ -176,10 +176,12 @@ pub struct CaseRun {
 }
 
 /// How a setup prices steps beyond its cost model, as the probes' steps measured them.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct StepPrices {
-    /// The scales for steps that prefill and steps that only decode.
+    /// The scales for steps that prefill and steps that only decode...
     pub scales: (f64, f64),
+    /// ...and the spreads about them.
+    pub spreads: (Vec<f64>, Vec<f64>),
     /// How much the busy steps of an oversubscribed device slow each other; `None` where its
     /// workers never oversubscribe it.
     pub device_contention: Option<f64>,
@@ -192,10 +194,11 @@ impl StepPrices {
     pub fn of(setup: &sim::config::Setup) -> StepPrices {
         StepPrices {
             scales: (setup.prefill_step_scale, setup.decode_step_scale),
-            device_contention: (setup.workers_per_device > setup.device_parallelism)
-                .then(|| setup.device_contention_ppm as f64 / 1e6),
-            device_interference: (setup.workers_per_device > 1 && setup.device_parallelism > 1)
-                .then(|| sim::config::Interference::from_ppm(&setup.device_interference_ppm)),
+            spreads: (setup.step_spread[1].clone(), setup.step_spread[0].clone()),
+            device_contention: (setup.workers_per_device > setup.device.parallelism)
+                .then(|| setup.device.contention_ppm as f64 / 1e6),
+            device_interference: (setup.workers_per_device > 1 && setup.device.parallelism > 1)
+                .then(|| sim::config::Interference::from_ppm(&setup.device.interference_ppm)),
         }
     }
 
@@ -206,6 +209,22 @@ impl StepPrices {
             "step prices scaled by {prefill:.3} for steps that prefill, {decode:.3} for steps \
              that only decode (the long probes' steps alone on their device against the profile)"
         );
+        let spread = |kind: &str, s: &[f64]| match s {
+            [] => String::new(),
+            s => format!(
+                "; a {kind} step's time spread by {} factors from {:.4} to {:.4}",
+                s.len(),
+                s[0],
+                s[s.len() - 1]
+            ),
+        };
+        line.push_str(&spread("prefilling", &self.spreads.0));
+        line.push_str(&spread("decoding", &self.spreads.1));
+        line.push_str(&format!(
+            " (the same steps over their kind's median; the prediction pools {} samples of \
+             these spreads and the link's)",
+            crate::repeats::PREDICTED_SAMPLES
+        ));
         if let Some(c) = self.device_contention {
             line.push_str(&format!(
                 "; steps beyond the device's parallelism slow each other by a contention of \
@@ -318,7 +337,8 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         .case
         .derive_scenario(&p.dir, Some((&measurement, &p.dir)))?;
     let setup = &scenario.setups[0];
-    let predicted = sim::engine::run(&scenario, setup, RunOptions::default())?;
+    let (predicted, predicted_steps) = crate::repeats::predict(&scenario, setup)?;
+    steps::write_predicted(&p.dir, &predicted_steps, &setup.workers).map_err(RunError::Steps)?;
     let steps = steps::compare(
         &p.dir,
         setup.cost_model(&scenario).as_ref(),
@@ -548,8 +568,10 @@ fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u6
     ));
     out.push_str(&format!(
         "- predicted: `scenario.toml` (one setup of the same shape), steps priced by {predictor}, \
-         KV over link `{}`\n",
-        case.link
+         KV over link `{}`; {} samples of its step and transfer time spreads over the same \
+         workload, their requests pooled as the measured repeats'\n",
+        case.link,
+        crate::repeats::PREDICTED_SAMPLES
     ));
     out.push_str(&format!(
         "- workload: seed {}; requests completed / rejected: measured {} / {}, predicted {} / {}\n",

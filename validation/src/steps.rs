@@ -287,18 +287,17 @@ fn probe_steps(traces: &[Trace]) -> Vec<(StepRow, Vec<Piece>)> {
     steps
 }
 
-/// How the probes' steps (those that started before `before_epoch_ns`, the workload's start)
-/// took against `cost`'s price, where no other step of their device overlapped them: the
-/// medians of measured over predicted for the steps that prefill at least
-/// `min_prefill_tokens` (the short probes' are left out: they are mostly fixed costs) and for
-/// the steps that only decode; `None` where the probes ran none.
-pub fn probe_scales(
+/// The probes' steps (those that started before `before_epoch_ns`, the workload's start)
+/// that no other step of their device overlapped, each as its time over `cost`'s price: the
+/// steps that prefill at least `min_prefill_tokens` (the short probes' are left out: they are
+/// mostly fixed costs), and the steps that only decode.
+fn probe_ratios(
     dir: &Path,
     cost: &dyn CostModel,
     before_epoch_ns: u64,
     min_prefill_tokens: u64,
     workers_per_device: u32,
-) -> Result<(Option<f64>, Option<f64>), String> {
+) -> Result<(Vec<f64>, Vec<f64>), String> {
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     let traces = read_traces(dir, workers_per_device, |r| r.start_ns < before_epoch_ns)?;
     for (r, share) in with_overlap(&traces) {
@@ -313,8 +312,76 @@ pub fn probe_scales(
             _ => {}
         }
     }
+    Ok((prefill, decode))
+}
+
+/// How the probes' steps alone on their device took against `cost`'s price (see
+/// [`probe_ratios`]): the medians for steps that prefill and for steps that only decode, the
+/// simulator's step scales; `None` where the probes ran none.
+pub fn probe_scales(
+    dir: &Path,
+    cost: &dyn CostModel,
+    before_epoch_ns: u64,
+    min_prefill_tokens: u64,
+    workers_per_device: u32,
+) -> Result<(Option<f64>, Option<f64>), String> {
+    let (prefill, decode) = probe_ratios(
+        dir,
+        cost,
+        before_epoch_ns,
+        min_prefill_tokens,
+        workers_per_device,
+    )?;
     let m = |v: Vec<f64>| crate::compare::median(&v);
     Ok((m(prefill), m(decode)))
+}
+
+/// Most factors a step spread keeps: more probe steps give this many of their quantiles.
+const SPREAD_FACTORS: usize = 32;
+
+/// The spread of `ratios` about their median, as the simulator's step spread: each over the
+/// median, sorted, [`SPREAD_FACTORS`] evenly spaced quantiles of them where there are more,
+/// to four digits, capped at `sim::config::MAX_STEP_SPREAD`; empty under
+/// [`MIN_CONTENDED_STEPS`] ratios.
+fn spread(mut ratios: Vec<f64>) -> Vec<f64> {
+    let Some(median) =
+        crate::compare::median(&ratios).filter(|_| ratios.len() >= MIN_CONTENDED_STEPS)
+    else {
+        return Vec::new();
+    };
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let picked: Vec<f64> = if n <= SPREAD_FACTORS {
+        ratios
+    } else {
+        (0..SPREAD_FACTORS)
+            .map(|i| ratios[((2 * i + 1) * n) / (2 * SPREAD_FACTORS)])
+            .collect()
+    };
+    picked
+        .into_iter()
+        .map(|r| ((r / median * 1e4).round() / 1e4).clamp(1e-4, sim::config::MAX_STEP_SPREAD))
+        .collect()
+}
+
+/// The spreads of the probes' steps alone on their device about their scales (see
+/// [`probe_ratios`], [`spread`]): the simulator's `prefill_step_spread` and
+/// `decode_step_spread`.
+pub fn probe_spreads(
+    dir: &Path,
+    cost: &dyn CostModel,
+    before_epoch_ns: u64,
+    min_prefill_tokens: u64,
+    workers_per_device: u32,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let (prefill, decode) = probe_ratios(
+        dir,
+        cost,
+        before_epoch_ns,
+        min_prefill_tokens,
+        workers_per_device,
+    )?;
+    Ok((spread(prefill), spread(decode)))
 }
 
 /// How much the probes' steps that shared their device slowed each other: the simulator's
@@ -350,16 +417,13 @@ const MIN_CONTENDED_STEPS: usize = 5;
 
 /// The speed of a step (`prefills`) in `piece` under interference `i` and contention `c` on a
 /// device of parallelism `p`, as the simulator runs it.
-fn speed(piece: &Piece, prefills: bool, i: &Interference, c: f64, p: f64) -> f64 {
-    let busy = f64::from(piece.busy());
-    let base = if busy > p {
-        p / (p + c * (busy - p))
-    } else {
-        1.0
+fn speed(piece: &Piece, prefills: bool, i: &Interference, c: f64, p: u32) -> f64 {
+    let sharing = sim::sharing::DeviceSharing {
+        parallelism: p,
+        contention_ppm: (c * 1e6).round() as u64,
+        interference_ppm: i.to_ppm(),
     };
-    let slowed = f64::from(piece.others[0]) * i.of(prefills, false)
-        + f64::from(piece.others[1]) * i.of(prefills, true);
-    base / (1.0 + slowed)
+    sharing.speed_f64(piece.others, prefills)
 }
 
 /// The `x` in `0..=max` at which `work(x)`, falling as `x` rises, meets `price` (by
@@ -402,7 +466,7 @@ pub fn probe_sharing(
     (workers_per_device, parallelism): (u32, u32),
     (prefill_scale, decode_scale): (f64, f64),
 ) -> Result<Sharing, String> {
-    let p = f64::from(parallelism.max(1));
+    let p = parallelism.max(1);
     let traces = read_traces(dir, workers_per_device, |r| r.start_ns < before_epoch_ns)?;
     let steps: Vec<(StepRow, Vec<Piece>, f64)> = probe_steps(&traces)
         .into_iter()
@@ -435,7 +499,7 @@ pub fn probe_sharing(
                 let fits = prefills(r) == slowed
                     && pieces
                         .iter()
-                        .all(|x| x.busy() == 1 || (one_other(x) && f64::from(x.busy()) <= p))
+                        .all(|x| x.busy() == 1 || (one_other(x) && x.busy() <= p))
                     && share(pieces, r, &one_other) >= MIN_CONTENDED_SHARE;
                 if !fits {
                     continue;
@@ -456,7 +520,7 @@ pub fn probe_sharing(
     let interference = sharing.interference();
     let mut estimates = Vec::new();
     for (r, pieces, price) in &steps {
-        if share(pieces, r, &|x: &Piece| f64::from(x.busy()) > p) < MIN_CONTENDED_SHARE {
+        if share(pieces, r, &|x: &Piece| x.busy() > p) < MIN_CONTENDED_SHARE {
             continue;
         }
         let work = |c: f64| -> f64 {
@@ -469,6 +533,45 @@ pub fn probe_sharing(
     }
     sharing.contention = figure(estimates);
     Ok(sharing)
+}
+
+/// Writes the steps the simulator ran as the real workers' traces are written, into
+/// `DIR/predicted/steps-ROLE-INDEX.csv` (the step of a worker of role `roles[INDEX]`), so that
+/// one reader lays the two side by side.
+pub fn write_predicted(
+    dir: &Path,
+    steps: &[sim::engine::StepRecord],
+    roles: &[sim::routing::Role],
+) -> Result<(), String> {
+    let dir = dir.join("predicted");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut writers = Vec::new();
+    for (i, role) in roles.iter().enumerate() {
+        let path = dir.join(format!("steps-{}-{i}.csv", role.name()));
+        let out = csv::Writer::from_path(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        writers.push((path, out));
+    }
+    for step in steps {
+        let (path, out) = &mut writers[step.worker as usize];
+        let w = &step.work;
+        out.serialize(StepRow {
+            start_ns: step.start_ns,
+            forward_ns: step.end_ns - step.start_ns,
+            end_ns: step.end_ns,
+            decode_seqs: w.decode_seqs,
+            decode_context_tokens: w.decode_context_tokens,
+            prefill_seqs: w.prefill_seqs,
+            prefill_tokens: w.prefill_tokens,
+            prefill_attention_pairs: w.prefill_attention_pairs,
+            prefill_kv_read_tokens: w.prefill_kv_read_tokens,
+        })
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    for (path, mut out) in writers {
+        out.flush()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The markdown table of `kinds`.
@@ -570,6 +673,45 @@ mod tests {
             probe_scales(dir.path(), &Flat, 0, 16, 1).unwrap(),
             (None, None)
         );
+    }
+
+    /// The spread of the probes' steps alone about their kind's median: every ratio where they
+    /// are few, evenly spaced quantiles where many, none under five.
+    #[test]
+    fn the_probes_steps_spread_about_their_median() {
+        assert_eq!(spread(vec![1.0, 2.0, 1.1, 0.9]), Vec::<f64>::new());
+        assert_eq!(
+            spread(vec![2.4, 2.0, 2.2, 1.8, 2.0]),
+            vec![0.9, 1.0, 1.0, 1.1, 1.2]
+        );
+        let many: Vec<f64> = (1..=320).map(f64::from).collect();
+        let s = spread(many);
+        assert_eq!(s.len(), SPREAD_FACTORS);
+        // The 5th, 15th, ... 315th of 320 over the median (160.5).
+        assert_eq!(s[0], (6.0 / 160.5 * 1e4_f64).round() / 1e4);
+        assert_eq!(s[31], (316.0 / 160.5 * 1e4_f64).round() / 1e4);
+        assert!(s.windows(2).all(|w| w[0] <= w[1]));
+        // A stall is capped at the simulator's largest factor.
+        assert_eq!(
+            spread(vec![1.0, 1.0, 1.0, 1.0, 50.0]).last(),
+            Some(&sim::config::MAX_STEP_SPREAD)
+        );
+        // From the traces: the decode steps alone before the workload, 20 and 25 ms for 10
+        // priced, are too few; five prefills of 10 to 14 ms are enough.
+        let dir = tempfile::tempdir().unwrap();
+        let mut rows = HEADER.to_string();
+        for (i, ms) in [10u64, 11, 12, 13, 14].into_iter().enumerate() {
+            let start = i as u64 * 20_000_000;
+            rows.push_str(&format!(
+                "{start},1,{},0,0,1,256,32896,256\n",
+                start + ms * 1_000_000
+            ));
+        }
+        rows.push_str("100000000,1,120000000,1,256,0,0,0,0\n120000000,1,145000000,1,257,0,0,0,0\n");
+        std::fs::write(dir.path().join("steps-aggregated-0.csv"), rows).unwrap();
+        let (prefill, decode) = probe_spreads(dir.path(), &Flat, 200_000_000, 16, 1).unwrap();
+        assert_eq!(prefill, vec![0.8333, 0.9167, 1.0, 1.0833, 1.1667]);
+        assert!(decode.is_empty());
     }
 
     /// Two workers of one device, 10 ms a step priced: three pairs of 15 ms decode steps

@@ -95,7 +95,8 @@ fn runs_on_both_sides(case: &str, repeats: u32) -> tempfile::TempDir {
         assert!(case_dir.join(file).is_file(), "{file} was not written");
     }
     let n = u64::from(repeats);
-    for (s, requests) in [(&run.measured, 3 * n), (&run.predicted, 3)] {
+    let samples = validation::repeats::PREDICTED_SAMPLES;
+    for (s, requests) in [(&run.measured, 3 * n), (&run.predicted, 3 * samples)] {
         assert_eq!((s.completed, s.rejected), (requests, 0), "{s:?}");
         assert!(
             s.transfer_overhead_share > 0.0,
@@ -118,14 +119,18 @@ fn runs_on_both_sides(case: &str, repeats: u32) -> tempfile::TempDir {
             .map(|r| (r.request_id, r.prompt_tokens, r.output_tokens))
             .collect()
     };
-    let planned: Vec<(u64, u32, u32)> = (0..n)
-        .flat_map(|k| {
-            plan(&predicted)
-                .into_iter()
-                .map(move |(id, prompt, output)| (id + 3 * k, prompt, output))
-        })
-        .collect();
-    assert_eq!(plan(&measured), planned);
+    // The predicted side pools samples of its noise over the same workload, renumbered alike.
+    let planned = |repeats: u64| -> Vec<(u64, u32, u32)> {
+        (0..repeats)
+            .flat_map(|k| {
+                plan(&predicted[..3])
+                    .into_iter()
+                    .map(move |(id, prompt, output)| (id + 3 * k, prompt, output))
+            })
+            .collect()
+    };
+    assert_eq!(plan(&predicted), planned(samples));
+    assert_eq!(plan(&measured), planned(n));
     assert!(
         run.repeats
             .contains(&format!("measured {repeats} repeat(s)")),

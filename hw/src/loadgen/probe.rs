@@ -279,7 +279,7 @@ pub async fn serving_path(
     let co_running = scenario
         .setups
         .first()
-        .filter(|s| s.workers_per_device >= 2 && s.device_parallelism >= 2);
+        .filter(|s| s.workers_per_device >= 2 && s.device.parallelism >= 2);
     if let Some(setup) = co_running {
         let first = first + 2 * PROBE_PAIRS;
         let tokens = setup.engine.max_model_len.map_or(long_tokens, |l| {

@@ -1,9 +1,6 @@
 //! Workers time-sharing a device: two processes on one GPU, or single-threaded workers on the
-//! cores of one CPU. A device runs `parallelism` steps at full speed; with more busy, every
-//! busy step progresses at `p / (p + c (busy - p))` of full speed (`c` the setup's
-//! contention; 1 is processor sharing). On top of that, each step is slowed by every other in
-//! flight as the setup's interference says for their kinds (cores of one CPU share its memory
-//! bus and caches). Each change in the steps in flight moves the others' completion times.
+//! cores of one CPU, each step at the speed [`crate::sharing`] gives it. Each change in the
+//! steps in flight moves the others' completion times.
 
 use super::Simulation;
 use super::queue::Event;
@@ -29,8 +26,6 @@ pub(super) struct StepProgress {
     /// Bumped whenever the completion is rescheduled; older `StepDone` events are stale.
     pub generation: u32,
 }
-
-const PPM: u128 = 1_000_000;
 
 impl Simulation<'_> {
     pub(super) fn device_of(&self, w: WorkerId) -> usize {
@@ -60,32 +55,12 @@ impl Simulation<'_> {
 
     /// The speed of busy worker `m`'s step on device `d`, as numerator / denominator.
     fn speed(&self, d: usize, m: WorkerId) -> (u128, u128) {
-        let busy = &self.devices[d].busy;
-        let (n, p) = (
-            busy.len() as u128,
-            u128::from(self.setup.device_parallelism),
-        );
-        let (num, den) = if n > p {
-            let c = u128::from(self.setup.device_contention_ppm);
-            (p * PPM, p * PPM + c * (n - p))
-        } else {
-            (1, 1)
-        };
-        let interference = &self.setup.device_interference_ppm;
-        let prefills = self.workers[m as usize].step.prefills;
-        let slowed: u128 = busy
-            .iter()
-            .filter(|&&o| o != m)
-            .map(|&o| {
-                let other = self.workers[o as usize].step.prefills;
-                u128::from(interference[usize::from(prefills)][usize::from(other)])
-            })
-            .sum();
-        if slowed == 0 {
-            (num, den)
-        } else {
-            (num * PPM, den * (PPM + slowed))
+        let mut others = [0u32; 2];
+        for &w in self.devices[d].busy.iter().filter(|&&w| w != m) {
+            others[usize::from(self.workers[w as usize].step.prefills)] += 1;
         }
+        let prefills = self.workers[m as usize].step.prefills;
+        self.setup.device.speed(others, prefills)
     }
 
     /// Gives every step in flight on `d` whose speed changed its new speed: charges it for the

@@ -34,6 +34,22 @@ pub struct RunOptions {
     pub keep_requests: bool,
     /// Advanced by one for every request that completes or is rejected.
     pub progress: Option<indicatif::ProgressBar>,
+    /// Keep every step the workers ran (one entry per step), as a real worker's step trace
+    /// holds them.
+    pub steps: bool,
+    /// Which draws of the scenario's noise (step and transfer time spreads) the run takes:
+    /// runs under several seeds sample the spread of its outcomes over one workload, which
+    /// stays as the scenario's seed makes it. 0: the scenario seed's own draws.
+    pub noise_seed: u64,
+}
+
+/// One step a worker ran: when, and its work.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepRecord {
+    pub worker: WorkerId,
+    pub start_ns: Nanos,
+    pub end_ns: Nanos,
+    pub work: crate::cost::StepWork,
 }
 
 /// One output token's time.
@@ -67,6 +83,8 @@ pub struct RunOutput {
     pub edges: Vec<EdgeStats>,
     pub token_times: Vec<TokenTime>,
     pub requests: Vec<Request>,
+    /// Every step, in order of their ends (`RunOptions::steps`).
+    pub steps: Vec<StepRecord>,
     pub summary: Summary,
     /// Events processed.
     pub events: u64,
@@ -107,8 +125,10 @@ struct Simulation<'a> {
     follow_ups: Slab<Request>,
     router: Router,
     prefill_router: Router,
-    /// Draws each KV transfer's factor of its link's `time_spread`.
+    /// Draws each KV transfer's factor of its link's `time_spread`...
     transfer_rng: rng::Rng,
+    /// ...and each step's of the setup's step spread.
+    step_rng: rng::Rng,
     index: BlockIndex,
     /// Whether anything reads the block index (KV-aware routing, conditional placement).
     index_enabled: bool,
@@ -125,6 +145,7 @@ struct Simulation<'a> {
     gaps: TokenGaps,
     token_times: Vec<TokenTime>,
     requests: Vec<Request>,
+    steps: Vec<StepRecord>,
     options: RunOptions,
     /// Workers whose scheduler must run once the current event is handled.
     wake: Vec<WorkerId>,
@@ -179,6 +200,10 @@ impl<'a> Simulation<'a> {
         let max_model_len = engine
             .max_model_len
             .unwrap_or(scenario.model.max_position_embeddings);
+        let noise = |concern: Stream| match options.noise_seed {
+            0 => rng::stream(scenario.seed, concern),
+            n => rng::substream(scenario.seed, concern, n),
+        };
         Simulation {
             setup,
             slo: scenario.slo.clone(),
@@ -206,7 +231,8 @@ impl<'a> Simulation<'a> {
                 setup.prefill_router.clone(),
                 rng::substream(scenario.seed, Stream::Routing, 1),
             ),
-            transfer_rng: rng::stream(scenario.seed, Stream::Transfers),
+            transfer_rng: noise(Stream::Transfers),
+            step_rng: noise(Stream::Steps),
             index: BlockIndex::new(),
             index_enabled,
             registry: VecDeque::new(),
@@ -220,6 +246,7 @@ impl<'a> Simulation<'a> {
             gaps: TokenGaps::default(),
             token_times: Vec::new(),
             requests: Vec::new(),
+            steps: Vec::new(),
             options,
             wake: Vec::new(),
             prefilled_scratch: Vec::new(),
@@ -303,6 +330,7 @@ impl<'a> Simulation<'a> {
             edges: self.network.edge_stats(),
             token_times: self.token_times,
             requests: self.requests,
+            steps: self.steps,
             summary,
             events: self.events,
             end_ns,

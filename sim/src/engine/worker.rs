@@ -3,13 +3,14 @@
 //! is full (as vLLM schedules).
 
 use super::device::StepProgress;
-use super::{Event, Simulation, TokenTime};
+use super::{Event, Simulation, StepRecord, TokenTime};
 use crate::cost::StepWork;
 use crate::kv::{BlockHash, BlockId, BlockManager, KvEvent};
 use crate::metrics::{RequestRecord, WorkerStats};
 use crate::routing::{Role, WorkerId};
 use crate::time::Nanos;
 use crate::workload::Request;
+use rand::RngExt;
 use std::collections::VecDeque;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +123,8 @@ pub struct Worker {
     pub importing: Vec<u32>,
     pub busy: bool,
     pub(super) step: StepProgress,
+    /// The work of the step in flight, for the step records.
+    step_work: StepWork,
     busy_ns: Nanos,
     steps: u64,
     prefill_tokens: u64,
@@ -150,6 +153,7 @@ impl Worker {
             importing: Vec::new(),
             busy: false,
             step: StepProgress::default(),
+            step_work: StepWork::default(),
             busy_ns: 0,
             steps: 0,
             prefill_tokens: 0,
@@ -326,19 +330,28 @@ impl Simulation<'_> {
             seqs += 1;
         }
 
-        let worker = &mut self.workers[wi];
         if batch.is_empty() {
-            worker.batch = batch;
+            self.workers[wi].batch = batch;
             return;
         }
-        let step_ns = self.cost.step_ns(&work);
+        let prefills = work.prefill_seqs > 0;
+        let spread = &self.setup.step_spread[usize::from(prefills)];
+        let step_ns = match spread.len() {
+            0 => self.cost.step_ns(&work),
+            n => {
+                let factor = spread[self.step_rng.random_range(0..n)];
+                (self.cost.step_ns(&work) as f64 * factor).round() as Nanos
+            }
+        };
+        let worker = &mut self.workers[wi];
         worker.busy = true;
         worker.batch = batch;
         worker.steps += 1;
         worker.prefill_tokens += work.prefill_tokens;
         worker.decode_tokens += work.decode_seqs as u64;
         worker.peak_used_blocks = worker.peak_used_blocks.max(worker.kv.used_blocks());
-        self.begin_step(w, step_ns, work.prefill_seqs > 0);
+        worker.step_work = work;
+        self.begin_step(w, step_ns, prefills);
     }
 
     /// A step ends: decode tokens come out, prefill chunks land, finished prefills move on.
@@ -351,6 +364,15 @@ impl Simulation<'_> {
         let worker = &mut self.workers[wi];
         worker.busy = false;
         worker.busy_ns += now - worker.step.started_ns;
+        if self.options.steps {
+            let record = StepRecord {
+                worker: w,
+                start_ns: worker.step.started_ns,
+                end_ns: now,
+                work: worker.step_work,
+            };
+            self.steps.push(record);
+        }
         let mut prefilled = std::mem::take(&mut self.prefilled_scratch);
         let mut finished = std::mem::take(&mut self.finished_scratch);
         // Tokens of one step mostly share a gap: count runs of equal gaps.
