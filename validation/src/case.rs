@@ -700,13 +700,13 @@ impl Case {
         let setup = &scenario.setups[0];
         let cost = setup.cost_model(&scenario);
         let sharing = (setup.workers_per_device, setup.device.parallelism);
-        let probes_of = (m.workload_start_ns, u64::from(BLOCK_SIZE_TOKENS), sharing.0);
+        let (probes_end, min_prefill) = (m.probes_end_ns(), u64::from(BLOCK_SIZE_TOKENS));
         let (prefill, decode) = crate::steps::probe_scales(
             steps_dir,
             cost.as_ref(),
-            probes_of.0,
-            probes_of.1,
-            probes_of.2,
+            0..probes_end,
+            min_prefill,
+            sharing.0,
         )
         .map_err(failed)?;
         in_situ.prefill_step_scale = prefill;
@@ -714,21 +714,16 @@ impl Case {
         (in_situ.prefill_step_spread, in_situ.decode_step_spread) = crate::steps::probe_spreads(
             steps_dir,
             cost.as_ref(),
-            probes_of.0,
-            probes_of.1,
-            probes_of.2,
+            probes_end,
+            min_prefill,
+            sharing.0,
         )
         .map_err(failed)?;
         if sharing.0 > 1 {
             let scales = (prefill.unwrap_or(1.0), decode.unwrap_or(1.0));
-            let measured = crate::steps::probe_sharing(
-                steps_dir,
-                cost.as_ref(),
-                m.workload_start_ns,
-                sharing,
-                scales,
-            )
-            .map_err(failed)?;
+            let measured =
+                crate::steps::probe_sharing(steps_dir, cost.as_ref(), probes_end, sharing, scales)
+                    .map_err(failed)?;
             if sharing.0 > sharing.1 {
                 in_situ.device_contention = measured.contention.map(|(c, _)| c);
             }

@@ -77,21 +77,33 @@ pub const PREDICTED_SAMPLES: u64 = 16;
 
 /// The simulator's prediction of `setup`, pooled over [`PREDICTED_SAMPLES`] noise seeds as
 /// the measured repeats are pooled (a near-saturated queue makes one sample's percentiles
-/// move by as much as the goal), and the steps of the first sample.
+/// move by as much as the goal), and the steps of the first sample. The samples take the
+/// measured repeats' speeds in turn (`[prefill, decode]` factors on the setup's step scales;
+/// none: all at its own).
 pub fn predict(
     scenario: &Scenario,
     setup: &Setup,
+    repeat_speeds: &[[f64; 2]],
 ) -> Result<(BenchOutput, Vec<StepRecord>), SimError> {
     let mut samples = Vec::new();
     let mut steps = Vec::new();
     for noise_seed in 0..PREDICTED_SAMPLES {
+        let [prefill, decode] = repeat_speeds
+            .get((noise_seed as usize) % repeat_speeds.len().max(1))
+            .copied()
+            .unwrap_or([1.0; 2]);
+        let setup = Setup {
+            prefill_step_scale: setup.prefill_step_scale * prefill,
+            decode_step_scale: setup.decode_step_scale * decode,
+            ..setup.clone()
+        };
         let options = RunOptions {
             token_times: true,
             steps: noise_seed == 0,
             noise_seed,
             ..RunOptions::default()
         };
-        let run = sim::engine::run(scenario, setup, options)?;
+        let run = sim::engine::run(scenario, &setup, options)?;
         if noise_seed == 0 {
             steps = run.steps;
         }
@@ -125,9 +137,9 @@ pub fn send_lateness(runs: &[BenchOutput], predicted: &[RequestRecord]) -> Optio
     Some((*late.get(late.len().checked_sub(1)? / 2)?, *late.last()?))
 }
 
-/// One line on the repeats' own figures, the spread the pool evens out, and how late their
-/// sends left ([`send_lateness`]).
-pub fn describe(runs: &[BenchOutput], predicted: &[RequestRecord]) -> String {
+/// One line on the repeats' own figures, the spread the pool evens out, their speeds (see
+/// `Measurement::repeat_speeds`) and how late their sends left ([`send_lateness`]).
+pub fn describe(runs: &[BenchOutput], speeds: &[[f64; 2]], predicted: &[RequestRecord]) -> String {
     let list = |f: fn(&Summary) -> f64, digits: usize| -> String {
         runs.iter()
             .map(|r| format!("{:.digits$}", f(&r.summary)))
@@ -142,9 +154,27 @@ pub fn describe(runs: &[BenchOutput], predicted: &[RequestRecord]) -> String {
             max as f64 / 1e6
         )
     });
+    let speed = |k: usize| -> String {
+        speeds
+            .iter()
+            .map(|s| format!("{:.3}", s[k]))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let speeds = if speeds.len() > 1 {
+        format!(
+            "; each repeat's step times against the first's (its warm-up's steps alone on their \
+             device), which the predicted samples take in turn: prefill {}, decode {}",
+            speed(0),
+            speed(1)
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "measured {} repeat(s) of the workload, each on a fresh cluster, their requests pooled; \
-         each repeat's TTFT p50 {} ms, ITL p50 {} ms, E2E p50 {} ms, throughput {} req/s{late}",
+        "measured {} repeat(s) of the workload, each on a fresh cluster warmed by four requests, \
+         their requests pooled; each repeat's TTFT p50 {} ms, ITL p50 {} ms, E2E p50 {} ms, \
+         throughput {} req/s{speeds}{late}",
         runs.len(),
         list(|s| s.ttft_ms.p50, 1),
         list(|s| s.itl_ms.p50, 1),
@@ -294,11 +324,72 @@ mod tests {
             send_lateness(&[a.clone(), b.clone()], &predicted),
             Some((0, 500_000))
         );
-        let line = describe(&[a, b], &predicted);
+        let line = describe(
+            &[a.clone(), b.clone()],
+            &[[1.0, 1.0], [1.02, 1.125]],
+            &predicted,
+        );
         assert!(
             line.contains("2 repeat(s)") && line.contains("TTFT p50 ") && line.contains("0.500 ms"),
             "{line}"
         );
+        assert!(
+            line.contains("prefill 1.000 / 1.020, decode 1.000 / 1.125"),
+            "{line}"
+        );
+        // Without speeds (runs before the warm-ups timed them) the line names none.
+        assert!(!describe(&[a, b], &[], &predicted).contains("prefill"));
+    }
+
+    /// One request every 10 s on a roofline H100: never a queue, so a step's time is its
+    /// latency's.
+    fn idle_scenario() -> Scenario {
+        let text = r#"
+name = "idle"
+seed = 3
+[model]
+preset = "smollm2-135m"
+[workload]
+arrival = { process = "constant", rate_per_s = 0.1 }
+sessions = 4
+turns = { dist = "constant", value = 1 }
+user_tokens = { dist = "constant", value = 200 }
+output_tokens = { dist = "constant", value = 20 }
+[[setup]]
+name = "one"
+hardware = "h100-sxm"
+link = "tcp-10g"
+mode = "aggregated"
+aggregated_workers = 1
+"#;
+        Scenario::parse(text, "idle.toml", std::path::PathBuf::from(".")).unwrap()
+    }
+
+    #[test]
+    fn the_prediction_pools_its_samples_and_they_take_the_repeats_speeds_in_turn() {
+        let scenario = idle_scenario();
+        let setup = &scenario.setups[0];
+        let (plain, steps) = predict(&scenario, setup, &[]).unwrap();
+        let n = PREDICTED_SAMPLES as usize;
+        assert_eq!(plain.records.len(), 4 * n);
+        assert!(!steps.is_empty());
+        // No spread: every sample is the first, renumbered.
+        let e2e = |r: &RequestRecord| r.end_ns - r.arrival_ns;
+        let first: Vec<u64> = plain.records[..4].iter().map(e2e).collect();
+        for (i, r) in plain.records.iter().enumerate() {
+            assert_eq!(r.request_id, i as u64);
+            assert_eq!(e2e(r), first[i % 4]);
+        }
+        // Every other sample at twice the step times: its requests took longer by their steps'.
+        let (slow, _) = predict(&scenario, setup, &[[1.0, 1.0], [2.0, 2.0]]).unwrap();
+        for (i, r) in slow.records.iter().enumerate() {
+            let (was, now) = (first[i % 4], e2e(r));
+            if (i / 4) % 2 == 0 {
+                assert_eq!(now, was);
+            } else {
+                assert!(now as f64 > 1.5 * was as f64, "{now} against {was}");
+            }
+        }
     }
 
     #[test]

@@ -41,6 +41,14 @@ pub struct Measurement {
     /// have none).
     #[serde(default)]
     pub link: Option<LinkProbe>,
+    /// When the probes ended and the first repeat's warm-up began (runs before that warm-up
+    /// have none: their probes end at `workload_start_ns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes_end_ns: Option<u64>,
+    /// Each repeat's machine speed, `[prefill, decode]`: its warm-up's steps against the
+    /// first repeat's warm-up's, as times (1.1: ran a tenth slower). Empty in runs before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repeat_speeds: Vec<[f64; 2]>,
 }
 
 pub const MEASUREMENT_FILE: &str = "measurement.toml";
@@ -86,7 +94,14 @@ impl Measurement {
             serving_path_loaded_back_ns: None,
             kv_handoff_ns: None,
             link: None,
+            probes_end_ns: None,
+            repeat_speeds: Vec::new(),
         })
+    }
+
+    /// Where the probes' steps end.
+    pub fn probes_end_ns(&self) -> u64 {
+        self.probes_end_ns.unwrap_or(self.workload_start_ns)
     }
 
     /// The serving paths the probes measured, with their ways in.
@@ -175,7 +190,8 @@ pub fn reprice_case(p: &Prepared, measured_dir: &Path) -> Result<Repriced, RunEr
         .case
         .derive_scenario(&p.dir, Some((&measurement, measured_dir)))?;
     let setup = &scenario.setups[0];
-    let (predicted, predicted_steps) = crate::repeats::predict(&scenario, setup)?;
+    let (predicted, predicted_steps) =
+        crate::repeats::predict(&scenario, setup, &measurement.repeat_speeds)?;
     steps::write_predicted(&p.dir, &predicted_steps, &setup.workers).map_err(RunError::Steps)?;
     let then = read_comparison(&measured_dir.join("comparison.csv"))?;
     let mut comparison = Comparison::new(&predicted.summary, &predicted.summary);
@@ -256,6 +272,8 @@ mod tests {
                 short_import_ns: Some(80_000),
                 long_import_ns: Some(2_300_000),
             }),
+            probes_end_ns: Some(1_699_999_999_000_000_000),
+            repeat_speeds: vec![[1.0, 1.0], [1.02, 1.1]],
         };
         m.write(dir.path()).unwrap();
         assert_eq!(Measurement::read(dir.path(), 16).unwrap(), m);
@@ -276,6 +294,7 @@ mod tests {
         .unwrap();
         let before = Measurement::read(dir.path(), 16).unwrap();
         assert_eq!((before.serving_path_idle_ns, &before.link), (None, &None));
+        assert_eq!((before.probes_end_ns(), before.repeat_speeds.len()), (5, 0));
         assert_eq!(before.serving_paths().idle_ms(), None);
         assert_eq!(before.serving_paths().front_ms(), None);
 
@@ -303,6 +322,8 @@ mod tests {
                 serving_path_loaded_back_ns: None,
                 kv_handoff_ns: None,
                 link: None,
+                probes_end_ns: None,
+                repeat_speeds: Vec::new(),
             }
         );
         std::fs::write(

@@ -298,7 +298,13 @@ pub fn format_load(load: Option<f64>) -> String {
 /// the case's scenario with that path (`scenario.toml` is rewritten to hold it).
 pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunError> {
     let load_before = load_average();
-    let (repeats, serving_path, workload_start) = measure(p, settings)?;
+    let Measured {
+        outputs: repeats,
+        serving_path,
+        probes_end,
+        workload_start,
+        repeat_speeds,
+    } = measure(p, settings)?;
     let scenario = &p.derived.scenario;
     let measured = crate::repeats::pool(
         &repeats,
@@ -308,6 +314,8 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
     let load_before_after = (load_before, load_average());
     let measurement = crate::reprice::Measurement {
         workload_start_ns: workload_start,
+        probes_end_ns: Some(probes_end),
+        repeat_speeds,
         serving_path_ns: serving_path.median_ns,
         serving_path_idle_ns: Some(serving_path.idle_median_ns),
         serving_path_front_ns: Some(serving_path.front_median_ns),
@@ -337,7 +345,8 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         .case
         .derive_scenario(&p.dir, Some((&measurement, &p.dir)))?;
     let setup = &scenario.setups[0];
-    let (predicted, predicted_steps) = crate::repeats::predict(&scenario, setup)?;
+    let (predicted, predicted_steps) =
+        crate::repeats::predict(&scenario, setup, &measurement.repeat_speeds)?;
     steps::write_predicted(&p.dir, &predicted_steps, &setup.workers).map_err(RunError::Steps)?;
     let steps = steps::compare(
         &p.dir,
@@ -376,7 +385,7 @@ pub fn run_case(p: &Prepared, settings: &RunSettings) -> Result<CaseRun, RunErro
         parts,
         link: (p.case.cluster.mode == Mode::Disaggregated).then(|| setup.link.clone()),
         step_prices: StepPrices::of(setup),
-        repeats: crate::repeats::describe(&repeats, &predicted.records),
+        repeats: crate::repeats::describe(&repeats, &measurement.repeat_speeds, &predicted.records),
     };
     let path = p.dir.join("report.md");
     let text = report(p, &run, settings, measured.delayed_sends);
@@ -478,15 +487,24 @@ fn serve(p: &Prepared, hw_bin: &Path) -> Result<Served, RunError> {
     Ok(served)
 }
 
-/// Probes a fresh cluster's serving path, then runs the case's workload against it, then
-/// again `settings.repeats - 1` times, each on a fresh cluster warmed by a few requests (the
-/// workers' step traces gather every repeat's steps); returns each repeat's output, the
-/// serving path and when the first workload started (ns since the UNIX epoch, as the step
-/// traces count).
-fn measure(
-    p: &Prepared,
-    settings: &RunSettings,
-) -> Result<(Vec<BenchOutput>, ServingPath, u64), RunError> {
+/// What [`measure`] measured.
+struct Measured {
+    /// Each repeat's output.
+    outputs: Vec<BenchOutput>,
+    serving_path: ServingPath,
+    /// When the probes ended and when the first workload started (ns since the UNIX epoch,
+    /// as the step traces count).
+    probes_end: u64,
+    workload_start: u64,
+    /// Each repeat's speed against the first's (`Measurement::repeat_speeds`).
+    repeat_speeds: Vec<[f64; 2]>,
+}
+
+/// Probes a fresh cluster's serving path, warms it, then runs the case's workload against it,
+/// then again `settings.repeats - 1` times, each on a fresh cluster warmed alike (the workers'
+/// step traces gather every repeat's workload steps). Each warm-up's steps, against the first's,
+/// give its repeat's machine speed: a machine that drifts between repeats is seen drifting.
+fn measure(p: &Prepared, settings: &RunSettings) -> Result<Measured, RunError> {
     let served = serve(p, &settings.hw_bin)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -498,9 +516,25 @@ fn measure(
     let options = BenchOptions::new(served.url.clone());
     let scenario = &p.derived.scenario;
     let serving_path = runtime.block_on(hw::loadgen::probe::serving_path(scenario, &options))?;
+    let probes_end = hw::engine::steps::epoch_ns();
+    runtime.block_on(hw::loadgen::probe::warm(scenario, &options))?;
     let workload_start = hw::engine::steps::epoch_ns();
     let mut outputs = vec![runtime.block_on(hw::loadgen::run(scenario, &options))?];
     drop(served);
+    let warm_up_speed = |window: std::ops::Range<u64>| -> Result<[Option<f64>; 2], RunError> {
+        let setup = &scenario.setups[0];
+        let (prefill, decode) = steps::probe_scales(
+            &p.dir,
+            setup.cost_model(scenario).as_ref(),
+            window,
+            u64::from(crate::case::BLOCK_SIZE_TOKENS),
+            setup.workers_per_device,
+        )
+        .map_err(RunError::Steps)?;
+        Ok([prefill, decode])
+    };
+    let first = warm_up_speed(probes_end..workload_start)?;
+    let mut repeat_speeds = vec![[1.0; 2]];
     for _ in 1..settings.repeats {
         let earlier = crate::repeats::EarlierSteps::move_aside(&p.dir).map_err(RunError::Steps)?;
         let served = serve(p, &settings.hw_bin)?;
@@ -509,9 +543,20 @@ fn measure(
         let start = hw::engine::steps::epoch_ns();
         outputs.push(runtime.block_on(hw::loadgen::run(scenario, &options))?);
         drop(served);
+        let speed = warm_up_speed(0..start)?;
+        repeat_speeds.push([0, 1].map(|k| match (speed[k], first[k]) {
+            (Some(s), Some(f)) if f > 0.0 => (s / f * 1e4).round() / 1e4,
+            _ => 1.0,
+        }));
         earlier.join(start).map_err(RunError::Steps)?;
     }
-    Ok((outputs, serving_path, workload_start))
+    Ok(Measured {
+        outputs,
+        serving_path,
+        probes_end,
+        workload_start,
+        repeat_speeds,
+    })
 }
 
 fn report(p: &Prepared, run: &CaseRun, settings: &RunSettings, delayed_sends: u64) -> String {

@@ -5,6 +5,7 @@
 use hw::engine::steps::{self, StepRow};
 use sim::config::Interference;
 use sim::cost::CostModel;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// The steps of one kind.
@@ -287,19 +288,19 @@ fn probe_steps(traces: &[Trace]) -> Vec<(StepRow, Vec<Piece>)> {
     steps
 }
 
-/// The probes' steps (those that started before `before_epoch_ns`, the workload's start)
-/// that no other step of their device overlapped, each as its time over `cost`'s price: the
-/// steps that prefill at least `min_prefill_tokens` (the short probes' are left out: they are
-/// mostly fixed costs), and the steps that only decode.
+/// The steps that started in `window` (ns since the UNIX epoch: the probes', before the
+/// workload) and that no other step of their device overlapped, each as its time over `cost`'s
+/// price: the steps that prefill at least `min_prefill_tokens` (the short probes' are left out:
+/// they are mostly fixed costs), and the steps that only decode.
 fn probe_ratios(
     dir: &Path,
     cost: &dyn CostModel,
-    before_epoch_ns: u64,
+    window: Range<u64>,
     min_prefill_tokens: u64,
     workers_per_device: u32,
 ) -> Result<(Vec<f64>, Vec<f64>), String> {
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    let traces = read_traces(dir, workers_per_device, |r| r.start_ns < before_epoch_ns)?;
+    let traces = read_traces(dir, workers_per_device, |r| window.contains(&r.start_ns))?;
     for (r, share) in with_overlap(&traces) {
         if share >= OVERLAP_MARGIN {
             continue;
@@ -315,23 +316,18 @@ fn probe_ratios(
     Ok((prefill, decode))
 }
 
-/// How the probes' steps alone on their device took against `cost`'s price (see
-/// [`probe_ratios`]): the medians for steps that prefill and for steps that only decode, the
-/// simulator's step scales; `None` where the probes ran none.
+/// How the steps that started in `window` and ran alone on their device took against
+/// `cost`'s price (see [`probe_ratios`]): the medians for steps that prefill and for steps that
+/// only decode (the probes' are the simulator's step scales); `None` where none ran.
 pub fn probe_scales(
     dir: &Path,
     cost: &dyn CostModel,
-    before_epoch_ns: u64,
+    window: Range<u64>,
     min_prefill_tokens: u64,
     workers_per_device: u32,
 ) -> Result<(Option<f64>, Option<f64>), String> {
-    let (prefill, decode) = probe_ratios(
-        dir,
-        cost,
-        before_epoch_ns,
-        min_prefill_tokens,
-        workers_per_device,
-    )?;
+    let (prefill, decode) =
+        probe_ratios(dir, cost, window, min_prefill_tokens, workers_per_device)?;
     let m = |v: Vec<f64>| crate::compare::median(&v);
     Ok((m(prefill), m(decode)))
 }
@@ -377,7 +373,7 @@ pub fn probe_spreads(
     let (prefill, decode) = probe_ratios(
         dir,
         cost,
-        before_epoch_ns,
+        0..before_epoch_ns,
         min_prefill_tokens,
         workers_per_device,
     )?;
@@ -666,11 +662,11 @@ mod tests {
              100000000,1,150000000,0,0,1,256,32896,256\n150000000,1,200000000,1,300,0,0,0,0\n"
         );
         std::fs::write(dir.path().join("steps-aggregated-0.csv"), rows).unwrap();
-        let (prefill, decode) = probe_scales(dir.path(), &Flat, 100_000_000, 16, 1).unwrap();
+        let (prefill, decode) = probe_scales(dir.path(), &Flat, 0..100_000_000, 16, 1).unwrap();
         assert!((prefill.unwrap() - 1.3).abs() < 1e-9, "{prefill:?}");
         assert_eq!(decode, Some(2.25));
         assert_eq!(
-            probe_scales(dir.path(), &Flat, 0, 16, 1).unwrap(),
+            probe_scales(dir.path(), &Flat, 0..0, 16, 1).unwrap(),
             (None, None)
         );
     }
@@ -776,13 +772,13 @@ mod tests {
         assert!((i.prefill_by_decode - 1.0).abs() < 1e-6);
         assert_eq!((i.decode_by_prefill, i.prefill_by_prefill), (0.0, 0.0));
         // The scales come from the steps alone: 12 ms for 10 priced.
-        let (prefill, decode) = probe_scales(dir.path(), &Flat, before, 16, 2).unwrap();
+        let (prefill, decode) = probe_scales(dir.path(), &Flat, 0..before, 16, 2).unwrap();
         assert_eq!((prefill, decode), (Some(1.2), Some(1.2)));
         // Counted as on devices of their own, the overlapped steps are alone too: five
         // decodes of 10 ms, two of 12 and six of 15.
-        let (_, decode) = probe_scales(dir.path(), &Flat, before, 16, 1).unwrap();
+        let (_, decode) = probe_scales(dir.path(), &Flat, 0..before, 16, 1).unwrap();
         assert_eq!(decode, Some(1.2));
-        let (_, decode) = probe_scales(dir.path(), &Flat, 350_000_000, 16, 1).unwrap();
+        let (_, decode) = probe_scales(dir.path(), &Flat, 0..350_000_000, 16, 1).unwrap();
         assert_eq!(decode, Some(1.5));
     }
 

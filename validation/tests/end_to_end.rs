@@ -143,6 +143,15 @@ fn runs_on_both_sides(case: &str, repeats: u32) -> tempfile::TempDir {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(!files.iter().any(|f| f.ends_with(".earlier")), "{files:?}");
+    // Every repeat was warmed, the first after the probes; each warm-up timed its machine's
+    // speed against the first's.
+    let m = validation::reprice::Measurement::read(&case_dir, 16).unwrap();
+    assert!(m.probes_end_ns() < m.workload_start_ns);
+    assert_eq!(m.repeat_speeds.len(), repeats as usize);
+    assert_eq!(m.repeat_speeds[0], [1.0, 1.0]);
+    for speed in m.repeat_speeds.iter().flatten() {
+        assert!((0.2..5.0).contains(speed), "{:?}", m.repeat_speeds);
+    }
 
     // The serving paths, probed back to back and after pauses, are what the prediction took.
     let path = &run.serving_path;
