@@ -4,8 +4,11 @@
 //!
 //! A device runs `parallelism` steps at full speed; with more busy, every busy step progresses
 //! at `p / (p + c (busy - p))` of full speed (`c` the contention; 1 is processor sharing). On
-//! top of that, each step is slowed by every other in flight as the interference says for
-//! their kinds (cores of one CPU share its memory bus and caches).
+//! top of that, each step is slowed by the steps that run beside it, as the interference says
+//! for their kinds (cores of one CPU share its memory bus and caches): within the parallelism
+//! every other step in flight; beyond it, a step runs beside `p - 1` of the `busy - 1` others
+//! at a time (three single-threaded workers on two cores: one other, not two), so each other
+//! step in flight counts that share.
 
 /// A device's sharing figures, in millionths (the setup's `device_*` fields).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,10 +40,12 @@ impl DeviceSharing {
         let slowed =
             u128::from(others[0]) * u128::from(i[0]) + u128::from(others[1]) * u128::from(i[1]);
         if slowed == 0 {
-            (num, den)
-        } else {
-            (num * PPM, den * (PPM + slowed))
+            return (num, den);
         }
+        // Beyond the parallelism a step runs beside p - 1 of the n - 1 others at a time: only
+        // those slow it.
+        let (beside, of) = if n > p { (p - 1, n - 1) } else { (1, 1) };
+        (num * PPM * of, den * (PPM * of + slowed * beside))
     }
 
     /// [`DeviceSharing::speed`] as a fraction.
@@ -81,14 +86,20 @@ mod tests {
     }
 
     #[test]
-    fn interference_slows_each_step_per_other_step_in_flight_by_their_kinds() {
+    fn interference_slows_each_step_per_other_step_beside_it_by_their_kinds() {
         let mut s = sharing(2, 1.0);
         s.interference_ppm = [[200_000, 100_000], [50_000, 0]];
-        // A decode beside one decode and one prefill: 1 / (1 + 0.2 + 0.1) on top of 2/3.
-        assert!((s.speed_f64([1, 1], false) - 2.0 / 3.0 / 1.3).abs() < 1e-12);
-        // A prefill beside two decodes: 1 / (1 + 2 * 0.05).
-        assert!((s.speed_f64([2, 0], true) - 2.0 / 3.0 / 1.1).abs() < 1e-12);
-        // Within the parallelism only the interference counts.
+        // Within the parallelism every other step in flight runs beside it.
         assert!((s.speed_f64([1, 0], false) - 1.0 / 1.2).abs() < 1e-12);
+        assert!((s.speed_f64([0, 1], false) - 1.0 / 1.1).abs() < 1e-12);
+        // Three on two cores: a step runs beside one of the two others at a time. A decode
+        // beside a decode and a prefill: 1 / (1 + (0.2 + 0.1) / 2) on top of 2/3.
+        assert!((s.speed_f64([1, 1], false) - 2.0 / 3.0 / 1.15).abs() < 1e-12);
+        // A prefill beside two decodes: 1 / (1 + 2 * 0.05 / 2).
+        assert!((s.speed_f64([2, 0], true) - 2.0 / 3.0 / 1.05).abs() < 1e-12);
+        // One at a time (a GPU shared by two processes): nothing runs beside it.
+        let mut gpu = sharing(1, 0.5);
+        gpu.interference_ppm = [[300_000; 2]; 2];
+        assert!((gpu.speed_f64([0, 1], false) - 1.0 / 1.5).abs() < 1e-12);
     }
 }
