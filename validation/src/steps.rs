@@ -335,13 +335,15 @@ pub fn probe_scales(
 /// Most factors a step spread keeps: more probe steps give this many of their quantiles.
 const SPREAD_FACTORS: usize = 32;
 
+/// Fewer probe steps of a kind than this give no spread.
+const MIN_SPREAD_STEPS: usize = 5;
+
 /// The spread of `ratios` about their median, as the simulator's step spread: each over the
 /// median, sorted, [`SPREAD_FACTORS`] evenly spaced quantiles of them where there are more,
 /// to four digits, capped at `sim::config::MAX_STEP_SPREAD`; empty under
-/// [`MIN_CONTENDED_STEPS`] ratios.
+/// [`MIN_SPREAD_STEPS`] ratios.
 fn spread(mut ratios: Vec<f64>) -> Vec<f64> {
-    let Some(median) =
-        crate::compare::median(&ratios).filter(|_| ratios.len() >= MIN_CONTENDED_STEPS)
+    let Some(median) = crate::compare::median(&ratios).filter(|_| ratios.len() >= MIN_SPREAD_STEPS)
     else {
         return Vec::new();
     };
