@@ -701,7 +701,7 @@ impl Case {
         let cost = setup.cost_model(&scenario);
         let sharing = (setup.workers_per_device, setup.device.parallelism);
         let (probes_end, min_prefill) = (m.probes_end_ns(), u64::from(BLOCK_SIZE_TOKENS));
-        let (prefill, decode) = crate::steps::probe_scales(
+        let alone = crate::steps::AloneSteps::read(
             steps_dir,
             cost.as_ref(),
             0..probes_end,
@@ -709,16 +709,10 @@ impl Case {
             sharing.0,
         )
         .map_err(failed)?;
+        let (prefill, decode) = alone.scales();
         in_situ.prefill_step_scale = prefill;
         in_situ.decode_step_scale = decode;
-        (in_situ.prefill_step_spread, in_situ.decode_step_spread) = crate::steps::probe_spreads(
-            steps_dir,
-            cost.as_ref(),
-            probes_end,
-            min_prefill,
-            sharing.0,
-        )
-        .map_err(failed)?;
+        (in_situ.prefill_step_spread, in_situ.decode_step_spread) = alone.spreads();
         if sharing.0 > 1 {
             let scales = (prefill.unwrap_or(1.0), decode.unwrap_or(1.0));
             let measured =

@@ -523,14 +523,15 @@ fn measure(p: &Prepared, settings: &RunSettings) -> Result<Measured, RunError> {
     drop(served);
     let warm_up_speed = |window: std::ops::Range<u64>| -> Result<[Option<f64>; 2], RunError> {
         let setup = &scenario.setups[0];
-        let (prefill, decode) = steps::probe_scales(
+        let (prefill, decode) = steps::AloneSteps::read(
             &p.dir,
             setup.cost_model(scenario).as_ref(),
             window,
             u64::from(crate::case::BLOCK_SIZE_TOKENS),
             setup.workers_per_device,
         )
-        .map_err(RunError::Steps)?;
+        .map_err(RunError::Steps)?
+        .scales();
         Ok([prefill, decode])
     };
     let first = warm_up_speed(probes_end..workload_start)?;

@@ -288,48 +288,53 @@ fn probe_steps(traces: &[Trace]) -> Vec<(StepRow, Vec<Piece>)> {
     steps
 }
 
-/// The steps that started in `window` (ns since the UNIX epoch: the probes', before the
-/// workload) and that no other step of their device overlapped, each as its time over `cost`'s
-/// price: the steps that prefill at least `min_prefill_tokens` (the short probes' are left out:
-/// they are mostly fixed costs), and the steps that only decode.
-fn probe_ratios(
-    dir: &Path,
-    cost: &dyn CostModel,
-    window: Range<u64>,
-    min_prefill_tokens: u64,
-    workers_per_device: u32,
-) -> Result<(Vec<f64>, Vec<f64>), String> {
-    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    let traces = read_traces(dir, workers_per_device, |r| window.contains(&r.start_ns))?;
-    for (r, share) in with_overlap(&traces) {
-        if share >= OVERLAP_MARGIN {
-            continue;
-        }
-        let ratio =
-            r.end_ns.saturating_sub(r.start_ns) as f64 / cost.step_ns(&r.work()).max(1) as f64;
-        match kind(&r) {
-            "decode" => decode.push(ratio),
-            _ if r.prefill_tokens >= min_prefill_tokens => prefill.push(ratio),
-            _ => {}
-        }
-    }
-    Ok((prefill, decode))
+/// How the steps that started in `window` (ns since the UNIX epoch) and that no other step of
+/// their device overlapped took against a cost model's price, each as its time over the price:
+/// the steps that prefill at least the given tokens (the short probes' are left out: they are
+/// mostly fixed costs), and the steps that only decode.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AloneSteps {
+    pub prefill: Vec<f64>,
+    pub decode: Vec<f64>,
 }
 
-/// How the steps that started in `window` and ran alone on their device took against
-/// `cost`'s price (see [`probe_ratios`]): the medians for steps that prefill and for steps that
-/// only decode (the probes' are the simulator's step scales); `None` where none ran.
-pub fn probe_scales(
-    dir: &Path,
-    cost: &dyn CostModel,
-    window: Range<u64>,
-    min_prefill_tokens: u64,
-    workers_per_device: u32,
-) -> Result<(Option<f64>, Option<f64>), String> {
-    let (prefill, decode) =
-        probe_ratios(dir, cost, window, min_prefill_tokens, workers_per_device)?;
-    let m = |v: Vec<f64>| crate::compare::median(&v);
-    Ok((m(prefill), m(decode)))
+impl AloneSteps {
+    pub fn read(
+        dir: &Path,
+        cost: &dyn CostModel,
+        window: Range<u64>,
+        min_prefill_tokens: u64,
+        workers_per_device: u32,
+    ) -> Result<Self, String> {
+        let mut alone = Self::default();
+        let traces = read_traces(dir, workers_per_device, |r| window.contains(&r.start_ns))?;
+        for (r, share) in with_overlap(&traces) {
+            if share >= OVERLAP_MARGIN {
+                continue;
+            }
+            let ratio =
+                r.end_ns.saturating_sub(r.start_ns) as f64 / cost.step_ns(&r.work()).max(1) as f64;
+            match kind(&r) {
+                "decode" => alone.decode.push(ratio),
+                _ if r.prefill_tokens >= min_prefill_tokens => alone.prefill.push(ratio),
+                _ => {}
+            }
+        }
+        Ok(alone)
+    }
+
+    /// The medians for steps that prefill and for steps that only decode (the probes' are the
+    /// simulator's step scales); `None` where none ran.
+    pub fn scales(&self) -> (Option<f64>, Option<f64>) {
+        let m = crate::compare::median;
+        (m(&self.prefill), m(&self.decode))
+    }
+
+    /// Their spreads about their scales (see [`spread`]): the simulator's
+    /// `prefill_step_spread` and `decode_step_spread`.
+    pub fn spreads(&self) -> (Vec<f64>, Vec<f64>) {
+        (spread(self.prefill.clone()), spread(self.decode.clone()))
+    }
 }
 
 /// Most factors a step spread keeps: more probe steps give this many of their quantiles.
@@ -360,26 +365,6 @@ fn spread(mut ratios: Vec<f64>) -> Vec<f64> {
         .into_iter()
         .map(|r| ((r / median * 1e4).round() / 1e4).clamp(1e-4, sim::config::MAX_STEP_SPREAD))
         .collect()
-}
-
-/// The spreads of the probes' steps alone on their device about their scales (see
-/// [`probe_ratios`], [`spread`]): the simulator's `prefill_step_spread` and
-/// `decode_step_spread`.
-pub fn probe_spreads(
-    dir: &Path,
-    cost: &dyn CostModel,
-    before_epoch_ns: u64,
-    min_prefill_tokens: u64,
-    workers_per_device: u32,
-) -> Result<(Vec<f64>, Vec<f64>), String> {
-    let (prefill, decode) = probe_ratios(
-        dir,
-        cost,
-        0..before_epoch_ns,
-        min_prefill_tokens,
-        workers_per_device,
-    )?;
-    Ok((spread(prefill), spread(decode)))
 }
 
 /// How much the probes' steps that shared their device slowed each other: the simulator's
@@ -664,11 +649,15 @@ mod tests {
              100000000,1,150000000,0,0,1,256,32896,256\n150000000,1,200000000,1,300,0,0,0,0\n"
         );
         std::fs::write(dir.path().join("steps-aggregated-0.csv"), rows).unwrap();
-        let (prefill, decode) = probe_scales(dir.path(), &Flat, 0..100_000_000, 16, 1).unwrap();
+        let (prefill, decode) = AloneSteps::read(dir.path(), &Flat, 0..100_000_000, 16, 1)
+            .unwrap()
+            .scales();
         assert!((prefill.unwrap() - 1.3).abs() < 1e-9, "{prefill:?}");
         assert_eq!(decode, Some(2.25));
         assert_eq!(
-            probe_scales(dir.path(), &Flat, 0..0, 16, 1).unwrap(),
+            AloneSteps::read(dir.path(), &Flat, 0..0, 16, 1)
+                .unwrap()
+                .scales(),
             (None, None)
         );
     }
@@ -707,7 +696,9 @@ mod tests {
         }
         rows.push_str("100000000,1,120000000,1,256,0,0,0,0\n120000000,1,145000000,1,257,0,0,0,0\n");
         std::fs::write(dir.path().join("steps-aggregated-0.csv"), rows).unwrap();
-        let (prefill, decode) = probe_spreads(dir.path(), &Flat, 200_000_000, 16, 1).unwrap();
+        let (prefill, decode) = AloneSteps::read(dir.path(), &Flat, 0..200_000_000, 16, 1)
+            .unwrap()
+            .spreads();
         assert_eq!(prefill, vec![0.8333, 0.9167, 1.0, 1.0833, 1.1667]);
         assert!(decode.is_empty());
     }
@@ -774,13 +765,19 @@ mod tests {
         assert!((i.prefill_by_decode - 1.0).abs() < 1e-6);
         assert_eq!((i.decode_by_prefill, i.prefill_by_prefill), (0.0, 0.0));
         // The scales come from the steps alone: 12 ms for 10 priced.
-        let (prefill, decode) = probe_scales(dir.path(), &Flat, 0..before, 16, 2).unwrap();
+        let (prefill, decode) = AloneSteps::read(dir.path(), &Flat, 0..before, 16, 2)
+            .unwrap()
+            .scales();
         assert_eq!((prefill, decode), (Some(1.2), Some(1.2)));
         // Counted as on devices of their own, the overlapped steps are alone too: five
         // decodes of 10 ms, two of 12 and six of 15.
-        let (_, decode) = probe_scales(dir.path(), &Flat, 0..before, 16, 1).unwrap();
+        let (_, decode) = AloneSteps::read(dir.path(), &Flat, 0..before, 16, 1)
+            .unwrap()
+            .scales();
         assert_eq!(decode, Some(1.2));
-        let (_, decode) = probe_scales(dir.path(), &Flat, 0..350_000_000, 16, 1).unwrap();
+        let (_, decode) = AloneSteps::read(dir.path(), &Flat, 0..350_000_000, 16, 1)
+            .unwrap()
+            .scales();
         assert_eq!(decode, Some(1.5));
     }
 
