@@ -398,15 +398,14 @@ const MIN_CONTENDED_SHARE: f64 = 0.5;
 /// Fewer such steps than this give no figure.
 const MIN_CONTENDED_STEPS: usize = 5;
 
-/// The speed of a step (`prefills`) in `piece` under interference `i` and contention `c` on a
-/// device of parallelism `p`, as the simulator runs it.
-fn speed(piece: &Piece, prefills: bool, i: &Interference, c: f64, p: u32) -> f64 {
-    let sharing = sim::sharing::DeviceSharing {
+/// The simulator's sharing of a device of parallelism `p` under interference `i` and
+/// contention `c`.
+fn device_sharing(i: &Interference, c: f64, p: u32) -> sim::sharing::DeviceSharing {
+    sim::sharing::DeviceSharing {
         parallelism: p,
         contention_ppm: (c * 1e6).round() as u64,
         interference_ppm: i.to_ppm(),
-    };
-    sharing.speed_f64(piece.others, prefills)
+    }
 }
 
 /// The `x` in `0..=max` at which `work(x)`, falling as `x` rises, meets `price` (by
@@ -490,9 +489,10 @@ pub fn probe_sharing(
                 let work = |v: f64| -> f64 {
                     let mut i = Interference::default();
                     *i.of_mut(slowed, by) = v;
+                    let device = device_sharing(&i, 1.0, p);
                     pieces
                         .iter()
-                        .map(|x| x.ns as f64 * speed(x, slowed, &i, 1.0, p))
+                        .map(|x| x.ns as f64 * device.speed_f64(x.others, slowed))
                         .sum()
                 };
                 estimates.push(solve(work, *price, max));
@@ -507,9 +507,10 @@ pub fn probe_sharing(
             continue;
         }
         let work = |c: f64| -> f64 {
+            let device = device_sharing(&interference, c, p);
             pieces
                 .iter()
-                .map(|x| x.ns as f64 * speed(x, prefills(r), &interference, c, p))
+                .map(|x| x.ns as f64 * device.speed_f64(x.others, prefills(r)))
                 .sum()
         };
         estimates.push(solve(work, *price, max));
